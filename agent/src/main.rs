@@ -1,0 +1,8 @@
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .expect("no other rustls crypto provider is installed before main");
+    imdsgate_agent::Args::parse_and_run()
+}

@@ -1,0 +1,17 @@
+//! Test bed on real parts for imdsgate: a real kube-apiserver + etcd ([`cluster`]), the moto STS
+//! emulator ([`sts`]) and network namespaces joined by veth pairs ([`netns`]). Every piece starts on
+//! free loopback ports, is private to one test and is torn down on drop, even when the test fails.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod netns;
+pub mod pki;
+pub mod process;
+pub mod sts;
+pub mod tools;
+
+pub use cluster::{Cluster, PodSpec};
+pub use netns::{NodeNs, PodNs};
+pub use pki::{CertPair, TestCa};
+pub use sts::Sts;
+pub use tools::e2e_enabled;

@@ -1,0 +1,175 @@
+//! Nodes and pods as network namespaces. A [`NodeNs`] holds the node's own IP on a dummy `eth0`
+//! (as a hostNetwork agent sees it) with `ip_forward` on; each [`PodNs`] is joined to it by a veth
+//! pair, with the pod's IP and a default route through the node, so traffic from a pod to
+//! 169.254.169.254 enters the node namespace where the agent's DNAT rule catches it. Nothing is
+//! created in, or changed on, the machine's own network namespace; everything is removed on drop.
+//!
+//! Processes in the node namespace reach services on the machine's loopback (the apiserver, the
+//! server, moto) through [`NodeNs::forward_to_host`], a socat relay over a Unix socket (the file
+//! system is shared between namespaces, the network is not).
+
+use crate::process::{ChildGuard, run};
+use anyhow::{Context, Result, bail};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// Prefix of every namespace the test bed makes; `scripts/test.sh` removes leftovers by it.
+pub const NS_PREFIX: &str = "imdsgate-e2e-";
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+fn unique_name(role: &str) -> String {
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!("{NS_PREFIX}{}-{n}-{role}", std::process::id())
+}
+
+/// A node: a network namespace with the node's IP, the pods joined to it, and relays to the host.
+pub struct NodeNs {
+    name: String,
+    host_ip: Ipv4Addr,
+    pods: Mutex<Vec<String>>,
+    relays: Mutex<Vec<ChildGuard>>,
+    next_pod: AtomicU32,
+    dir: TempDir,
+}
+
+/// A pod: a network namespace whose `eth0` is a veth peer in its node's namespace.
+#[derive(Clone, Debug)]
+pub struct PodNs {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+}
+
+impl NodeNs {
+    /// Creates a node namespace with `host_ip` on a dummy `eth0` and IPv4 forwarding on.
+    pub fn create(host_ip: Ipv4Addr) -> Result<NodeNs> {
+        let name = unique_name("node");
+        ip(&["netns", "add", &name])?;
+        let node = NodeNs {
+            name,
+            host_ip,
+            pods: Mutex::new(Vec::new()),
+            relays: Mutex::new(Vec::new()),
+            next_pod: AtomicU32::new(0),
+            dir: tempfile::Builder::new().prefix("imdsgate-e2e-netns-").tempdir()?,
+        };
+        let n = node.name.as_str();
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        ip(&["-n", n, "link", "add", "eth0", "type", "dummy"])?;
+        ip(&["-n", n, "addr", "add", &format!("{host_ip}/32"), "dev", "eth0"])?;
+        ip(&["-n", n, "link", "set", "eth0", "up"])?;
+        run(Command::new("ip").args(["netns", "exec", n, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))?;
+        Ok(node)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.host_ip
+    }
+
+    /// Creates a pod namespace with address `pod_ip`, joined to this node by a veth pair whose node
+    /// end is named `veth<N>` (matching a `veth+` host-interface pattern).
+    pub fn add_pod(&self, pod_ip: Ipv4Addr) -> Result<PodNs> {
+        let n = self.next_pod.fetch_add(1, Ordering::Relaxed);
+        let pod = PodNs { name: unique_name(&format!("pod{n}")), ip: pod_ip, host_veth: format!("veth{n}") };
+        ip(&["netns", "add", &pod.name])?;
+        self.pods.lock().expect("pods lock").push(pod.name.clone());
+        let (node, p) = (self.name.as_str(), pod.name.as_str());
+        let host_ip = self.host_ip.to_string();
+        ip(&["-n", p, "link", "set", "lo", "up"])?;
+        ip(&["-n", node, "link", "add", &pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", p])?;
+        ip(&["-n", node, "link", "set", &pod.host_veth, "up"])?;
+        ip(&["-n", node, "route", "add", &format!("{pod_ip}/32"), "dev", &pod.host_veth])?;
+        ip(&["-n", p, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+        ip(&["-n", p, "link", "set", "eth0", "up"])?;
+        ip(&["-n", p, "route", "add", &format!("{host_ip}/32"), "dev", "eth0", "scope", "link"])?;
+        ip(&["-n", p, "route", "add", "default", "via", &host_ip, "dev", "eth0", "onlink"])?;
+        Ok(pod)
+    }
+
+    /// A command that runs `program` inside this node's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(&self.name, program)
+    }
+
+    /// Makes `127.0.0.1:<port>` inside the node namespace lead to `127.0.0.1:<port>` on the machine,
+    /// so a process in the node namespace reaches the apiserver, the server or moto at the same URL.
+    pub async fn forward_to_host(&self, port: u16) -> Result<()> {
+        let socket: PathBuf = self.dir.path().join(format!("relay-{port}.sock"));
+        let host_side = ChildGuard::spawn(
+            "relay (host side)",
+            Command::new("socat").arg(format!("UNIX-LISTEN:{},fork", socket.display())).arg(format!("TCP:127.0.0.1:{port}")),
+            &self.dir.path().join(format!("relay-{port}-host.log")),
+        )?;
+        let ns_side = ChildGuard::spawn(
+            "relay (node side)",
+            self.command("socat")
+                .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+                .arg(format!("UNIX-CONNECT:{}", socket.display())),
+            &self.dir.path().join(format!("relay-{port}-node.log")),
+        )?;
+        let mut relays = self.relays.lock().expect("relays lock");
+        relays.push(host_side);
+        relays.push(ns_side);
+        drop(relays);
+        self.wait_listening(port, Duration::from_secs(10)).await
+    }
+
+    /// Waits until something listens on TCP `port` inside the node namespace.
+    pub async fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = run(self.command("ss").args(["-Hltn", &format!("sport = :{port}")]))?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on port {port} in {} after {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The NAT table of this node's namespace, as `iptables -t nat -S` prints it.
+    pub fn nat_rules(&self) -> Result<String> {
+        run(self.command("iptables").args(["-w", "5", "-t", "nat", "-S"]))
+    }
+}
+
+impl PodNs {
+    /// A command that runs `program` inside this pod's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(&self.name, program)
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        self.relays.lock().map(|mut r| r.clear()).ok();
+        let pods = self.pods.lock().map(|p| p.clone()).unwrap_or_default();
+        for pod in pods {
+            // Deleting a namespace destroys its veth end, and with it the peer in the node.
+            let _ = ip(&["netns", "del", &pod]);
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn in_netns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args)).with_context(|| format!("ip {}", args.join(" ")))
+}

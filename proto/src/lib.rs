@@ -1,0 +1,126 @@
+//! The gRPC contract between the imdsgate agent and server (package `imdsgate.v1`), generated at
+//! build time from `proto/imdsgate/v1/credentials.proto`, and the stable error reasons both sides
+//! agree on.
+#![forbid(unsafe_code)]
+
+/// Generated messages, client and server for `imdsgate.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("imdsgate.v1");
+}
+
+/// The ASCII metadata key that carries an error's stable reason next to the gRPC status code.
+pub const REASON_METADATA_KEY: &str = "imdsgate-reason";
+
+/// The metadata key that carries the agent's projected ServiceAccount token.
+pub const AUTHORIZATION_METADATA_KEY: &str = "authorization";
+
+/// Stable, machine-readable reasons for refusals. The agent acts on these, so they never change
+/// meaning; new ones may be added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    PodNotFound,
+    NoRole,
+    RoleMismatch,
+    NamespaceForbids,
+    WrongNode,
+    AgentUnauthenticated,
+    PodUidMismatch,
+    InvalidArgument,
+    StsUnavailable,
+    StsDenied,
+    Internal,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::PodNotFound,
+        Reason::NoRole,
+        Reason::RoleMismatch,
+        Reason::NamespaceForbids,
+        Reason::WrongNode,
+        Reason::AgentUnauthenticated,
+        Reason::PodUidMismatch,
+        Reason::InvalidArgument,
+        Reason::StsUnavailable,
+        Reason::StsDenied,
+        Reason::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PodNotFound => "POD_NOT_FOUND",
+            Reason::NoRole => "NO_ROLE",
+            Reason::RoleMismatch => "ROLE_MISMATCH",
+            Reason::NamespaceForbids => "NAMESPACE_FORBIDS",
+            Reason::WrongNode => "WRONG_NODE",
+            Reason::AgentUnauthenticated => "AGENT_UNAUTHENTICATED",
+            Reason::PodUidMismatch => "POD_UID_MISMATCH",
+            Reason::InvalidArgument => "INVALID_ARGUMENT",
+            Reason::StsUnavailable => "STS_UNAVAILABLE",
+            Reason::StsDenied => "STS_DENIED",
+            Reason::Internal => "INTERNAL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The gRPC code each reason travels with.
+    pub fn code(self) -> tonic::Code {
+        match self {
+            Reason::PodNotFound | Reason::NoRole => tonic::Code::NotFound,
+            Reason::RoleMismatch
+            | Reason::NamespaceForbids
+            | Reason::WrongNode
+            | Reason::AgentUnauthenticated
+            | Reason::StsDenied => tonic::Code::PermissionDenied,
+            Reason::PodUidMismatch => tonic::Code::FailedPrecondition,
+            Reason::InvalidArgument => tonic::Code::InvalidArgument,
+            Reason::StsUnavailable => tonic::Code::Unavailable,
+            Reason::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// Builds the status for this reason, carrying the reason in metadata.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::new(self.code(), message);
+        status.metadata_mut().insert(
+            REASON_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static(self.as_str()),
+        );
+        status
+    }
+
+    /// Reads the reason back from a status, if the server sent one.
+    pub fn of(status: &tonic::Status) -> Option<Reason> {
+        status
+            .metadata()
+            .get(REASON_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Reason::parse)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_through_a_status() {
+        for reason in Reason::ALL {
+            let status = reason.status("why");
+            assert_eq!(status.code(), reason.code());
+            assert_eq!(Reason::of(&status), Some(reason));
+        }
+    }
+
+    #[test]
+    fn reason_strings_are_unique() {
+        let mut names: Vec<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the pinned kube-apiserver, kubectl and etcd from the Go module proxy into a cache outside the
+# clone and prints the directory holding them as its last line. A warm call only checks the cache.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.sh
+. "$here/versions.sh"
+
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/imdsgate/k8s/${K8S_VERSION}-etcd-${ETCD_VERSION}
+bins=(kube-apiserver kubectl etcd)
+
+have_all() {
+  for b in "${bins[@]}"; do [ -x "$cache/$b" ] || return 1; done
+}
+
+if have_all; then
+  echo "$cache"
+  exit 0
+fi
+
+command -v go >/dev/null || { echo "k8s-bins: 'go' is not on PATH; install Go to build kube-apiserver and etcd" >&2; exit 1; }
+mkdir -p "$cache"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
+
+build_k8s() {
+  echo "k8s-bins: building kube-apiserver and kubectl $K8S_VERSION (first run only; several minutes)" >&2
+  local mod="$work/k8s"
+  mkdir -p "$mod"
+  cd "$mod"
+  go mod init imdsgate.local/k8sbins >/dev/null 2>&1
+  # k8s.io/kubernetes replaces its staging modules with local paths; point each at its published v0.N.M.
+  local gomod staging_version
+  gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  staging_version="v0.${K8S_VERSION#v1.}"
+  {
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/' "$gomod" | awk '{print $1}' | while read -r m; do
+      echo "replace $m => $m $staging_version"
+    done
+  } >>go.mod
+  cat >tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+  go mod tidy >"$work/k8s-tidy.log" 2>&1 || { tail -30 "$work/k8s-tidy.log" >&2; echo "k8s-bins: go mod tidy for kubernetes failed" >&2; exit 1; }
+  go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${K8S_VERSION#v1.}" \
+    -o "$cache/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
+    >"$work/k8s-build.log" 2>&1 || { tail -30 "$work/k8s-build.log" >&2; echo "k8s-bins: building kube-apiserver failed" >&2; exit 1; }
+}
+
+build_etcd() {
+  echo "k8s-bins: building etcd $ETCD_VERSION (first run only)" >&2
+  local mod="$work/etcd"
+  mkdir -p "$mod"
+  cd "$mod"
+  go mod init imdsgate.local/etcdbin >/dev/null 2>&1
+  echo "require go.etcd.io/etcd/server/v3 $ETCD_VERSION" >>go.mod
+  cat >tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+  go mod tidy >"$work/etcd-tidy.log" 2>&1 || { tail -30 "$work/etcd-tidy.log" >&2; echo "k8s-bins: go mod tidy for etcd failed" >&2; exit 1; }
+  go build -trimpath -ldflags "-s -w" -o "$cache/etcd" go.etcd.io/etcd/server/v3 \
+    >"$work/etcd-build.log" 2>&1 || { tail -30 "$work/etcd-build.log" >&2; echo "k8s-bins: building etcd failed" >&2; exit 1; }
+}
+
+[ -x "$cache/etcd" ] || build_etcd
+{ [ -x "$cache/kube-apiserver" ] && [ -x "$cache/kubectl" ]; } || build_k8s
+have_all || { echo "k8s-bins: binaries missing in $cache after build" >&2; exit 1; }
+echo "$cache"
