@@ -65,8 +65,10 @@ impl Cluster {
         let ca = TestCa::new("imdsgate-e2e-apiserver-ca")?;
         let serving = ca.issue_server(&["127.0.0.1", "localhost", "kubernetes.default.svc"])?;
         let (cert, key) = serving.write(path, "apiserver")?;
-        let sa_key = path.join("sa.key");
-        std::fs::write(&sa_key, pki::private_key_pem()?)?;
+        let (sa_key, sa_pub) = (path.join("sa.key"), path.join("sa.pub"));
+        let (private_pem, public_pem) = pki::key_pair_pem()?;
+        std::fs::write(&sa_key, private_pem)?;
+        std::fs::write(&sa_pub, public_pem)?;
         let admin_token = format!("admin-{}", std::process::id());
         let tokens = path.join("tokens.csv");
         std::fs::write(&tokens, format!("{admin_token},imdsgate-e2e-admin,uid-admin,\"system:masters\"\n"))?;
@@ -85,7 +87,7 @@ impl Cluster {
                 .arg(format!("--token-auth-file={}", tokens.display()))
                 .arg("--authorization-mode=RBAC")
                 .arg(format!("--service-account-issuer={SA_ISSUER}"))
-                .arg(format!("--service-account-key-file={}", sa_key.display()))
+                .arg(format!("--service-account-key-file={}", sa_pub.display()))
                 .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
                 .arg("--service-cluster-ip-range=10.96.0.0/24")
                 // No controller-manager creates `default` ServiceAccounts here; pods name theirs.
@@ -207,14 +209,18 @@ impl Cluster {
                 "containers": [{ "name": "main", "image": "registry.invalid/imdsgate-e2e:none" }],
             }
         }))?;
-        Ok(Api::<Pod>::namespaced(self.client(), spec.namespace)
-            .create(&PostParams::default(), &pod)
-            .await?)
+        Ok(Api::<Pod>::namespaced(self.client(), spec.namespace).create(&PostParams::default(), &pod).await?)
     }
 
     /// Sets `status.podIP`, `status.podIPs` and `status.phase` through the status subresource, as a
     /// kubelet would.
-    pub async fn set_pod_status(&self, namespace: &str, name: &str, ips: &[&str], phase: &str) -> Result<Pod> {
+    pub async fn set_pod_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[&str],
+        phase: &str,
+    ) -> Result<Pod> {
         let pod_ips: Vec<_> = ips.iter().map(|ip| json!({ "ip": ip })).collect();
         let status = json!({
             "status": {
@@ -259,7 +265,11 @@ impl Cluster {
 
     /// Writes a kubeconfig that authenticates as the ServiceAccount (API audience), so a component
     /// runs with exactly the RBAC granted to it; returns its path.
-    pub async fn service_account_kubeconfig(&self, namespace: &str, service_account: &str) -> Result<PathBuf> {
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<PathBuf> {
         let token = self.service_account_token(namespace, service_account, &[SA_ISSUER], None).await?;
         let path = self.dir().join(format!("{namespace}-{service_account}.kubeconfig"));
         write_kubeconfig(&path, &self.url, &self.ca_pem, &token)?;

@@ -1,4 +1,4 @@
-//! Nodes and pods as network namespaces. A [`NodeNs`] holds the node's own IP on a dummy `eth0`
+//! Nodes and pods as network namespaces. A [`NodeNs`] holds the node's own IP on its `eth0`
 //! (as a hostNetwork agent sees it) with `ip_forward` on; each [`PodNs`] is joined to it by a veth
 //! pair, with the pod's IP and a default route through the node, so traffic from a pod to
 //! 169.254.169.254 enters the node namespace where the agent's DNAT rule catches it. Nothing is
@@ -47,7 +47,7 @@ pub struct PodNs {
 }
 
 impl NodeNs {
-    /// Creates a node namespace with `host_ip` on a dummy `eth0` and IPv4 forwarding on.
+    /// Creates a node namespace with `host_ip` on its `eth0` and IPv4 forwarding on.
     pub fn create(host_ip: Ipv4Addr) -> Result<NodeNs> {
         let name = unique_name("node");
         ip(&["netns", "add", &name])?;
@@ -61,8 +61,10 @@ impl NodeNs {
         };
         let n = node.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"])?;
-        ip(&["-n", n, "link", "add", "eth0", "type", "dummy"])?;
+        // The node's "uplink": a veth whose peer stays in the namespace (no dummy module needed).
+        ip(&["-n", n, "link", "add", "eth0", "type", "veth", "peer", "name", "uplink0"])?;
         ip(&["-n", n, "addr", "add", &format!("{host_ip}/32"), "dev", "eth0"])?;
+        ip(&["-n", n, "link", "set", "uplink0", "up"])?;
         ip(&["-n", n, "link", "set", "eth0", "up"])?;
         run(Command::new("ip").args(["netns", "exec", n, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))?;
         Ok(node)
@@ -107,7 +109,9 @@ impl NodeNs {
         let socket: PathBuf = self.dir.path().join(format!("relay-{port}.sock"));
         let host_side = ChildGuard::spawn(
             "relay (host side)",
-            Command::new("socat").arg(format!("UNIX-LISTEN:{},fork", socket.display())).arg(format!("TCP:127.0.0.1:{port}")),
+            Command::new("socat")
+                .arg(format!("UNIX-LISTEN:{},fork", socket.display()))
+                .arg(format!("TCP:127.0.0.1:{port}")),
             &self.dir.path().join(format!("relay-{port}-host.log")),
         )?;
         let ns_side = ChildGuard::spawn(
@@ -117,10 +121,7 @@ impl NodeNs {
                 .arg(format!("UNIX-CONNECT:{}", socket.display())),
             &self.dir.path().join(format!("relay-{port}-node.log")),
         )?;
-        let mut relays = self.relays.lock().expect("relays lock");
-        relays.push(host_side);
-        relays.push(ns_side);
-        drop(relays);
+        self.relays.lock().expect("relays lock").extend([host_side, ns_side]);
         self.wait_listening(port, Duration::from_secs(10)).await
     }
 

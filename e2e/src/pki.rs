@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,9 @@ fn dn(common_name: &str) -> DistinguishedName {
     dn
 }
 
-/// A fresh ECDSA P-256 private key in PEM (for the apiserver's service-account signing key).
-pub fn private_key_pem() -> Result<String> {
-    Ok(KeyPair::generate()?.serialize_pem())
+/// A fresh ECDSA P-256 key pair as (private PEM, public PEM), for the apiserver's
+/// service-account signing key.
+pub fn key_pair_pem() -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }

@@ -26,11 +26,7 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
             .output()
             .map_err(|e| format!("running {}: {e}", script.display()))?;
         if !out.status.success() {
-            return Err(format!(
-                "{} failed:\n{}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(format!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr)));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last = stdout.lines().last().unwrap_or_default().trim().to_string();
@@ -51,12 +47,14 @@ pub fn k8s_bin(name: &str) -> Result<PathBuf> {
 
 /// The project's virtualenv (`IMDSGATE_VENV`, else `<workspace>/.venv`), checked to hold `bin`.
 pub fn venv_bin(bin: &str) -> Result<PathBuf> {
-    let venv = std::env::var("IMDSGATE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join(".venv"));
+    let venv =
+        std::env::var("IMDSGATE_VENV").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join(".venv"));
     let path = venv.join("bin").join(bin);
     if !path.is_file() {
-        bail!("{} is missing; scripts/test.sh creates the virtualenv (scripts/setup.sh venv)", path.display());
+        bail!(
+            "{} is missing; scripts/test.sh creates the virtualenv (scripts/setup.sh venv)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -83,7 +81,8 @@ pub fn e2e_enabled(test: &str) -> bool {
         eprintln!("SKIPPED end-to-end test {test}: IMDSGATE_E2E=0");
         return false;
     }
-    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let uid =
+        Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     if uid.as_deref().ok() != Some("0") {
         panic!(
             "end-to-end test {test} needs root (network namespaces, iptables); \

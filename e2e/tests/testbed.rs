@@ -7,7 +7,7 @@ use imdsgate_e2e::{Cluster, NodeNs, PodSpec, Sts, e2e_enabled};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use std::time::Duration;
 
 #[tokio::test]
@@ -61,7 +61,9 @@ async fn token_review_returns_the_node_of_a_pod_bound_token() {
     cluster.create_service_account("imdsgate", "imdsgate-agent").await.unwrap();
     cluster.create_node("node-a").await.unwrap();
     let agent_pod = cluster
-        .create_pod(&PodSpec::new("imdsgate", "agent-xyz", "node-a").service_account("imdsgate-agent").host_network())
+        .create_pod(
+            &PodSpec::new("imdsgate", "agent-xyz", "node-a").service_account("imdsgate-agent").host_network(),
+        )
         .await
         .unwrap();
 
@@ -73,7 +75,8 @@ async fn token_review_returns_the_node_of_a_pod_bound_token() {
         spec: TokenReviewSpec { token: Some(token.clone()), audiences: Some(vec!["imdsgate".into()]) },
         ..Default::default()
     };
-    let reviewed = Api::<TokenReview>::all(cluster.client()).create(&PostParams::default(), &review).await.unwrap();
+    let reviewed =
+        Api::<TokenReview>::all(cluster.client()).create(&PostParams::default(), &review).await.unwrap();
     let status = reviewed.status.expect("review has a status");
     assert_eq!(status.authenticated, Some(true), "{:?}", status.error);
     let user = status.user.expect("authenticated user");
@@ -87,8 +90,10 @@ async fn token_review_returns_the_node_of_a_pod_bound_token() {
         spec: TokenReviewSpec { token: Some(token), audiences: Some(vec!["not-imdsgate".into()]) },
         ..Default::default()
     };
-    let reviewed =
-        Api::<TokenReview>::all(cluster.client()).create(&PostParams::default(), &wrong_audience).await.unwrap();
+    let reviewed = Api::<TokenReview>::all(cluster.client())
+        .create(&PostParams::default(), &wrong_audience)
+        .await
+        .unwrap();
     assert_ne!(reviewed.status.unwrap().authenticated, Some(true));
 }
 
@@ -138,15 +143,17 @@ async fn pod_namespace_reaches_the_node_with_its_own_source_ip() {
     // A listener in the node namespace that answers each client with the address it came from.
     let _listener = imdsgate_e2e::process::ChildGuard::spawn(
         "peer-echo",
-        node.command("socat").args(["TCP-LISTEN:7000,bind=10.200.0.1,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"]),
+        node.command("socat")
+            .args(["TCP-LISTEN:7000,bind=10.200.0.1,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"]),
         &std::env::temp_dir().join(format!("imdsgate-e2e-echo-{}.log", std::process::id())),
     )
     .unwrap();
     node.wait_listening(7000, Duration::from_secs(10)).await.unwrap();
 
     for p in [&pod, &other] {
-        let out = imdsgate_e2e::process::run(p.command("socat").args(["-T", "5", "-", "TCP:10.200.0.1:7000"]))
-            .expect("pod reaches node");
+        let out =
+            imdsgate_e2e::process::run(p.command("socat").args(["-T", "5", "-", "TCP:10.200.0.1:7000"]))
+                .expect("pod reaches node");
         assert_eq!(out.trim(), p.ip.to_string());
     }
     let node_name = node.name().to_string();

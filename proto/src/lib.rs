@@ -86,20 +86,15 @@ impl Reason {
     /// Builds the status for this reason, carrying the reason in metadata.
     pub fn status(self, message: impl Into<String>) -> tonic::Status {
         let mut status = tonic::Status::new(self.code(), message);
-        status.metadata_mut().insert(
-            REASON_METADATA_KEY,
-            tonic::metadata::MetadataValue::from_static(self.as_str()),
-        );
+        status
+            .metadata_mut()
+            .insert(REASON_METADATA_KEY, tonic::metadata::MetadataValue::from_static(self.as_str()));
         status
     }
 
     /// Reads the reason back from a status, if the server sent one.
     pub fn of(status: &tonic::Status) -> Option<Reason> {
-        status
-            .metadata()
-            .get(REASON_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Reason::parse)
+        status.metadata().get(REASON_METADATA_KEY).and_then(|v| v.to_str().ok()).and_then(Reason::parse)
     }
 }
 
