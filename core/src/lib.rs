@@ -1,0 +1,11 @@
+//! What the imdsgate agent and server share: the pod index and the watch driver that feeds it, the
+//! admin HTTP endpoint, TLS files with reload, logging, shutdown and start-up errors.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod pod_index;
+pub mod process;
+pub mod tls;
+pub mod watch;
+
+pub use pod_index::{Change, PodIndex, PodInfo};

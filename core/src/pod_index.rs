@@ -1,0 +1,350 @@
+//! The pod index: every live pod under each IP in `status.podIPs`, fed by a Kubernetes watch through
+//! [`PodIndex::apply`], [`PodIndex::delete`] and [`PodIndex::reset`]. Readers never block behind the
+//! watch (sharded maps), and a reader may wait, event-driven, for an IP to appear.
+
+use dashmap::DashMap;
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Pod annotation naming the role (a role name or a full ARN), as in kiam and kube2iam.
+pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+/// Pod annotation carrying the STS ExternalId.
+pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// Pod annotation overriding the STS session name.
+pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
+
+/// What the index keeps of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub service_account: Option<String>,
+    pub phase: Option<String>,
+    pub role: Option<String>,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+}
+
+impl PodInfo {
+    /// What the index keeps of `pod`, or `None` if the pod must not be indexed: no UID or IP,
+    /// `hostNetwork` (its traffic is the node's), or finished (phase Succeeded or Failed).
+    pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref()?;
+        let status = pod.status.as_ref()?;
+        if spec.host_network == Some(true) {
+            return None;
+        }
+        if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
+            return None;
+        }
+        let mut ips: Vec<IpAddr> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .chain(status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()))
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        if ips.is_empty() {
+            return None;
+        }
+        let annotation = |key: &str| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a: &BTreeMap<String, String>| a.get(key))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Some(PodInfo {
+            uid: meta.uid.clone()?,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            node: spec.node_name.clone(),
+            ips,
+            service_account: spec.service_account_name.clone(),
+            phase: status.phase.clone(),
+            role: annotation(ROLE_ANNOTATION),
+            external_id: annotation(EXTERNAL_ID_ANNOTATION),
+            session_name: annotation(SESSION_NAME_ANNOTATION),
+        })
+    }
+}
+
+/// What an [`PodIndex::apply`] did, so callers can react (prefetch, drop cached credentials).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The pod was not indexed before and is now.
+    Added(Arc<PodInfo>),
+    /// The pod was indexed and changed; `role_changed` says whether its role annotation did.
+    Updated { pod: Arc<PodInfo>, role_changed: bool },
+    /// The pod was indexed and no longer is (finished, lost its IP, deleted).
+    Removed(Arc<PodInfo>),
+    /// Nothing the index keeps changed.
+    Unchanged,
+}
+
+/// Live pods by IP and by UID.
+#[derive(Default)]
+pub struct PodIndex {
+    by_uid: DashMap<String, Arc<PodInfo>>,
+    by_ip: DashMap<IpAddr, Vec<Arc<PodInfo>>>,
+    arrivals: Notify,
+}
+
+impl PodIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Indexes (or re-indexes, or removes) a pod as the watch last saw it.
+    pub fn apply(&self, pod: &Pod) -> Change {
+        match PodInfo::from_pod(pod) {
+            Some(info) => self.insert(info),
+            None => match pod.metadata.uid.as_deref() {
+                Some(uid) => self.remove_uid(uid),
+                None => Change::Unchanged,
+            },
+        }
+    }
+
+    /// Removes a pod the watch saw deleted.
+    pub fn delete(&self, pod: &Pod) -> Change {
+        match pod.metadata.uid.as_deref() {
+            Some(uid) => self.remove_uid(uid),
+            None => Change::Unchanged,
+        }
+    }
+
+    /// Replaces the whole index with `pods` (a relist); returns the pods that left it.
+    pub fn reset<'a>(&self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
+        let fresh: Vec<PodInfo> = pods.into_iter().filter_map(PodInfo::from_pod).collect();
+        let keep: std::collections::HashSet<&str> = fresh.iter().map(|p| p.uid.as_str()).collect();
+        let gone: Vec<String> =
+            self.by_uid.iter().filter(|e| !keep.contains(e.key().as_str())).map(|e| e.key().clone()).collect();
+        let mut changes: Vec<Change> = gone.iter().map(|uid| self.remove_uid(uid)).collect();
+        changes.extend(fresh.into_iter().map(|info| self.insert(info)));
+        changes
+    }
+
+    /// The live pods that claim `ip` (more than one only while an IP is being reused).
+    pub fn by_ip(&self, ip: &IpAddr) -> Vec<Arc<PodInfo>> {
+        self.by_ip.get(ip).map(|pods| pods.clone()).unwrap_or_default()
+    }
+
+    /// The pod with this UID, if live.
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
+        self.by_uid.get(uid).map(|p| p.clone())
+    }
+
+    /// Number of indexed pods.
+    pub fn len(&self) -> usize {
+        self.by_uid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_uid.is_empty()
+    }
+
+    /// The pods at `ip`, waiting up to `timeout` for the watch to deliver one if there is none yet.
+    /// Returns as soon as a pod arrives; no polling.
+    pub async fn wait_for_ip(&self, ip: &IpAddr, timeout: Duration) -> Vec<Arc<PodInfo>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.arrivals.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pods = self.by_ip(ip);
+            if !pods.is_empty() {
+                return pods;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.by_ip(ip);
+            }
+        }
+    }
+
+    fn insert(&self, info: PodInfo) -> Change {
+        let info = Arc::new(info);
+        let previous = self.by_uid.insert(info.uid.clone(), info.clone());
+        if let Some(old) = &previous {
+            for ip in old.ips.iter().filter(|ip| !info.ips.contains(ip)) {
+                self.unlink(ip, &old.uid);
+            }
+        }
+        for ip in &info.ips {
+            let mut pods = self.by_ip.entry(*ip).or_default();
+            pods.retain(|p| p.uid != info.uid);
+            pods.push(info.clone());
+        }
+        let change = match previous {
+            None => Change::Added(info),
+            Some(old) if *old == *info => Change::Unchanged,
+            Some(old) => Change::Updated { role_changed: old.role != info.role, pod: info },
+        };
+        if !matches!(change, Change::Unchanged) {
+            self.arrivals.notify_waiters();
+        }
+        change
+    }
+
+    fn remove_uid(&self, uid: &str) -> Change {
+        match self.by_uid.remove(uid) {
+            Some((_, old)) => {
+                for ip in &old.ips {
+                    self.unlink(ip, uid);
+                }
+                Change::Removed(old)
+            }
+            None => Change::Unchanged,
+        }
+    }
+
+    fn unlink(&self, ip: &IpAddr, uid: &str) {
+        self.by_ip.remove_if_mut(ip, |_, pods| {
+            pods.retain(|p| p.uid != uid);
+            pods.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A pod as the apiserver would send it.
+    pub fn mk_pod(uid: &str, name: &str, ips: &[&str], phase: &str, role: Option<&str>) -> Pod {
+        let annotations = match role {
+            Some(role) => json!({ ROLE_ANNOTATION: role }),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": { "uid": uid, "name": name, "namespace": "team", "annotations": annotations },
+            "spec": { "nodeName": "node-a", "serviceAccountName": "app", "containers": [] },
+            "status": {
+                "phase": phase,
+                "podIP": ips.first(),
+                "podIPs": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>(),
+            }
+        }))
+        .unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn uids(pods: &[Arc<PodInfo>]) -> Vec<&str> {
+        pods.iter().map(|p| p.uid.as_str()).collect()
+    }
+
+    #[test]
+    fn indexes_every_pod_ip() {
+        let index = PodIndex::new();
+        let change = index.apply(&mk_pod("u1", "web", &["10.0.0.1", "fd00::1"], "Running", Some("app")));
+        assert!(matches!(change, Change::Added(_)));
+        assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["u1"]);
+        assert_eq!(uids(&index.by_ip(&ip("fd00::1"))), ["u1"]);
+        let pod = index.by_uid("u1").unwrap();
+        assert_eq!(pod.role.as_deref(), Some("app"));
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("team", "web"));
+    }
+
+    #[test]
+    fn skips_host_network_finished_and_ipless_pods() {
+        let index = PodIndex::new();
+        let mut host = mk_pod("u1", "h", &["10.0.0.1"], "Running", Some("app"));
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(index.apply(&host), Change::Unchanged);
+        assert_eq!(index.apply(&mk_pod("u2", "done", &["10.0.0.2"], "Succeeded", None)), Change::Unchanged);
+        assert_eq!(index.apply(&mk_pod("u3", "failed", &["10.0.0.3"], "Failed", None)), Change::Unchanged);
+        assert_eq!(index.apply(&mk_pod("u4", "pending", &[], "Pending", None)), Change::Unchanged);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_pod_that_finishes_leaves_the_index() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Running", None));
+        assert!(matches!(index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Succeeded", None)), Change::Removed(_)));
+        assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
+    }
+
+    #[test]
+    fn ip_change_moves_the_pod() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", None));
+        index.apply(&mk_pod("u1", "web", &["10.0.0.2"], "Running", None));
+        assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
+        assert_eq!(uids(&index.by_ip(&ip("10.0.0.2"))), ["u1"]);
+    }
+
+    #[test]
+    fn role_change_is_reported() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("a")));
+        match index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("b"))) {
+            Change::Updated { role_changed, pod } => {
+                assert!(role_changed);
+                assert_eq!(pod.role.as_deref(), Some("b"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("b"))), Change::Unchanged);
+    }
+
+    #[test]
+    fn ip_reuse_keeps_both_claimants_until_the_old_one_goes() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("old", "a", &["10.0.0.1"], "Running", Some("a")));
+        index.apply(&mk_pod("new", "b", &["10.0.0.1"], "Running", Some("b")));
+        assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["old", "new"]);
+        index.delete(&mk_pod("old", "a", &["10.0.0.1"], "Running", Some("a")));
+        assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["new"]);
+    }
+
+    #[test]
+    fn reset_replaces_everything() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "a", &["10.0.0.1"], "Running", None));
+        index.apply(&mk_pod("u2", "b", &["10.0.0.2"], "Running", None));
+        let fresh = [mk_pod("u2", "b", &["10.0.0.2"], "Running", None), mk_pod("u3", "c", &["10.0.0.3"], "Running", None)];
+        let changes = index.reset(fresh.iter());
+        assert!(changes.iter().any(|c| matches!(c, Change::Removed(p) if p.uid == "u1")));
+        assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
+        assert_eq!(index.len(), 2);
+        assert_eq!(uids(&index.by_ip(&ip("10.0.0.3"))), ["u3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_an_ip_returns_when_the_pod_arrives() {
+        let index = Arc::new(PodIndex::new());
+        let waiter = {
+            let index = index.clone();
+            tokio::spawn(async move { index.wait_for_ip(&ip("10.0.0.9"), Duration::from_secs(2)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        index.apply(&mk_pod("u9", "late", &["10.0.0.9"], "Running", None));
+        let started = tokio::time::Instant::now();
+        let pods = waiter.await.unwrap();
+        assert_eq!(uids(&pods), ["u9"]);
+        assert!(started.elapsed() < Duration::from_millis(10), "answered on arrival, not at the deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_an_ip_gives_up_at_the_deadline() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "other", &["10.0.0.1"], "Running", None));
+        let pods = index.wait_for_ip(&ip("10.0.0.9"), Duration::from_secs(2)).await;
+        assert!(pods.is_empty());
+    }
+}
