@@ -39,7 +39,10 @@ impl Admin {
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
                     Ok(()) => Response::builder()
                         .status(StatusCode::OK)
-                        .header(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .header(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
                         .body(Full::new(Bytes::from(body)))
                         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "encoding\n".into())),
                     Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n".into()),
@@ -82,7 +85,9 @@ impl Admin {
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -102,7 +107,9 @@ mod tests {
         let check = flag.clone();
         let admin = Admin {
             registry: Arc::new(Registry::default()),
-            ready: Arc::new(move || if check.load(Ordering::SeqCst) { Ok(()) } else { Err("watch not synced".into()) }),
+            ready: Arc::new(move || {
+                if check.load(Ordering::SeqCst) { Ok(()) } else { Err("watch not synced".into()) }
+            }),
         };
         let r = admin.respond(&Method::GET, "/readyz");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -122,7 +129,9 @@ mod tests {
         counter.inc();
         let admin = Admin { registry: Arc::new(registry), ready: Arc::new(|| Ok(())) };
         let r = admin.respond(&Method::GET, "/metrics");
-        assert!(r.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/openmetrics-text"));
+        assert!(
+            r.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/openmetrics-text")
+        );
         let text = body(r).await;
         assert!(text.contains("things_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));

@@ -128,8 +128,12 @@ impl PodIndex {
     pub fn reset<'a>(&self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
         let fresh: Vec<PodInfo> = pods.into_iter().filter_map(PodInfo::from_pod).collect();
         let keep: std::collections::HashSet<&str> = fresh.iter().map(|p| p.uid.as_str()).collect();
-        let gone: Vec<String> =
-            self.by_uid.iter().filter(|e| !keep.contains(e.key().as_str())).map(|e| e.key().clone()).collect();
+        let gone: Vec<String> = self
+            .by_uid
+            .iter()
+            .filter(|e| !keep.contains(e.key().as_str()))
+            .map(|e| e.key().clone())
+            .collect();
         let mut changes: Vec<Change> = gone.iter().map(|uid| self.remove_uid(uid)).collect();
         changes.extend(fresh.into_iter().map(|info| self.insert(info)));
         changes
@@ -275,7 +279,10 @@ pub(crate) mod tests {
     fn a_pod_that_finishes_leaves_the_index() {
         let index = PodIndex::new();
         index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Running", None));
-        assert!(matches!(index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Succeeded", None)), Change::Removed(_)));
+        assert!(matches!(
+            index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Succeeded", None)),
+            Change::Removed(_)
+        ));
         assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
     }
 
@@ -317,7 +324,10 @@ pub(crate) mod tests {
         let index = PodIndex::new();
         index.apply(&mk_pod("u1", "a", &["10.0.0.1"], "Running", None));
         index.apply(&mk_pod("u2", "b", &["10.0.0.2"], "Running", None));
-        let fresh = [mk_pod("u2", "b", &["10.0.0.2"], "Running", None), mk_pod("u3", "c", &["10.0.0.3"], "Running", None)];
+        let fresh = [
+            mk_pod("u2", "b", &["10.0.0.2"], "Running", None),
+            mk_pod("u3", "c", &["10.0.0.3"], "Running", None),
+        ];
         let changes = index.reset(fresh.iter());
         assert!(changes.iter().any(|c| matches!(c, Change::Removed(p) if p.uid == "u1")));
         assert!(index.by_ip(&ip("10.0.0.1")).is_empty());

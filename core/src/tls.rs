@@ -160,7 +160,12 @@ mod tests {
         assert!(r.reload_if_changed());
         assert_eq!(*r.get(), 2);
         std::fs::write(&file, "garbage").unwrap();
-        std::fs::File::options().write(true).open(&file).unwrap().set_modified(later + Duration::from_secs(5)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later + Duration::from_secs(5))
+            .unwrap();
         assert!(!r.reload_if_changed());
         assert_eq!(*r.get(), 2);
         std::fs::remove_dir_all(&dir).unwrap();

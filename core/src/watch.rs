@@ -18,15 +18,29 @@ pub enum Update<K> {
 
 /// Whether a watch has delivered its first complete list.
 #[derive(Clone, Debug, Default)]
-pub struct Synced(Arc<AtomicBool>);
+pub struct Synced(Arc<(AtomicBool, tokio::sync::Notify)>);
 
 impl Synced {
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.0.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the watch has synced.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn set(&self) {
-        self.0.store(true, Ordering::Release)
+        self.0.0.store(true, Ordering::Release);
+        self.0.1.notify_waiters();
     }
 }
 

@@ -22,6 +22,7 @@ pub enum Reason {
     PodNotFound,
     NoRole,
     RoleMismatch,
+    RoleInvalid,
     NamespaceForbids,
     WrongNode,
     AgentUnauthenticated,
@@ -33,10 +34,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::PodNotFound,
         Reason::NoRole,
         Reason::RoleMismatch,
+        Reason::RoleInvalid,
         Reason::NamespaceForbids,
         Reason::WrongNode,
         Reason::AgentUnauthenticated,
@@ -52,6 +54,7 @@ impl Reason {
             Reason::PodNotFound => "POD_NOT_FOUND",
             Reason::NoRole => "NO_ROLE",
             Reason::RoleMismatch => "ROLE_MISMATCH",
+            Reason::RoleInvalid => "ROLE_INVALID",
             Reason::NamespaceForbids => "NAMESPACE_FORBIDS",
             Reason::WrongNode => "WRONG_NODE",
             Reason::AgentUnauthenticated => "AGENT_UNAUTHENTICATED",
@@ -72,10 +75,11 @@ impl Reason {
         match self {
             Reason::PodNotFound | Reason::NoRole => tonic::Code::NotFound,
             Reason::RoleMismatch
+            | Reason::RoleInvalid
             | Reason::NamespaceForbids
             | Reason::WrongNode
-            | Reason::AgentUnauthenticated
             | Reason::StsDenied => tonic::Code::PermissionDenied,
+            Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
             Reason::PodUidMismatch => tonic::Code::FailedPrecondition,
             Reason::InvalidArgument => tonic::Code::InvalidArgument,
             Reason::StsUnavailable => tonic::Code::Unavailable,

@@ -1,22 +1,444 @@
-//! imdsgate server: skeleton wiring; the server issue fills it in.
+//! imdsgate server: the only part of imdsgate with AWS rights. It watches every pod and namespace,
+//! decides whether a pod may have the role it asks for, obtains credentials from STS, caches and
+//! refreshes them, and answers agents over mutual-TLS gRPC.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-use std::process::ExitCode;
+pub mod agent_auth;
+pub mod authorizer;
+pub mod credential_cache;
+pub mod events;
+pub mod metrics;
+pub mod namespace_index;
+pub mod policy;
+pub mod role;
+pub mod service;
+pub mod session;
+pub mod sts;
+pub mod tls_server;
 
-/// Command-line flags of imdsgate-server.
+use anyhow::{Context, anyhow};
+use clap::Parser;
+use futures::StreamExt;
+use imdsgate_core::admin::Admin;
+use imdsgate_core::pod_index::Change;
+use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_duration, shutdown_signal};
+use imdsgate_core::watch::{self, Synced, Update};
+use imdsgate_core::{PodIndex, PodInfo};
+use imdsgate_proto::v1::credentials_server::CredentialsServer;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::runtime::{WatchStreamExt, watcher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent_auth::AgentAuthenticator;
+use crate::authorizer::Authorizer;
+use crate::credential_cache::{CacheConfig, CredentialCache};
+use crate::metrics::{Metrics, WatchKind, WatchLabels};
+use crate::namespace_index::NamespaceIndex;
+use crate::role::BaseArn;
+use crate::service::CredentialsService;
+use crate::session::TagConfig;
+use crate::sts::{Sts, StsConfig};
+
+const REFRESH_EVERY: Duration = Duration::from_secs(15);
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+/// imdsgate-server: authorizes each pod's IAM role and obtains its credentials from STS.
 #[derive(Debug, Parser)]
 #[command(name = "imdsgate-server", version, about)]
 pub struct Args {
-    /// Log format: text or json.
-    #[arg(long, env = "IMDSGATE_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
+    #[arg(long, env = "IMDSGATE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address of the gRPC (mutual TLS) listener for agents.
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
+    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:9610")]
+    pub admin_listen: SocketAddr,
+
+    /// Server certificate (PEM) presented to agents; re-read when it changes.
+    #[arg(long, env = "IMDSGATE_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// Private key (PEM) of the server certificate; re-read when it changes.
+    #[arg(long, env = "IMDSGATE_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// CA (PEM) that signs agent client certificates; a client certificate is required.
+    #[arg(long, env = "IMDSGATE_TLS_CLIENT_CA")]
+    pub tls_client_ca: PathBuf,
+
+    /// Base joined to role names in pod annotations, e.g. arn:aws:iam::123456789012:role/.
+    #[arg(long, env = "IMDSGATE_ROLE_BASE_ARN", conflicts_with = "role_base_arn_autodetect")]
+    pub role_base_arn: Option<String>,
+
+    /// Derive the base ARN from the server's own identity (STS GetCallerIdentity).
+    #[arg(long, env = "IMDSGATE_ROLE_BASE_ARN_AUTODETECT")]
+    pub role_base_arn_autodetect: bool,
+
+    /// AWS region for STS (default: aws-config's chain, e.g. AWS_REGION).
+    #[arg(long, env = "IMDSGATE_REGION")]
+    pub region: Option<String>,
+
+    /// STS endpoint URL override (AWS_ENDPOINT_URL_STS also works).
+    #[arg(long, env = "IMDSGATE_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+
+    /// An intermediate role the server assumes first; pod roles are assumed from it.
+    #[arg(long, env = "IMDSGATE_ASSUME_ROLE_ARN")]
+    pub assume_role_arn: Option<String>,
+
+    /// Lifetime of pod sessions (15m to 12h; the role's maximum session duration must allow it).
+    #[arg(long, env = "IMDSGATE_SESSION_DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub session_duration: Duration,
+
+    /// Add EKS Pod Identity session tags (kubernetes-namespace, -pod-name, -pod-uid,
+    /// -service-account, eks-cluster-name); roles must trust sts:TagSession.
+    #[arg(long, env = "IMDSGATE_SESSION_TAGS")]
+    pub session_tags: bool,
+
+    /// Cluster name for the eks-cluster-name session tag.
+    #[arg(long, env = "IMDSGATE_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+
+    /// Most STS AssumeRole calls per second (0: no limit).
+    #[arg(long, env = "IMDSGATE_STS_MAX_RPS", default_value_t = 20.0)]
+    pub sts_max_rps: f64,
+
+    /// The agents' ServiceAccount, <namespace>:<name>; other callers are refused.
+    #[arg(long, env = "IMDSGATE_AGENT_SERVICE_ACCOUNT", default_value = "imdsgate:imdsgate-agent")]
+    pub agent_service_account: String,
+
+    /// Audience of the agents' projected ServiceAccount tokens.
+    #[arg(long, env = "IMDSGATE_AGENT_TOKEN_AUDIENCE", default_value = "imdsgate")]
+    pub agent_token_audience: String,
+
+    /// Accept agent tokens that are not bound to a node (then any agent may ask for any pod).
+    #[arg(long, env = "IMDSGATE_ALLOW_UNBOUND_AGENTS")]
+    pub allow_unbound_agents: bool,
+
+    /// Log format.
+    #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How long SIGTERM waits for in-flight requests.
+    #[arg(long, env = "IMDSGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// This pod's name, to tell replicas apart in Events (from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+/// Checked configuration, ready to run.
+struct Validated {
+    args: Args,
+    base_arn: Option<BaseArn>,
+    tls: Arc<imdsgate_core::tls::Reloading<rustls::ServerConfig>>,
 }
 
 impl Args {
     /// Parses the command line and runs until shutdown; returns the process exit code.
     pub fn parse_and_run() -> ExitCode {
-        let _args = Args::parse();
-        ExitCode::SUCCESS
+        let args = Args::parse();
+        init_logging(args.log_format);
+        let validated = match args.validate() {
+            Ok(v) => v,
+            Err(error) => return bad_config(format!("{error:#}")),
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(error) => return bad_config(format!("cannot start the async runtime: {error}")),
+        };
+        runtime.block_on(validated.run())
     }
+
+    fn validate(self) -> anyhow::Result<Validated> {
+        let min = Duration::from_secs(15 * 60);
+        let max = Duration::from_secs(12 * 3600);
+        if self.session_duration < min || self.session_duration > max {
+            return Err(anyhow!(
+                "--session-duration must be between 15m and 12h, not {:?}",
+                self.session_duration
+            ));
+        }
+        if !(self.sts_max_rps >= 0.0 && self.sts_max_rps.is_finite()) {
+            return Err(anyhow!("--sts-max-rps must be 0 (no limit) or a positive number"));
+        }
+        if self.agent_service_account.split_once([':', '/']).is_none() {
+            return Err(anyhow!(
+                "--agent-service-account must be <namespace>:<name>, not {:?}",
+                self.agent_service_account
+            ));
+        }
+        let base_arn =
+            self.role_base_arn.as_deref().map(BaseArn::parse).transpose().context("--role-base-arn")?;
+        let tls = tls_server::reloading_config(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+        )
+        .context("TLS files")?;
+        Ok(Validated { args: self, base_arn, tls })
+    }
+}
+
+impl Validated {
+    async fn run(self) -> ExitCode {
+        match self.serve().await {
+            Ok(code) => code,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "imdsgate-server failed");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn serve(self) -> anyhow::Result<ExitCode> {
+        let Validated { args, mut base_arn, tls } = self;
+        let client = match kube_client(args.kubeconfig.as_ref()).await {
+            Ok(c) => c,
+            Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
+        };
+        let metrics = Metrics::new();
+        let sts_config = StsConfig {
+            region: args.region.clone(),
+            endpoint: args.sts_endpoint.clone(),
+            intermediate_role: args.assume_role_arn.clone(),
+            max_rps: args.sts_max_rps,
+        };
+        let sts = Arc::new(Sts::connect(&sts_config, metrics.clone()).await);
+        if args.role_base_arn_autodetect {
+            let arn = sts.caller_arn().await.context("--role-base-arn-autodetect: GetCallerIdentity")?;
+            let base = BaseArn::from_caller_arn(&arn).context("--role-base-arn-autodetect")?;
+            tracing::info!(base = base.as_str(), "role base ARN detected");
+            base_arn = Some(base);
+        }
+
+        let grpc_listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => return Ok(bad_config(format!("cannot listen on --listen {}: {e}", args.listen))),
+        };
+        let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                return Ok(bad_config(format!("cannot listen on --admin-listen {}: {e}", args.admin_listen)));
+            }
+        };
+        tls.spawn_watch(TLS_RELOAD_EVERY);
+
+        let pods = Arc::new(PodIndex::new());
+        let namespaces = Arc::new(NamespaceIndex::new());
+        let cache =
+            CredentialCache::new(Arc::new(sts), CacheConfig::new(args.session_duration), metrics.clone());
+        let authorizer = Arc::new(Authorizer {
+            pods: pods.clone(),
+            namespaces: namespaces.clone(),
+            base_arn,
+            tags: TagConfig { enabled: args.session_tags, cluster_name: args.cluster_name.clone() },
+        });
+        let authn = Arc::new(AgentAuthenticator::new(
+            Arc::new(client.clone()),
+            &args.agent_token_audience,
+            &args.agent_service_account,
+            args.allow_unbound_agents,
+        ));
+        let events = Arc::new(events::DenialEvents::new(Some(client.clone()), args.pod_name.clone()));
+
+        let ns_synced = Synced::default();
+        let pods_synced = Synced::default();
+        let ns_task = tokio::spawn(watch_namespaces(
+            client.clone(),
+            namespaces.clone(),
+            ns_synced.clone(),
+            metrics.clone(),
+        ));
+        let pod_task = tokio::spawn(watch_pods(
+            client.clone(),
+            PodWatch {
+                pods: pods.clone(),
+                authorizer: authorizer.clone(),
+                cache: cache.clone(),
+                metrics: metrics.clone(),
+            },
+            ns_synced.clone(),
+            pods_synced.clone(),
+        ));
+        let refresher = cache.spawn_refresher(REFRESH_EVERY);
+
+        let ready = {
+            let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
+            Arc::new(move || match (ns.get(), pods.get()) {
+                (true, true) => Ok(()),
+                (false, _) => Err("namespace watch has not synced".to_string()),
+                (_, false) => Err("pod watch has not synced".to_string()),
+            })
+        };
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let until_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|down| *down).await;
+        };
+        let admin = Admin { registry: metrics.registry(), ready };
+        let admin_task = tokio::spawn(admin.serve(admin_listener, until_shutdown(shutdown_rx.clone())));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        {
+            let health = health.clone();
+            let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
+            tokio::spawn(async move {
+                ns.wait().await;
+                pods.wait().await;
+                health.set_serving::<CredentialsServer<CredentialsService>>().await;
+                tracing::info!("watches synced; serving");
+            });
+        }
+        let service = CredentialsService { authn, authorizer, cache, events, metrics };
+        let incoming = tls_server::incoming(grpc_listener, tls);
+        let grpc = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(CredentialsServer::new(service))
+            .serve_with_incoming_shutdown(incoming, until_shutdown(shutdown_rx.clone()));
+        let mut grpc_task = tokio::spawn(grpc);
+        tracing::info!(listen = %args.listen, admin = %args.admin_listen, "imdsgate-server started");
+
+        let critical = async {
+            tokio::select! {
+                r = ns_task => format!("namespace watch ended: {r:?}"),
+                r = pod_task => format!("pod watch ended: {r:?}"),
+                r = refresher => format!("credential refresher ended: {r:?}"),
+                r = admin_task => format!("admin server ended: {r:?}"),
+            }
+        };
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            why = critical => {
+                tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the server");
+                return Ok(ExitCode::FAILURE);
+            }
+            r = &mut grpc_task => {
+                tracing::error!(result = ?r, "gRPC server ended; exiting");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        health.set_not_serving::<CredentialsServer<CredentialsService>>().await;
+        let _ = shutdown_tx.send(true);
+        match tokio::time::timeout(args.shutdown_grace, grpc_task).await {
+            Ok(_) => tracing::info!("drained; bye"),
+            Err(_) => {
+                tracing::warn!(grace = ?args.shutdown_grace, "in-flight requests did not finish within the grace period")
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// A Kubernetes client: from `--kubeconfig`, else in-cluster, else $KUBECONFIG / ~/.kube/config.
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => match kube::Config::incluster() {
+            Ok(config) => config,
+            Err(_) => kube::Config::from_kubeconfig(&Default::default())
+                .await
+                .context("no in-cluster config and no usable kubeconfig")?,
+        },
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn watch_namespaces(
+    client: kube::Client,
+    index: Arc<NamespaceIndex>,
+    synced: Synced,
+    metrics: Metrics,
+) {
+    let stream = watcher(kube::Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
+    let restarts =
+        metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Namespaces }).clone();
+    watch::drive(
+        "namespaces",
+        stream,
+        synced,
+        |_| {
+            restarts.inc();
+        },
+        |update| {
+            match update {
+                Update::Apply(ns) => index.apply(&ns),
+                Update::Delete(ns) => index.delete(&ns),
+                Update::Reset(all) => index.reset(&all),
+            }
+            metrics.namespaces_indexed.set(index.len() as i64);
+        },
+    )
+    .await;
+}
+
+/// What the pod watch updates.
+struct PodWatch {
+    pods: Arc<PodIndex>,
+    authorizer: Arc<Authorizer>,
+    cache: CredentialCache,
+    metrics: Metrics,
+}
+
+impl PodWatch {
+    fn changed(&self, change: Change) {
+        match change {
+            Change::Added(pod) => self.prefetch(&pod),
+            Change::Updated { pod, role_changed } => {
+                if role_changed {
+                    self.cache.release(&pod.uid);
+                }
+                self.prefetch(&pod);
+            }
+            Change::Removed(pod) => self.cache.release(&pod.uid),
+            Change::Unchanged => {}
+        }
+    }
+
+    /// A pod with an IP and a permitted role gets its credentials fetched before it asks.
+    fn prefetch(&self, pod: &PodInfo) {
+        if !matches!(pod.phase.as_deref(), Some("Pending") | Some("Running")) || pod.role.is_none() {
+            return;
+        }
+        if let Ok(key) = self.authorizer.session_for(pod) {
+            self.cache.prefetch(&pod.uid, key);
+        }
+    }
+}
+
+async fn watch_pods(client: kube::Client, state: PodWatch, ns_synced: Synced, synced: Synced) {
+    // Prefetching needs namespace policies; start once they are known.
+    ns_synced.wait().await;
+    let stream = watcher(kube::Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
+    let restarts =
+        state.metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Pods }).clone();
+    watch::drive(
+        "pods",
+        stream.boxed(),
+        synced,
+        |_| {
+            restarts.inc();
+        },
+        |update| {
+            match update {
+                Update::Apply(pod) => state.changed(state.pods.apply(&pod)),
+                Update::Delete(pod) => state.changed(state.pods.delete(&pod)),
+                Update::Reset(all) => state.pods.reset(all.iter()).into_iter().for_each(|c| state.changed(c)),
+            }
+            state.metrics.pods_indexed.set(state.pods.len() as i64);
+        },
+    )
+    .await;
 }

@@ -1,0 +1,258 @@
+//! The decision: may the pod at this IP, with this UID, asked for by this agent, have this role?
+//! Pure logic over the pod and namespace indexes; every refusal is a [`Denial`] that says why.
+
+use crate::agent_auth::{AgentIdentity, AuthError};
+use crate::credential_cache::StsError;
+use crate::namespace_index::NamespaceIndex;
+use crate::role::{self, BaseArn, RoleError};
+use crate::session::{SessionKey, TagConfig};
+use imdsgate_core::{PodIndex, PodInfo};
+use imdsgate_proto::Reason;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Why a request gets no credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum Denial {
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("agent not authenticated: {0}")]
+    Unauthenticated(#[from] AuthError),
+    #[error("no live pod has IP {0}")]
+    PodNotFound(IpAddr),
+    #[error("pod UID {uid} does not own IP {ip} (the IP now belongs to another pod)")]
+    PodUidMismatch { ip: IpAddr, uid: String },
+    #[error("pod {namespace}/{pod} runs on node {pod_node:?}, not on the calling agent's node {agent_node}")]
+    WrongNode { namespace: String, pod: String, pod_node: Option<String>, agent_node: String },
+    #[error("pod {namespace}/{pod} has no iam.amazonaws.com/role annotation")]
+    NoRole { namespace: String, pod: String },
+    #[error("pod's role annotation is not usable: {0}")]
+    RoleInvalid(#[from] RoleError),
+    #[error("requested role {requested:?} is not the pod's role {annotated:?}")]
+    RoleMismatch { requested: String, annotated: String },
+    #[error("namespace {namespace} does not permit role {role}: {why}")]
+    NamespaceForbids { namespace: String, role: String, why: String },
+    #[error("{0}")]
+    Sts(#[from] StsError),
+}
+
+impl Denial {
+    /// The stable reason the agent acts on.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Denial::InvalidArgument(_) => Reason::InvalidArgument,
+            Denial::Unauthenticated(_) => Reason::AgentUnauthenticated,
+            Denial::PodNotFound(_) => Reason::PodNotFound,
+            Denial::PodUidMismatch { .. } => Reason::PodUidMismatch,
+            Denial::WrongNode { .. } => Reason::WrongNode,
+            Denial::NoRole { .. } => Reason::NoRole,
+            Denial::RoleInvalid(_) => Reason::RoleInvalid,
+            Denial::RoleMismatch { .. } => Reason::RoleMismatch,
+            Denial::NamespaceForbids { .. } => Reason::NamespaceForbids,
+            Denial::Sts(StsError::Denied(_)) => Reason::StsDenied,
+            Denial::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
+        }
+    }
+
+    /// The gRPC status for this denial: the one place denials become statuses.
+    pub fn to_status(&self) -> tonic::Status {
+        self.reason().status(self.to_string())
+    }
+}
+
+/// A validated request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub pod_ip: IpAddr,
+    pub pod_uid: String,
+    pub role: String,
+}
+
+impl Ask {
+    /// Validates the raw request fields.
+    pub fn parse(pod_ip: &str, pod_uid: &str, role: &str) -> Result<Ask, Denial> {
+        let pod_ip = pod_ip
+            .parse()
+            .map_err(|_| Denial::InvalidArgument(format!("pod_ip {pod_ip:?} is not an IP address")))?;
+        if pod_uid.is_empty()
+            || pod_uid.len() > 64
+            || !pod_uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Denial::InvalidArgument(format!("pod_uid {pod_uid:?} is not a Kubernetes UID")));
+        }
+        if !role::valid_role_name(role) {
+            return Err(Denial::InvalidArgument(format!("role {role:?} is not an IAM role name")));
+        }
+        Ok(Ask { pod_ip, pod_uid: pod_uid.to_string(), role: role.to_string() })
+    }
+}
+
+/// Decides requests.
+pub struct Authorizer {
+    pub pods: Arc<PodIndex>,
+    pub namespaces: Arc<NamespaceIndex>,
+    pub base_arn: Option<BaseArn>,
+    pub tags: TagConfig,
+}
+
+impl Authorizer {
+    /// The pod behind a request, checked against the agent's node; then its session.
+    pub fn authorize(
+        &self,
+        ask: &Ask,
+        agent: &AgentIdentity,
+    ) -> Result<(Arc<PodInfo>, SessionKey), (Option<Arc<PodInfo>>, Denial)> {
+        let claimants = self.pods.by_ip(&ask.pod_ip);
+        if claimants.is_empty() {
+            return Err((None, Denial::PodNotFound(ask.pod_ip)));
+        }
+        let pod = claimants
+            .into_iter()
+            .find(|p| p.uid == ask.pod_uid)
+            .ok_or_else(|| (None, Denial::PodUidMismatch { ip: ask.pod_ip, uid: ask.pod_uid.clone() }))?;
+        if let Some(agent_node) = &agent.node
+            && pod.node.as_deref() != Some(agent_node.as_str())
+        {
+            let denial = Denial::WrongNode {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                pod_node: pod.node.clone(),
+                agent_node: agent_node.clone(),
+            };
+            return Err((None, denial));
+        }
+        let key = self.session_for(&pod).map_err(|d| (Some(pod.clone()), d))?;
+        if key.role_arn.name() != ask.role {
+            let denial = Denial::RoleMismatch {
+                requested: ask.role.clone(),
+                annotated: key.role_arn.name().to_string(),
+            };
+            return Err((Some(pod), denial));
+        }
+        Ok((pod, key))
+    }
+
+    /// The session a pod is entitled to: its annotated role, permitted by its namespace.
+    pub fn session_for(&self, pod: &PodInfo) -> Result<SessionKey, Denial> {
+        let annotation = pod
+            .role
+            .as_deref()
+            .ok_or_else(|| Denial::NoRole { namespace: pod.namespace.clone(), pod: pod.name.clone() })?;
+        let role = role::resolve(annotation, self.base_arn.as_ref())?;
+        self.namespaces.policy(&pod.namespace).check(&role, self.base_arn.as_ref()).map_err(|why| {
+            Denial::NamespaceForbids { namespace: pod.namespace.clone(), role: role.to_string(), why }
+        })?;
+        Ok(SessionKey::for_pod(pod, role, &self.tags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PERMITTED_ANNOTATION;
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use serde_json::json;
+
+    fn mk_pod(uid: &str, ns: &str, name: &str, node: &str, ip: &str, role: Option<&str>) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "uid": uid, "name": name, "namespace": ns,
+                          "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
+            "spec": { "nodeName": node, "containers": [] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+        }))
+        .unwrap()
+    }
+
+    fn mk_ns(name: &str, permitted: &str) -> Namespace {
+        serde_json::from_value(
+            json!({ "metadata": { "name": name, "annotations": { PERMITTED_ANNOTATION: permitted } } }),
+        )
+        .unwrap()
+    }
+
+    fn authorizer() -> Authorizer {
+        let pods = Arc::new(PodIndex::new());
+        let namespaces = Arc::new(NamespaceIndex::new());
+        pods.apply(&mk_pod("u-app", "team", "app", "node-a", "10.0.0.1", Some("app")));
+        pods.apply(&mk_pod("u-none", "team", "none", "node-a", "10.0.0.2", None));
+        pods.apply(&mk_pod("u-b", "team", "b", "node-b", "10.0.0.3", Some("app")));
+        pods.apply(&mk_pod("u-evil", "locked", "evil", "node-a", "10.0.0.4", Some("admin")));
+        namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/app"));
+        namespaces.apply(&mk_ns("locked", "arn:aws:iam::123456789012:role/app"));
+        Authorizer {
+            pods,
+            namespaces,
+            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            tags: TagConfig::default(),
+        }
+    }
+
+    fn agent(node: &str) -> AgentIdentity {
+        AgentIdentity { username: "agent".into(), node: Some(node.into()) }
+    }
+
+    fn ask(ip: &str, uid: &str, role: &str) -> Ask {
+        Ask::parse(ip, uid, role).unwrap()
+    }
+
+    fn reason(r: Result<(Arc<PodInfo>, SessionKey), (Option<Arc<PodInfo>>, Denial)>) -> Reason {
+        r.err().expect("denied").1.reason()
+    }
+
+    #[test]
+    fn annotated_permitted_pod_gets_its_session() {
+        let a = authorizer();
+        let (pod, key) = a.authorize(&ask("10.0.0.1", "u-app", "app"), &agent("node-a")).unwrap();
+        assert_eq!(pod.name, "app");
+        assert_eq!(key.role_arn.as_str(), "arn:aws:iam::123456789012:role/app");
+        assert_eq!(key.session_name, "team.app");
+    }
+
+    #[test]
+    fn each_refusal_has_its_reason() {
+        let a = authorizer();
+        let node_a = agent("node-a");
+        assert_eq!(reason(a.authorize(&ask("10.9.9.9", "u-app", "app"), &node_a)), Reason::PodNotFound);
+        assert_eq!(reason(a.authorize(&ask("10.0.0.1", "u-other", "app"), &node_a)), Reason::PodUidMismatch);
+        assert_eq!(reason(a.authorize(&ask("10.0.0.2", "u-none", "app"), &node_a)), Reason::NoRole);
+        assert_eq!(reason(a.authorize(&ask("10.0.0.1", "u-app", "admin"), &node_a)), Reason::RoleMismatch);
+        assert_eq!(reason(a.authorize(&ask("10.0.0.3", "u-b", "app"), &node_a)), Reason::WrongNode);
+        assert_eq!(
+            reason(a.authorize(&ask("10.0.0.4", "u-evil", "admin"), &node_a)),
+            Reason::NamespaceForbids
+        );
+    }
+
+    #[test]
+    fn unbound_agents_may_ask_for_any_node_only_when_allowed_upstream() {
+        let a = authorizer();
+        let unbound = AgentIdentity { username: "agent".into(), node: None };
+        assert!(a.authorize(&ask("10.0.0.3", "u-b", "app"), &unbound).is_ok());
+    }
+
+    #[test]
+    fn malformed_requests_are_invalid_arguments() {
+        for (ip, uid, role) in [
+            ("not-an-ip", "u", "app"),
+            ("10.0.0.1", "", "app"),
+            ("10.0.0.1", "uid with space", "app"),
+            ("10.0.0.1", "u", ""),
+            ("10.0.0.1", "u", "bad/role"),
+            ("10.0.0.1", &"u".repeat(65), "app"),
+        ] {
+            let denial = Ask::parse(ip, uid, role).unwrap_err();
+            assert_eq!(denial.reason(), Reason::InvalidArgument, "{ip} {uid} {role}");
+            assert_eq!(denial.to_status().code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn ip_reuse_answers_only_for_the_requested_uid() {
+        let a = authorizer();
+        a.pods.apply(&mk_pod("u-new", "team", "new", "node-a", "10.0.0.1", Some("app")));
+        let (pod, _) = a.authorize(&ask("10.0.0.1", "u-new", "app"), &agent("node-a")).unwrap();
+        assert_eq!(pod.name, "new");
+        let (pod, _) = a.authorize(&ask("10.0.0.1", "u-app", "app"), &agent("node-a")).unwrap();
+        assert_eq!(pod.name, "app");
+    }
+}

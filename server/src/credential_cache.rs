@@ -1,0 +1,591 @@
+//! The credential cache: one STS session per [`SessionKey`], fetched once and shared by every
+//! concurrent caller (the fetch runs in its own task, so a caller that goes away cancels nothing),
+//! refreshed in the background ahead of expiry, and never handed out with less than the minimum
+//! remaining lifetime (SDKs refresh within 15 minutes of expiry and would otherwise call on every
+//! request). When STS fails, still-valid credentials keep being served (static stability) and
+//! retries back off with jitter. Sessions of deleted pods are dropped.
+
+use crate::metrics::Metrics;
+use crate::session::SessionKey;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Temporary credentials from STS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    pub issued_at: SystemTime,
+    pub role_arn: String,
+    pub account_id: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .field("role_arn", &self.role_arn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why STS gave no credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StsError {
+    /// STS could not be reached or failed (network, throttling, 5xx): retry later.
+    #[error("STS unavailable: {0}")]
+    Unavailable(String),
+    /// STS refused (AccessDenied, bad trust policy, bad ExternalId).
+    #[error("STS refused AssumeRole: {0}")]
+    Denied(String),
+}
+
+/// Something that turns a session into credentials: STS itself, or a fake in tests.
+pub trait AssumeRole: Send + Sync + 'static {
+    fn assume_role(
+        &self,
+        key: SessionKey,
+        duration: Duration,
+    ) -> BoxFuture<'static, Result<Issued, StsError>>;
+}
+
+/// Cache timing.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Requested session lifetime (`--session-duration`).
+    pub session_duration: Duration,
+    /// First retry delay after an STS failure; doubles per failure, with jitter.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl CacheConfig {
+    pub fn new(session_duration: Duration) -> Self {
+        CacheConfig {
+            session_duration,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+
+    /// Credentials with less than this left are not handed out while STS works: 15 minutes, or a
+    /// quarter of a shorter session.
+    pub fn min_remaining(&self) -> Duration {
+        Duration::from_secs(15 * 60).min(self.session_duration / 4)
+    }
+
+    /// The background refresh starts when this much is left.
+    pub fn refresh_remaining(&self) -> Duration {
+        self.min_remaining() + Duration::from_secs(5 * 60).min(self.session_duration / 4)
+    }
+}
+
+/// Reads the wall clock; replaced in tests.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+type Fetch = Shared<BoxFuture<'static, Result<Arc<Issued>, StsError>>>;
+
+#[derive(Default)]
+struct Entry {
+    current: Option<Arc<Issued>>,
+    inflight: Option<Fetch>,
+    failures: u32,
+    retry_at: Option<SystemTime>,
+    last_error: Option<StsError>,
+}
+
+struct Inner {
+    sts: Arc<dyn AssumeRole>,
+    config: CacheConfig,
+    clock: Clock,
+    metrics: Metrics,
+    entries: Mutex<HashMap<SessionKey, Entry>>,
+    owners: Mutex<HashMap<String, SessionKey>>,
+}
+
+/// How a request was answered (for metrics and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    Hit,
+    Miss,
+    Stale,
+}
+
+/// See the module documentation. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialCache {
+    inner: Arc<Inner>,
+}
+
+impl CredentialCache {
+    pub fn new(sts: Arc<dyn AssumeRole>, config: CacheConfig, metrics: Metrics) -> Self {
+        Self::with_clock(sts, config, metrics, Arc::new(SystemTime::now))
+    }
+
+    pub fn with_clock(sts: Arc<dyn AssumeRole>, config: CacheConfig, metrics: Metrics, clock: Clock) -> Self {
+        CredentialCache {
+            inner: Arc::new(Inner {
+                sts,
+                config,
+                clock,
+                metrics,
+                entries: Mutex::new(HashMap::new()),
+                owners: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// Credentials for `key`, on behalf of the pod `owner` (its UID).
+    pub async fn get(&self, owner: &str, key: &SessionKey) -> Result<(Arc<Issued>, Served), StsError> {
+        self.register(owner, key);
+        let now = (self.inner.clock)();
+        let min_remaining = self.inner.config.min_remaining();
+        let (fetch, fallback) = {
+            let mut entries = self.lock_entries();
+            let entry = entries.entry(key.clone()).or_default();
+            if let Some(current) = &entry.current {
+                let left = remaining(current, now);
+                if left >= min_remaining {
+                    let current = current.clone();
+                    if left < self.inner.config.refresh_remaining() && self.may_fetch(entry, now) {
+                        // The fetch runs in its own task; nobody needs to wait for it here.
+                        let _ = self.start_fetch(entry, key.clone());
+                    }
+                    drop(entries);
+                    self.inner.metrics.cache_hits.inc();
+                    return Ok((current, Served::Hit));
+                }
+            }
+            let fallback = entry.current.clone().filter(|c| c.expiration > now);
+            if entry.inflight.is_none() && !self.may_fetch(entry, now) {
+                // Backing off after a failure: do not hammer STS for every request.
+                let error = entry.last_error.clone().unwrap_or(StsError::Unavailable("backing off".into()));
+                drop(entries);
+                return self.fall_back(fallback, error);
+            }
+            let fetch = match &entry.inflight {
+                Some(fetch) => fetch.clone(),
+                None => self.start_fetch(entry, key.clone()),
+            };
+            (fetch, fallback)
+        };
+        self.inner.metrics.cache_misses.inc();
+        match fetch.await {
+            Ok(issued) => Ok((issued, Served::Miss)),
+            Err(error) => self.fall_back(fallback, error),
+        }
+    }
+
+    /// Starts fetching credentials for a pod that just appeared, so its first request is a hit.
+    pub fn prefetch(&self, owner: &str, key: SessionKey) {
+        let cache = self.clone();
+        let owner = owner.to_string();
+        tokio::spawn(async move {
+            if let Err(error) = cache.get(&owner, &key).await {
+                tracing::debug!(role = %key.role_arn, %error, "prefetch failed");
+            }
+        });
+    }
+
+    /// Forgets the pod `owner`; its session goes when no other pod shares it.
+    pub fn release(&self, owner: &str) {
+        let old = self.lock_owners().remove(owner);
+        if let Some(old) = old {
+            self.drop_if_unowned(&old);
+        }
+    }
+
+    /// Starts background refreshes for sessions close to expiry; returns how many it started.
+    pub fn refresh_due(&self) -> usize {
+        let now = (self.inner.clock)();
+        let mut started = 0;
+        let mut entries = self.lock_entries();
+        let keys: Vec<SessionKey> = entries.keys().cloned().collect();
+        for key in keys {
+            let Some(entry) = entries.get_mut(&key) else { continue };
+            let due = entry
+                .current
+                .as_ref()
+                .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
+            if due && self.may_fetch(entry, now) {
+                let _ = self.start_fetch(entry, key);
+                started += 1;
+            }
+        }
+        started
+    }
+
+    /// Runs [`CredentialCache::refresh_due`] every `every` until the process ends.
+    pub fn spawn_refresher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                cache.refresh_due();
+            }
+        })
+    }
+
+    /// Number of sessions held.
+    pub fn len(&self) -> usize {
+        self.lock_entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn fall_back(
+        &self,
+        fallback: Option<Arc<Issued>>,
+        error: StsError,
+    ) -> Result<(Arc<Issued>, Served), StsError> {
+        match fallback {
+            Some(issued) => {
+                self.inner.metrics.cache_stale_served.inc();
+                tracing::warn!(%error, "STS failed; serving cached credentials that are still valid");
+                Ok((issued, Served::Stale))
+            }
+            None => Err(error),
+        }
+    }
+
+    fn may_fetch(&self, entry: &Entry, now: SystemTime) -> bool {
+        entry.inflight.is_none() && entry.retry_at.is_none_or(|at| now >= at)
+    }
+
+    fn start_fetch(&self, entry: &mut Entry, key: SessionKey) -> Fetch {
+        let inner = self.inner.clone();
+        let duration = inner.config.session_duration;
+        let task = tokio::spawn(async move {
+            let result = inner.sts.assume_role(key.clone(), duration).await.map(Arc::new);
+            let now = (inner.clock)();
+            let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+            // The session may have been dropped (pod deleted) while STS answered.
+            if let Some(entry) = entries.get_mut(&key) {
+                entry.inflight = None;
+                match &result {
+                    Ok(issued) => {
+                        entry.current = Some(issued.clone());
+                        entry.failures = 0;
+                        entry.retry_at = None;
+                        entry.last_error = None;
+                    }
+                    Err(error) => {
+                        entry.failures = entry.failures.saturating_add(1);
+                        entry.retry_at = Some(now + backoff(&inner.config, entry.failures));
+                        entry.last_error = Some(error.clone());
+                    }
+                }
+            }
+            inner.metrics.cached_sessions.set(entries.len() as i64);
+            result
+        });
+        let fetch = async move {
+            task.await
+                .unwrap_or_else(|e| Err(StsError::Unavailable(format!("credential fetch task failed: {e}"))))
+        }
+        .boxed()
+        .shared();
+        entry.inflight = Some(fetch.clone());
+        fetch
+    }
+
+    fn register(&self, owner: &str, key: &SessionKey) {
+        let previous = self.lock_owners().insert(owner.to_string(), key.clone());
+        if let Some(previous) = previous.filter(|p| p != key) {
+            self.drop_if_unowned(&previous);
+        }
+    }
+
+    fn drop_if_unowned(&self, key: &SessionKey) {
+        let owned = self.lock_owners().values().any(|k| k == key);
+        if !owned {
+            let mut entries = self.lock_entries();
+            entries.remove(key);
+            self.inner.metrics.cached_sessions.set(entries.len() as i64);
+        }
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Entry>> {
+        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionKey>> {
+        self.inner.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn remaining(issued: &Issued, now: SystemTime) -> Duration {
+    issued.expiration.duration_since(now).unwrap_or_default()
+}
+
+/// Exponential backoff with full jitter in [base/2, cap].
+fn backoff(config: &CacheConfig, failures: u32) -> Duration {
+    let exp = config.backoff_base.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    let cap = exp.min(config.backoff_max);
+    let half = cap / 2;
+    half + cap.saturating_sub(half).mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::role::resolve;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use tokio::sync::Semaphore;
+
+    /// A fake STS: counts calls, can be made to fail, can be held at a gate.
+    struct FakeSts {
+        calls: AtomicU32,
+        fail: Mutex<Option<StsError>>,
+        gate: Arc<Semaphore>,
+        clock: Clock,
+    }
+
+    impl AssumeRole for FakeSts {
+        fn assume_role(
+            &self,
+            key: SessionKey,
+            duration: Duration,
+        ) -> BoxFuture<'static, Result<Issued, StsError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let fail = self.fail.lock().unwrap().clone();
+            let gate = self.gate.clone();
+            let now = (self.clock)();
+            async move {
+                let _permit = gate.acquire().await.unwrap();
+                if let Some(e) = fail {
+                    return Err(e);
+                }
+                Ok(Issued {
+                    access_key_id: format!("ASIA{n}"),
+                    secret_access_key: "secret".into(),
+                    session_token: "token".into(),
+                    expiration: now + duration,
+                    issued_at: now,
+                    role_arn: key.role_arn.to_string(),
+                    account_id: key.role_arn.account().into(),
+                })
+            }
+            .boxed()
+        }
+    }
+
+    struct Bed {
+        cache: CredentialCache,
+        sts: Arc<FakeSts>,
+        now: Arc<AtomicU64>,
+    }
+
+    const START: u64 = 1_800_000_000;
+
+    fn bed() -> Bed {
+        let now = Arc::new(AtomicU64::new(START));
+        let clock_now = now.clone();
+        let clock: Clock =
+            Arc::new(move || SystemTime::UNIX_EPOCH + Duration::from_secs(clock_now.load(Ordering::SeqCst)));
+        let sts = Arc::new(FakeSts {
+            calls: AtomicU32::new(0),
+            fail: Mutex::new(None),
+            gate: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            clock: clock.clone(),
+        });
+        let cache = CredentialCache::with_clock(
+            sts.clone(),
+            CacheConfig::new(Duration::from_secs(3600)),
+            Metrics::new(),
+            clock,
+        );
+        Bed { cache, sts, now }
+    }
+
+    impl Bed {
+        fn advance(&self, secs: u64) {
+            self.now.fetch_add(secs, Ordering::SeqCst);
+        }
+        fn calls(&self) -> u32 {
+            self.sts.calls.load(Ordering::SeqCst)
+        }
+        fn fail_with(&self, e: Option<StsError>) {
+            *self.sts.fail.lock().unwrap() = e;
+        }
+    }
+
+    fn key(name: &str) -> SessionKey {
+        SessionKey {
+            role_arn: resolve(&format!("arn:aws:iam::123456789012:role/{name}"), None).unwrap(),
+            session_name: format!("ns.{name}"),
+            external_id: None,
+            tags: vec![],
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn timing_follows_the_session_duration() {
+        let hour = CacheConfig::new(Duration::from_secs(3600));
+        assert_eq!(hour.min_remaining(), Duration::from_secs(900));
+        assert_eq!(hour.refresh_remaining(), Duration::from_secs(1200));
+        let short = CacheConfig::new(Duration::from_secs(900));
+        assert_eq!(short.min_remaining(), Duration::from_secs(225));
+        assert!(short.refresh_remaining() < Duration::from_secs(900));
+    }
+
+    #[tokio::test]
+    async fn one_sts_call_per_session_then_hits() {
+        let b = bed();
+        let (first, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Miss);
+        for _ in 0..100 {
+            let (again, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+            assert_eq!(served, Served::Hit);
+            assert_eq!(again.access_key_id, first.access_key_id);
+        }
+        assert_eq!(b.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_call() {
+        let b = bed();
+        let gate = b.sts.gate.clone();
+        let permits = gate.available_permits();
+        gate.forget_permits(permits);
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = b.cache.clone();
+                tokio::spawn(async move { cache.get("pod-1", &key("app")).await })
+            })
+            .collect();
+        settle().await;
+        gate.add_permits(1);
+        for w in waiters {
+            assert!(w.await.unwrap().is_ok());
+        }
+        assert_eq!(b.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_does_not_cancel_the_fetch() {
+        let b = bed();
+        let gate = b.sts.gate.clone();
+        gate.forget_permits(gate.available_permits());
+        let cache = b.cache.clone();
+        let impatient = tokio::spawn(async move { cache.get("pod-1", &key("app")).await });
+        settle().await;
+        impatient.abort();
+        settle().await;
+        gate.add_permits(1);
+        settle().await;
+        let (_, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Hit, "the abandoned fetch completed and filled the cache");
+        assert_eq!(b.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn refreshes_ahead_of_expiry_in_the_background() {
+        let b = bed();
+        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        b.advance(30 * 60);
+        assert_eq!(b.cache.refresh_due(), 0, "30 minutes left: not due");
+        b.advance(11 * 60);
+        assert_eq!(b.cache.refresh_due(), 1, "19 minutes left: due");
+        settle().await;
+        let (second, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Hit);
+        assert_ne!(second.access_key_id, first.access_key_id);
+        assert_eq!(b.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn never_hands_out_credentials_with_less_than_the_minimum_left() {
+        let b = bed();
+        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        b.advance(50 * 60); // 10 minutes left, no refresher ran
+        let (second, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Miss);
+        assert_ne!(second.access_key_id, first.access_key_id);
+        assert!(second.expiration.duration_since(first.expiration).unwrap() >= Duration::from_secs(50 * 60));
+    }
+
+    #[tokio::test]
+    async fn sts_outage_serves_still_valid_credentials() {
+        let b = bed();
+        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        b.fail_with(Some(StsError::Unavailable("connection refused".into())));
+        b.advance(50 * 60);
+        let (served_creds, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Stale);
+        assert_eq!(served_creds.access_key_id, first.access_key_id);
+        b.advance(11 * 60); // expired now
+        let err = b.cache.get("pod-1", &key("app")).await.unwrap_err();
+        assert!(matches!(err, StsError::Unavailable(_)));
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_instead_of_calling_sts_per_request() {
+        let b = bed();
+        b.fail_with(Some(StsError::Denied("AccessDenied".into())));
+        assert!(b.cache.get("pod-1", &key("app")).await.is_err());
+        for _ in 0..50 {
+            let err = b.cache.get("pod-1", &key("app")).await.unwrap_err();
+            assert_eq!(err, StsError::Denied("AccessDenied".into()), "the last error is repeated");
+        }
+        assert_eq!(b.calls(), 1, "no STS call while backing off");
+        b.fail_with(None);
+        b.advance(2);
+        assert!(b.cache.get("pod-1", &key("app")).await.is_ok());
+        assert_eq!(b.calls(), 2);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let c = CacheConfig::new(Duration::from_secs(3600));
+        for failures in 1..40 {
+            let d = backoff(&c, failures);
+            let cap = c.backoff_base.saturating_mul(1 << (failures - 1).min(16)).min(c.backoff_max);
+            assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn released_pods_drop_their_sessions() {
+        let b = bed();
+        b.cache.get("pod-1", &key("app")).await.unwrap();
+        b.cache.get("pod-2", &key("other")).await.unwrap();
+        assert_eq!(b.cache.len(), 2);
+        b.cache.release("pod-1");
+        assert_eq!(b.cache.len(), 1);
+        // A pod whose role changes leaves its old session behind.
+        b.cache.get("pod-2", &key("third")).await.unwrap();
+        assert_eq!(b.cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prefetch_makes_the_first_request_a_hit() {
+        let b = bed();
+        b.cache.prefetch("pod-1", key("app"));
+        settle().await;
+        let (_, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        assert_eq!(served, Served::Hit);
+        assert_eq!(b.calls(), 1);
+    }
+}

@@ -1,0 +1,129 @@
+//! The server's Prometheus metrics. Every label is bounded: RPC names, gRPC codes, denial reasons,
+//! STS results and watch names; never a pod, IP or role.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub rpc: Rpc,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcOnly {
+    pub rpc: Rpc,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Rpc {
+    GetCredentials,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StsLabels {
+    pub result: StsResult,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum StsResult {
+    Success,
+    Denied,
+    Unavailable,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: WatchKind,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WatchKind {
+    Pods,
+    Namespaces,
+}
+
+/// All of the server's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RpcLabels, Counter>,
+    pub request_duration: Family<RpcOnly, Histogram, fn() -> Histogram>,
+    pub denials: Family<ReasonLabels, Counter>,
+    pub sts_calls: Family<StsLabels, Counter>,
+    pub sts_duration: Family<StsLabels, Histogram, fn() -> Histogram>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_stale_served: Counter,
+    pub cached_sessions: Gauge,
+    pub pods_indexed: Gauge,
+    pub namespaces_indexed: Gauge,
+    pub watch_restarts: Family<WatchLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            denials: Family::default(),
+            sts_calls: Family::default(),
+            sts_duration: Family::new_with_constructor(latency_histogram),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_stale_served: Counter::default(),
+            cached_sessions: Gauge::default(),
+            pods_indexed: Gauge::default(),
+            namespaces_indexed: Gauge::default(),
+            watch_restarts: Family::default(),
+        }
+    }
+
+    /// A registry holding every metric under the `imdsgate_server` prefix.
+    pub fn registry(&self) -> Arc<Registry> {
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("imdsgate_server");
+        r.register("requests", "gRPC requests by RPC and status code", self.requests.clone());
+        r.register("request_duration_seconds", "gRPC request latency", self.request_duration.clone());
+        r.register("denials", "Requests refused, by reason", self.denials.clone());
+        r.register("sts_calls", "STS AssumeRole calls by result", self.sts_calls.clone());
+        r.register("sts_call_duration_seconds", "STS AssumeRole latency", self.sts_duration.clone());
+        r.register("cache_hits", "Credential requests answered from the cache", self.cache_hits.clone());
+        r.register("cache_misses", "Credential requests that waited for STS", self.cache_misses.clone());
+        r.register(
+            "cache_stale_served",
+            "Requests answered with still-valid cached credentials while STS failed",
+            self.cache_stale_served.clone(),
+        );
+        r.register("cached_sessions", "STS sessions held in the cache", self.cached_sessions.clone());
+        r.register("pods_indexed", "Live pods in the index", self.pods_indexed.clone());
+        r.register("namespaces_indexed", "Namespaces in the index", self.namespaces_indexed.clone());
+        r.register(
+            "watch_restarts",
+            "Kubernetes watch errors (each is retried)",
+            self.watch_restarts.clone(),
+        );
+        Arc::new(root)
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}

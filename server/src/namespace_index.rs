@@ -1,0 +1,102 @@
+//! The namespace index: each namespace's role policy, parsed once when the watch delivers it.
+
+use crate::policy::NamespacePolicy;
+use k8s_openapi::api::core::v1::Namespace;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Namespace name to policy.
+#[derive(Default)]
+pub struct NamespaceIndex {
+    policies: RwLock<HashMap<String, Arc<NamespacePolicy>>>,
+}
+
+impl NamespaceIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn apply(&self, ns: &Namespace) {
+        let Some(name) = ns.metadata.name.clone() else { return };
+        let policy = policy_of(ns);
+        if let Some(why) = policy.invalid_reason() {
+            tracing::warn!(namespace = %name, reason = why, "namespace role policy is invalid; every role is denied");
+        }
+        self.write().insert(name, Arc::new(policy));
+    }
+
+    pub fn delete(&self, ns: &Namespace) {
+        if let Some(name) = &ns.metadata.name {
+            self.write().remove(name);
+        }
+    }
+
+    pub fn reset(&self, namespaces: &[Namespace]) {
+        let fresh: HashMap<_, _> = namespaces
+            .iter()
+            .filter_map(|ns| Some((ns.metadata.name.clone()?, Arc::new(policy_of(ns)))))
+            .collect();
+        *self.write() = fresh;
+    }
+
+    /// The namespace's policy; a namespace not (yet) seen permits nothing.
+    pub fn policy(&self, namespace: &str) -> Arc<NamespacePolicy> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(namespace)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(NamespacePolicy::Nothing))
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<NamespacePolicy>>> {
+        self.policies.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn policy_of(ns: &Namespace) -> NamespacePolicy {
+    NamespacePolicy::from_annotations(|key| {
+        ns.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PERMITTED_ANNOTATION;
+    use crate::role::resolve;
+
+    fn mk_ns(name: &str, permitted: Option<&str>) -> Namespace {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "annotations": permitted.map(|p| serde_json::json!({ PERMITTED_ANNOTATION: p })) }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn apply_delete_reset() {
+        let index = NamespaceIndex::new();
+        let role = resolve("arn:aws:iam::123456789012:role/app", None).unwrap();
+        assert!(index.policy("team").check(&role, None).is_err(), "unknown namespace permits nothing");
+        index.apply(&mk_ns("team", Some(".*")));
+        assert!(index.policy("team").check(&role, None).is_ok());
+        index.apply(&mk_ns("team", None));
+        assert!(index.policy("team").check(&role, None).is_err(), "annotation removed");
+        index.apply(&mk_ns("team", Some(".*")));
+        index.delete(&mk_ns("team", None));
+        assert!(index.policy("team").check(&role, None).is_err());
+        index.apply(&mk_ns("a", Some(".*")));
+        index.reset(&[mk_ns("b", Some(".*"))]);
+        assert!(index.policy("a").check(&role, None).is_err());
+        assert!(index.policy("b").check(&role, None).is_ok());
+        assert_eq!(index.len(), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! Role resolution, compatible with kiam and kube2iam: the pod annotation holds a role name (joined
+//! to the base ARN, a leading `/` trimmed) or a full role ARN; a request matches when it names the
+//! role's last path segment.
+
+use std::fmt;
+
+/// A parsed IAM role ARN: `arn:<partition>:iam::<account>:role/<path/><name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RoleArn {
+    arn: String,
+    partition_end: usize,
+    account: String,
+    name_start: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("{0:?} is not an IAM role ARN (arn:<partition>:iam::<account>:role/<name>)")]
+    NotRoleArn(String),
+    #[error("role {0:?} is a name, but the server has no --role-base-arn to join it to")]
+    NoBaseArn(String),
+    #[error(
+        "role name {0:?} is not valid (IAM names use letters, digits and +=,.@_- and at most 64 characters)"
+    )]
+    BadName(String),
+    #[error("base ARN {0:?} must look like arn:<partition>:iam::<account>:role/ (optionally with a path)")]
+    BadBase(String),
+}
+
+impl RoleArn {
+    pub fn parse(arn: &str) -> Result<RoleArn, RoleError> {
+        let bad = || RoleError::NotRoleArn(arn.to_string());
+        let rest = arn.strip_prefix("arn:").ok_or_else(bad)?;
+        let (partition, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let rest = rest.strip_prefix("iam::").ok_or_else(bad)?;
+        let (account, resource) = rest.split_once(':').ok_or_else(bad)?;
+        let path_and_name = resource.strip_prefix("role/").ok_or_else(bad)?;
+        let name = path_and_name.rsplit('/').next().unwrap_or_default();
+        if partition.is_empty() || !partition.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+            return Err(bad());
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        if !valid_role_name(name)
+            || path_and_name.split('/').any(|seg| seg.is_empty() && !path_and_name.is_empty())
+        {
+            return Err(bad());
+        }
+        Ok(RoleArn {
+            arn: arn.to_string(),
+            partition_end: 4 + partition.len(),
+            account: account.to_string(),
+            name_start: arn.len() - name.len(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.arn
+    }
+
+    pub fn partition(&self) -> &str {
+        &self.arn[4..self.partition_end]
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// The role's name: the last path segment.
+    pub fn name(&self) -> &str {
+        &self.arn[self.name_start..]
+    }
+}
+
+impl fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+/// IAM role names: `[\w+=,.@-]+`, 1 to 64 characters.
+pub fn valid_role_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+}
+
+/// The base that role names are joined to: `arn:<partition>:iam::<account>:role/` plus an optional
+/// path, always ending in `/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseArn(String);
+
+impl BaseArn {
+    pub fn parse(base: &str) -> Result<BaseArn, RoleError> {
+        let mut base = base.trim().to_string();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        // A base is valid when joining any valid name makes a valid role ARN.
+        RoleArn::parse(&format!("{base}x")).map_err(|_| RoleError::BadBase(base.clone()))?;
+        Ok(BaseArn(base))
+    }
+
+    /// The base for the account and partition of `identity` (an ARN from GetCallerIdentity).
+    pub fn from_caller_arn(identity: &str) -> Result<BaseArn, RoleError> {
+        let mut parts = identity.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some(_service), Some(_region), Some(account)) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RoleError::BadBase(identity.to_string()));
+        };
+        BaseArn::parse(&format!("arn:{partition}:iam::{account}:role/"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Resolves a pod's role annotation to a role ARN.
+pub fn resolve(annotation: &str, base: Option<&BaseArn>) -> Result<RoleArn, RoleError> {
+    let annotation = annotation.trim();
+    if annotation.starts_with("arn:") {
+        return RoleArn::parse(annotation);
+    }
+    let name = annotation.trim_start_matches('/');
+    let last = name.rsplit('/').next().unwrap_or_default();
+    if !valid_role_name(last) {
+        return Err(RoleError::BadName(annotation.to_string()));
+    }
+    let base = base.ok_or_else(|| RoleError::NoBaseArn(annotation.to_string()))?;
+    RoleArn::parse(&format!("{}{name}", base.as_str()))
+        .map_err(|_| RoleError::BadName(annotation.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BaseArn {
+        BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()
+    }
+
+    #[test]
+    fn names_join_the_base_and_leading_slashes_are_trimmed() {
+        let arn = resolve("app", Some(&base())).unwrap();
+        assert_eq!(arn.as_str(), "arn:aws:iam::123456789012:role/app");
+        assert_eq!(resolve("/app", Some(&base())).unwrap(), arn);
+        let pathed = resolve("team/app", Some(&base())).unwrap();
+        assert_eq!(pathed.as_str(), "arn:aws:iam::123456789012:role/team/app");
+        assert_eq!(pathed.name(), "app");
+    }
+
+    #[test]
+    fn full_arns_are_taken_as_they_are() {
+        let arn = resolve("arn:aws-cn:iam::210987654321:role/ops/deployer", Some(&base())).unwrap();
+        assert_eq!(arn.partition(), "aws-cn");
+        assert_eq!(arn.account(), "210987654321");
+        assert_eq!(arn.name(), "deployer");
+    }
+
+    #[test]
+    fn a_name_without_a_base_is_an_error() {
+        assert_eq!(resolve("app", None), Err(RoleError::NoBaseArn("app".into())));
+    }
+
+    #[test]
+    fn malformed_roles_are_refused() {
+        for bad in [
+            "arn:aws:iam::123:role/app",
+            "arn:aws:iam::123456789012:user/app",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:role/a//b",
+        ] {
+            assert!(resolve(bad, Some(&base())).is_err(), "{bad}");
+        }
+        for bad in ["", "has space", "semi;colon", &"x".repeat(65)] {
+            assert!(resolve(bad, Some(&base())).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base_from_caller_identity() {
+        let b = BaseArn::from_caller_arn("arn:aws:sts::123456789012:assumed-role/server/i-123").unwrap();
+        assert_eq!(b.as_str(), "arn:aws:iam::123456789012:role/");
+        let b = BaseArn::from_caller_arn("arn:aws-us-gov:iam::123456789012:user/x").unwrap();
+        assert_eq!(b.as_str(), "arn:aws-us-gov:iam::123456789012:role/");
+        assert!(BaseArn::from_caller_arn("nonsense").is_err());
+    }
+
+    #[test]
+    fn base_gets_a_trailing_slash_and_may_have_a_path() {
+        assert_eq!(
+            BaseArn::parse("arn:aws:iam::123456789012:role").unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/"
+        );
+        assert_eq!(
+            resolve("app", Some(&BaseArn::parse("arn:aws:iam::123456789012:role/k8s/").unwrap()))
+                .unwrap()
+                .as_str(),
+            "arn:aws:iam::123456789012:role/k8s/app"
+        );
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:user/").is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! The mutual-TLS listener for gRPC: client certificates signed by `--tls-client-ca` are required;
+//! the certificate, key and CA are re-read when their files change. Handshakes run in their own
+//! tasks with a deadline, so a slow or hostile client cannot stall the accept loop.
+
+use imdsgate_core::tls::{self, Reloading, TlsError};
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the server TLS configuration from PEM files.
+pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerConfig, TlsError> {
+    let roots = tls::load_roots(client_ca)?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls::load_certs(cert)?, tls::load_key(key)?)
+        .map_err(|e| {
+            TlsError::Config(format!("certificate {} and key {}: {e}", cert.display(), key.display()))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A reloading server TLS configuration.
+pub fn reloading_config(
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+) -> Result<Arc<Reloading<ServerConfig>>, TlsError> {
+    let files = vec![cert.clone(), key.clone(), client_ca.clone()];
+    Reloading::new(files, move || server_config(&cert, &key, &client_ca))
+}
+
+/// Accepts TCP connections and yields those that complete a mutual-TLS handshake.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<Reloading<ServerConfig>>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+            if tx.is_closed() {
+                return;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
