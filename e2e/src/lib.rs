@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod components;
 pub mod netns;
 pub mod pki;
 pub mod process;

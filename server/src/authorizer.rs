@@ -87,6 +87,16 @@ impl Ask {
     }
 }
 
+/// A refusal, with the pod when one was identified (for its Event).
+#[derive(Debug)]
+pub struct Refusal {
+    pub pod: Option<Arc<PodInfo>>,
+    pub denial: Denial,
+}
+
+/// The outcome of [`Authorizer::authorize`].
+pub type Decision = Result<(Arc<PodInfo>, SessionKey), Refusal>;
+
 /// Decides requests.
 pub struct Authorizer {
     pub pods: Arc<PodIndex>,
@@ -97,19 +107,15 @@ pub struct Authorizer {
 
 impl Authorizer {
     /// The pod behind a request, checked against the agent's node; then its session.
-    pub fn authorize(
-        &self,
-        ask: &Ask,
-        agent: &AgentIdentity,
-    ) -> Result<(Arc<PodInfo>, SessionKey), (Option<Arc<PodInfo>>, Denial)> {
+    pub fn authorize(&self, ask: &Ask, agent: &AgentIdentity) -> Decision {
         let claimants = self.pods.by_ip(&ask.pod_ip);
         if claimants.is_empty() {
-            return Err((None, Denial::PodNotFound(ask.pod_ip)));
+            return Err(Refusal { pod: None, denial: Denial::PodNotFound(ask.pod_ip) });
         }
-        let pod = claimants
-            .into_iter()
-            .find(|p| p.uid == ask.pod_uid)
-            .ok_or_else(|| (None, Denial::PodUidMismatch { ip: ask.pod_ip, uid: ask.pod_uid.clone() }))?;
+        let pod = claimants.into_iter().find(|p| p.uid == ask.pod_uid).ok_or_else(|| Refusal {
+            pod: None,
+            denial: Denial::PodUidMismatch { ip: ask.pod_ip, uid: ask.pod_uid.clone() },
+        })?;
         if let Some(agent_node) = &agent.node
             && pod.node.as_deref() != Some(agent_node.as_str())
         {
@@ -119,15 +125,15 @@ impl Authorizer {
                 pod_node: pod.node.clone(),
                 agent_node: agent_node.clone(),
             };
-            return Err((None, denial));
+            return Err(Refusal { pod: None, denial });
         }
-        let key = self.session_for(&pod).map_err(|d| (Some(pod.clone()), d))?;
+        let key = self.session_for(&pod).map_err(|denial| Refusal { pod: Some(pod.clone()), denial })?;
         if key.role_arn.name() != ask.role {
             let denial = Denial::RoleMismatch {
                 requested: ask.role.clone(),
                 annotated: key.role_arn.name().to_string(),
             };
-            return Err((Some(pod), denial));
+            return Err(Refusal { pod: Some(pod), denial });
         }
         Ok((pod, key))
     }
@@ -195,8 +201,8 @@ mod tests {
         Ask::parse(ip, uid, role).unwrap()
     }
 
-    fn reason(r: Result<(Arc<PodInfo>, SessionKey), (Option<Arc<PodInfo>>, Denial)>) -> Reason {
-        r.err().expect("denied").1.reason()
+    fn reason(decision: Decision) -> Reason {
+        decision.expect_err("denied").denial.reason()
     }
 
     #[test]

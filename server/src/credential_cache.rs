@@ -160,7 +160,7 @@ impl CredentialCache {
                     let current = current.clone();
                     if left < self.inner.config.refresh_remaining() && self.may_fetch(entry, now) {
                         // The fetch runs in its own task; nobody needs to wait for it here.
-                        let _ = self.start_fetch(entry, key.clone());
+                        drop(self.start_fetch(entry, key.clone()));
                     }
                     drop(entries);
                     self.inner.metrics.cache_hits.inc();
@@ -219,7 +219,7 @@ impl CredentialCache {
                 .as_ref()
                 .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
             if due && self.may_fetch(entry, now) {
-                let _ = self.start_fetch(entry, key);
+                drop(self.start_fetch(entry, key));
                 started += 1;
             }
         }

@@ -2,7 +2,7 @@
 //! from the credential cache, audit every issuance and count every outcome.
 
 use crate::agent_auth::AgentAuthenticator;
-use crate::authorizer::{Ask, Authorizer, Denial};
+use crate::authorizer::{self, Ask, Authorizer, Denial};
 use crate::credential_cache::{CredentialCache, Issued};
 use crate::events::DenialEvents;
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
@@ -58,7 +58,7 @@ impl CredentialsService {
         let ask = Ask::parse(&req.pod_ip, &req.pod_uid, &req.role)?;
         let (pod, key) = match self.authorizer.authorize(&ask, &agent) {
             Ok(found) => found,
-            Err((pod, denial)) => {
+            Err(authorizer::Refusal { pod, denial }) => {
                 tracing::info!(ip = %ask.pod_ip, agent_node = ?agent.node, reason = denial.reason().as_str(), %denial, "denied");
                 if let Some(pod) = pod {
                     self.events.denied(&pod, denial.reason().as_str(), &denial.to_string());

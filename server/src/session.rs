@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn long_names_are_cut_with_a_hash_and_stay_unique() {
         let a = sanitize(&format!("{}.{}", "n".repeat(40), "a".repeat(60)));
-        let b = sanitize(&format!("{}.{}", "n".repeat(40), format!("{}b", "a".repeat(59))));
+        let b = sanitize(&format!("{}.{}b", "n".repeat(40), "a".repeat(59)));
         assert_eq!(a.len(), 64);
         assert_eq!(b.len(), 64);
         assert_ne!(a, b);

@@ -1,0 +1,328 @@
+//! The server on real parts: its own process with the shipped RBAC on a real apiserver, moto as
+//! STS, and a tonic client with a test CA standing in for agents.
+
+use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, install_rbac};
+use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
+use imdsgate_proto::Reason;
+use imdsgate_proto::v1::credentials_client::CredentialsClient;
+use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
+use k8s_openapi::api::core::v1::Pod;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const ROLE_BASE: &str = "--role-base-arn=arn:aws:iam::123456789012:role/";
+
+/// A cluster with two nodes, an agent pod on each, namespaces and pods, moto and a running server.
+struct Bed {
+    cluster: Cluster,
+    sts: Sts,
+    pki: Pki,
+    server: ServerProcess,
+    token_a: String,
+}
+
+impl Bed {
+    async fn start(server_args: &[&str]) -> Bed {
+        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
+        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
+        install_rbac(&cluster).expect("shipped RBAC applies");
+        sts.create_role("app-reader").unwrap();
+        for node in ["node-a", "node-b"] {
+            cluster.create_node(node).await.unwrap();
+        }
+        let agent_a = cluster
+            .create_pod(
+                &PodSpec::new("imdsgate", "agent-a", "node-a")
+                    .service_account("imdsgate-agent")
+                    .host_network(),
+            )
+            .await
+            .unwrap();
+        let token_a = cluster
+            .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&agent_a))
+            .await
+            .unwrap();
+
+        cluster
+            .create_namespace(
+                "team-a",
+                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
+            )
+            .await
+            .unwrap();
+        cluster.create_namespace("locked", &[]).await.unwrap();
+        cluster.create_service_account("team-a", "web").await.unwrap();
+        let role = ("iam.amazonaws.com/role", "app-reader");
+        for (ns, name, node, ip, annotation) in [
+            ("team-a", "web", "node-a", "10.1.0.10", Some(role)),
+            ("team-a", "plain", "node-a", "10.1.0.11", None),
+            ("team-a", "elsewhere", "node-b", "10.1.0.12", Some(role)),
+            ("locked", "intruder", "node-a", "10.1.0.13", Some(role)),
+            ("team-a", "greedy", "node-a", "10.1.0.14", Some(("iam.amazonaws.com/role", "admin"))),
+        ] {
+            let mut spec = PodSpec::new(ns, name, node);
+            if let Some((k, v)) = annotation {
+                spec = spec.annotation(k, v);
+            }
+            cluster.create_pod(&spec).await.unwrap();
+            cluster.set_pod_status(ns, name, &[ip], "Running").await.unwrap();
+        }
+        let pki = Pki::new().unwrap();
+        let server = ServerProcess::start(&cluster, &sts, &pki, server_args).await.expect("server starts");
+        Bed { cluster, sts, pki, server, token_a }
+    }
+
+    async fn client(&self) -> CredentialsClient<Channel> {
+        grpc_client(self.server.grpc, &self.pki.ca.cert_pem(), Some(&self.pki.agent)).await.unwrap()
+    }
+
+    async fn uid(&self, ns: &str, name: &str) -> String {
+        let pods: kube::Api<Pod> = kube::Api::namespaced(self.cluster.client(), ns);
+        pods.get(name).await.unwrap().metadata.uid.unwrap()
+    }
+
+    async fn ask(&self, ip: &str, uid: &str, role: &str) -> Result<GetCredentialsResponse, tonic::Status> {
+        self.ask_as(&self.token_a, ip, uid, role).await
+    }
+
+    async fn ask_as(
+        &self,
+        token: &str,
+        ip: &str,
+        uid: &str,
+        role: &str,
+    ) -> Result<GetCredentialsResponse, tonic::Status> {
+        let mut request = tonic::Request::new(GetCredentialsRequest {
+            pod_ip: ip.into(),
+            pod_uid: uid.into(),
+            role: role.into(),
+        });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        self.client().await.get_credentials(request).await.map(|r| r.into_inner())
+    }
+
+    async fn wait_metric_at_least(&self, sample: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.server.metric(sample).await.unwrap() < value {
+            assert!(
+                Instant::now() < deadline,
+                "{sample} never reached {value}; server log:\n{}",
+                self.server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn denied(result: Result<GetCredentialsResponse, tonic::Status>) -> (tonic::Code, Option<Reason>) {
+    let status = result.expect_err("request must be refused");
+    (status.code(), Reason::of(&status))
+}
+
+#[tokio::test]
+async fn serves_annotated_permitted_pods_and_refuses_everything_else() {
+    if !e2e_enabled("serves_annotated_permitted_pods_and_refuses_everything_else") {
+        return;
+    }
+    let bed = Bed::start(&[ROLE_BASE]).await;
+    let web = bed.uid("team-a", "web").await;
+
+    // The permitted pod gets credentials of its own role and session.
+    let creds = bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials for team-a/web");
+    assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
+    assert_eq!(creds.account_id, "123456789012");
+    let expiration = creds.expiration.unwrap().seconds;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(expiration - now > 45 * 60, "a fresh one-hour session, not {}s", expiration - now);
+    let identity = bed
+        .sts
+        .client(aws_credential_types::Credentials::new(
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(creds.session_token.clone()),
+            None,
+            "pod",
+        ))
+        .get_caller_identity()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(identity.arn(), Some("arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web"));
+
+    // Every refusal, with its code and stable reason.
+    let plain = bed.uid("team-a", "plain").await;
+    let elsewhere = bed.uid("team-a", "elsewhere").await;
+    let intruder = bed.uid("locked", "intruder").await;
+    let greedy = bed.uid("team-a", "greedy").await;
+    use tonic::Code::*;
+    assert_eq!(denied(bed.ask("10.1.0.99", &web, "app-reader").await), (NotFound, Some(Reason::PodNotFound)));
+    assert_eq!(denied(bed.ask("10.1.0.11", &plain, "app-reader").await), (NotFound, Some(Reason::NoRole)));
+    assert_eq!(
+        denied(bed.ask("10.1.0.10", &web, "admin").await),
+        (PermissionDenied, Some(Reason::RoleMismatch))
+    );
+    assert_eq!(
+        denied(bed.ask("10.1.0.13", &intruder, "app-reader").await),
+        (PermissionDenied, Some(Reason::NamespaceForbids))
+    );
+    assert_eq!(
+        denied(bed.ask("10.1.0.14", &greedy, "admin").await),
+        (PermissionDenied, Some(Reason::NamespaceForbids))
+    );
+    assert_eq!(
+        denied(bed.ask("10.1.0.12", &elsewhere, "app-reader").await),
+        (PermissionDenied, Some(Reason::WrongNode))
+    );
+    assert_eq!(
+        denied(bed.ask("10.1.0.10", &plain, "app-reader").await),
+        (FailedPrecondition, Some(Reason::PodUidMismatch))
+    );
+    assert_eq!(
+        denied(bed.ask("10.1.0.x", &web, "app-reader").await),
+        (InvalidArgument, Some(Reason::InvalidArgument))
+    );
+
+    // Only the agent ServiceAccount's node-bound token is accepted.
+    let app_token = bed.cluster.service_account_token("team-a", "web", &["imdsgate"], None).await.unwrap();
+    let (code, reason) = denied(bed.ask_as(&app_token, "10.1.0.10", &web, "app-reader").await);
+    assert_eq!((code, reason), (Unauthenticated, Some(Reason::AgentUnauthenticated)));
+    let (code, _) = denied(bed.ask_as("not-a-token", "10.1.0.10", &web, "app-reader").await);
+    assert_eq!(code, Unauthenticated);
+
+    // The namespace refusal is recorded as a Warning Event on the pod, once.
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(bed.cluster.client(), "locked");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        let mine: Vec<_> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("ImdsgateRoleDenied"))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("intruder"))
+            .collect();
+        if let Some(event) = mine.first() {
+            assert_eq!(event.type_.as_deref(), Some("Warning"));
+            assert!(event.note.as_deref().unwrap_or_default().contains("NAMESPACE_FORBIDS"), "{event:?}");
+            assert_eq!(mine.len(), 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no denial event; server log:\n{}", bed.server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Metrics count by reason, never by pod.
+    assert!(
+        bed.server.metric("imdsgate_server_denials_total{reason=\"NAMESPACE_FORBIDS\"}").await.unwrap()
+            >= 2.0
+    );
+    let (_, text) = imdsgate_e2e::components::http_get(bed.server.admin, "/metrics").await.unwrap();
+    assert!(!text.contains("10.1.0.") && !text.contains("intruder"), "metrics leak pod identity");
+}
+
+#[tokio::test]
+async fn a_new_pod_is_prefetched_and_sts_is_called_once_per_session() {
+    if !e2e_enabled("a_new_pod_is_prefetched_and_sts_is_called_once_per_session") {
+        return;
+    }
+    let bed = Bed::start(&[ROLE_BASE]).await;
+    let success = "imdsgate_server_sts_calls_total{result=\"Success\"}";
+    // team-a/web was prefetched from the initial list.
+    bed.wait_metric_at_least(success, 1.0).await;
+    let before = bed.server.metric(success).await.unwrap();
+
+    bed.cluster
+        .create_pod(
+            &PodSpec::new("team-a", "late", "node-a").annotation("iam.amazonaws.com/role", "app-reader"),
+        )
+        .await
+        .unwrap();
+    bed.cluster.set_pod_status("team-a", "late", &["10.1.0.20"], "Running").await.unwrap();
+    bed.wait_metric_at_least(success, before + 1.0).await;
+
+    let misses = bed.server.metric("imdsgate_server_cache_misses_total").await.unwrap();
+    let late = bed.uid("team-a", "late").await;
+    let first = bed.ask("10.1.0.20", &late, "app-reader").await.expect("credentials");
+    for _ in 0..20 {
+        let again = bed.ask("10.1.0.20", &late, "app-reader").await.unwrap();
+        assert_eq!(again.access_key_id, first.access_key_id);
+    }
+    assert_eq!(
+        bed.server.metric("imdsgate_server_cache_misses_total").await.unwrap(),
+        misses,
+        "first call was a hit"
+    );
+    assert_eq!(bed.server.metric(success).await.unwrap(), before + 1.0, "one STS call for 21 requests");
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_from_the_ca_are_refused_at_the_handshake() {
+    if !e2e_enabled("clients_without_a_certificate_from_the_ca_are_refused_at_the_handshake") {
+        return;
+    }
+    let bed = Bed::start(&[ROLE_BASE]).await;
+    let web = bed.uid("team-a", "web").await;
+    let request = || {
+        let mut r = tonic::Request::new(GetCredentialsRequest {
+            pod_ip: "10.1.0.10".into(),
+            pod_uid: web.clone(),
+            role: "app-reader".into(),
+        });
+        r.metadata_mut().insert("authorization", format!("Bearer {}", bed.token_a).parse().unwrap());
+        r
+    };
+    let stranger_ca = imdsgate_e2e::TestCa::new("someone-else").unwrap();
+    let stranger = stranger_ca.issue_client("imdsgate-agent").unwrap();
+    for identity in [None, Some(&stranger)] {
+        let outcome = match grpc_client(bed.server.grpc, &bed.pki.ca.cert_pem(), identity).await {
+            Err(connect_error) => Err(connect_error.to_string()),
+            Ok(mut client) => client.get_credentials(request()).await.map_err(|s| format!("{s:?}")),
+        };
+        let error = outcome.expect_err("no credentials without a client certificate from the CA");
+        assert!(
+            !error.contains("PermissionDenied") && !error.contains("NotFound"),
+            "refused by TLS, not the service: {error}"
+        );
+    }
+    // The agent's own certificate still works.
+    assert!(bed.ask("10.1.0.10", &web, "app-reader").await.is_ok());
+}
+
+#[tokio::test]
+async fn an_sts_outage_keeps_serving_cached_credentials() {
+    if !e2e_enabled("an_sts_outage_keeps_serving_cached_credentials") {
+        return;
+    }
+    let mut bed = Bed::start(&[ROLE_BASE]).await;
+    let web = bed.uid("team-a", "web").await;
+    let before = bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials");
+    bed.sts.process().terminate(Duration::from_secs(10)).unwrap();
+
+    let during =
+        bed.ask("10.1.0.10", &web, "app-reader").await.expect("cached credentials during the outage");
+    assert_eq!(during.access_key_id, before.access_key_id);
+    assert_eq!(
+        bed.server.wait_ready(Duration::from_secs(1)).await.ok(),
+        Some(()),
+        "stays ready during an STS outage"
+    );
+
+    // A pod that has nothing cached gets UNAVAILABLE, so its SDK retries.
+    bed.cluster
+        .create_pod(
+            &PodSpec::new("team-a", "newcomer", "node-a").annotation("iam.amazonaws.com/role", "app-reader"),
+        )
+        .await
+        .unwrap();
+    bed.cluster.set_pod_status("team-a", "newcomer", &["10.1.0.21"], "Running").await.unwrap();
+    let newcomer = bed.uid("team-a", "newcomer").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let r = bed.ask("10.1.0.21", &newcomer, "app-reader").await;
+        if !matches!(&r, Err(s) if Reason::of(s) == Some(Reason::PodNotFound)) || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(denied(outcome), (tonic::Code::Unavailable, Some(Reason::StsUnavailable)));
+}
