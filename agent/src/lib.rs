@@ -1,22 +1,463 @@
-//! imdsgate agent: skeleton wiring; the agent issue fills it in.
+//! imdsgate agent: runs on every node. An iptables rule sends pod traffic for the metadata address
+//! to it; it names the calling pod by source IP from a watch of its own node's pods and answers the
+//! EC2 instance metadata API (IMDSv2 included) with the pod's role, getting credentials from the
+//! imdsgate server.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-use std::process::ExitCode;
+pub mod credential_cache;
+pub mod imds;
+pub mod interception;
+pub mod listener;
+pub mod metrics;
+pub mod server_client;
+pub mod token;
+pub mod upstream;
 
-/// Command-line flags of imdsgate-agent.
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use imdsgate_core::PodIndex;
+use imdsgate_core::admin::Admin;
+use imdsgate_core::pod_index::Change;
+use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_duration, shutdown_signal};
+use imdsgate_core::watch::{self, Synced, Update};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::credential_cache::CredentialCache;
+use crate::imds::Imds;
+use crate::interception::{Interception, InterfaceMatch};
+use crate::metrics::Metrics;
+use crate::server_client::{ServerClient, ServerClientConfig};
+use crate::token::TokenKey;
+use crate::upstream::{AllowList, HttpUpstream, Upstream};
+
+const SERVER_REFRESH_EVERY: Duration = Duration::from_secs(30);
+const SERVER_HEALTH_EVERY: Duration = Duration::from_secs(5);
+
+/// imdsgate-agent: answers the EC2 instance metadata API for the pods of one node.
 #[derive(Debug, Parser)]
 #[command(name = "imdsgate-agent", version, about)]
 pub struct Args {
-    /// Log format: text or json.
-    #[arg(long, env = "IMDSGATE_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// This node's name; only its pods are watched and served (downward API: spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// This node's IP: the DNAT target, and requests from it are refused (downward API:
+    /// status.hostIP).
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+
+    /// This node's IPv6 address, the DNAT target for the IPv6 metadata endpoint with --ipv6.
+    #[arg(long, env = "HOST_IPV6")]
+    pub host_ipv6: Option<IpAddr>,
+
+    /// Address of the IMDS listener that the iptables rule redirects to.
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8181")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
+    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:9611")]
+    pub admin_listen: SocketAddr,
+
+    /// Install the iptables rule that redirects pod traffic for 169.254.169.254:80 to --listen.
+    #[arg(long, env = "IMDSGATE_IPTABLES")]
+    pub iptables: bool,
+
+    /// Interfaces pod traffic arrives on (repeatable or comma-separated): veth+, eni+, cali+, !eth0.
+    /// None: every interface.
+    #[arg(long = "host-interface", env = "IMDSGATE_HOST_INTERFACE", value_delimiter = ',')]
+    pub host_interfaces: Vec<InterfaceMatch>,
+
+    /// Also intercept the IPv6 metadata endpoint [fd00:ec2::254]:80 (ip6tables).
+    #[arg(long, env = "IMDSGATE_IPV6")]
+    pub ipv6: bool,
+
+    /// How long a request from an IP not yet known waits for the pod watch to deliver it.
+    #[arg(long, env = "IMDSGATE_POD_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub pod_wait: Duration,
+
+    /// File with the key that signs IMDSv2 tokens; generated when missing. Keep it on the node
+    /// (hostPath) so tokens survive agent restarts.
+    #[arg(long, env = "IMDSGATE_TOKEN_KEY_FILE", default_value = "/var/lib/imdsgate/token.key")]
+    pub token_key_file: PathBuf,
+
+    /// Refuse metadata requests without an IMDSv2 session token.
+    #[arg(long, env = "IMDSGATE_REQUIRE_IMDSV2")]
+    pub require_imdsv2: bool,
+
+    /// The real metadata service, for allow-listed paths ("none" disables proxying).
+    #[arg(long, env = "IMDSGATE_METADATA_UPSTREAM", default_value = "http://169.254.169.254")]
+    pub metadata_upstream: String,
+
+    /// Regular expression of a path that may be proxied (repeatable); replaces the default list
+    /// (placement/*, instance-type, instance-id, local-ipv4, hostname, local-hostname, mac,
+    /// dynamic/instance-identity/document). iam/* and identity-credentials/* are never proxied.
+    #[arg(long = "allow-path", env = "IMDSGATE_ALLOW_PATH", value_delimiter = ',')]
+    pub allow_paths: Vec<String>,
+
+    /// The imdsgate server, e.g. https://imdsgate-server.imdsgate.svc:8443; every address the name
+    /// resolves to is used.
+    #[arg(long, env = "IMDSGATE_SERVER")]
+    pub server: Option<String>,
+
+    /// Name to verify in the server's certificate (default: the host of --server).
+    #[arg(long, env = "IMDSGATE_SERVER_NAME")]
+    pub server_name: Option<String>,
+
+    /// Agent client certificate (PEM); re-read when it changes.
+    #[arg(long, env = "IMDSGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of the agent certificate; re-read when it changes.
+    #[arg(long, env = "IMDSGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that signs the server's certificate.
+    #[arg(long, env = "IMDSGATE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Projected ServiceAccount token (audience imdsgate) sent to the server; re-read when rotated.
+    #[arg(long, env = "IMDSGATE_IDENTITY_TOKEN_FILE", default_value = "/var/run/secrets/imdsgate/token")]
+    pub identity_token_file: PathBuf,
+
+    /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
+    #[arg(long, env = "IMDSGATE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Most IMDS requests served at once; more get 503 (SDKs retry).
+    #[arg(long, env = "IMDSGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+
+    /// Log format.
+    #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How long SIGTERM waits for in-flight requests. The iptables rule stays.
+    #[arg(long, env = "IMDSGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the interception rule.
+    Iptables {
+        #[command(subcommand)]
+        action: IptablesAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IptablesAction {
+    /// Remove the IMDSGATE chain and its PREROUTING jumps (pods then reach the real metadata
+    /// service: do this only when removing imdsgate).
+    Uninstall,
+}
+
+/// Checked configuration, ready to run.
+struct Validated {
+    args: Args,
+    node_name: String,
+    server: ServerClientConfig,
+    allow: AllowList,
+    upstream: Option<http::Uri>,
+    interception: Vec<Interception>,
 }
 
 impl Args {
     /// Parses the command line and runs until shutdown; returns the process exit code.
     pub fn parse_and_run() -> ExitCode {
-        let _args = Args::parse();
-        ExitCode::SUCCESS
+        let args = Args::parse();
+        init_logging(args.log_format);
+        if let Some(Command::Iptables { action: IptablesAction::Uninstall }) = &args.command {
+            return uninstall(args.ipv6);
+        }
+        let validated = match args.validate() {
+            Ok(v) => v,
+            Err(error) => return bad_config(format!("{error:#}")),
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(error) => return bad_config(format!("cannot start the async runtime: {error}")),
+        };
+        runtime.block_on(validated.run())
     }
+
+    fn validate(self) -> anyhow::Result<Validated> {
+        let node_name = self
+            .node_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .context("--node-name (NODE_NAME) is required")?;
+        let server_url = self.server.clone().context("--server (IMDSGATE_SERVER) is required")?;
+        let uri: http::Uri =
+            server_url.parse().with_context(|| format!("--server {server_url:?} is not a URL"))?;
+        if uri.scheme_str() != Some("https") {
+            bail!("--server must be an https:// URL, not {server_url:?}");
+        }
+        let host =
+            uri.host().context("--server has no host")?.trim_matches(|c| c == '[' || c == ']').to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let need = |p: &Option<PathBuf>, flag: &str| p.clone().with_context(|| format!("{flag} is required"));
+        let server = ServerClientConfig {
+            server_name: self.server_name.clone().unwrap_or_else(|| host.clone()),
+            host,
+            port,
+            tls_cert: need(&self.tls_cert, "--tls-cert (IMDSGATE_TLS_CERT)")?,
+            tls_key: need(&self.tls_key, "--tls-key (IMDSGATE_TLS_KEY)")?,
+            tls_ca: need(&self.tls_ca, "--tls-ca (IMDSGATE_TLS_CA)")?,
+            token_file: Some(self.identity_token_file.clone()),
+            call_timeout: Duration::from_secs(5),
+        };
+        server_client::client_tls(&server).context("TLS files")?;
+        let allow = if self.allow_paths.is_empty() {
+            AllowList::default_list()
+        } else {
+            AllowList::new(&self.allow_paths).context("--allow-path")?
+        };
+        let upstream = match self.metadata_upstream.trim() {
+            "" | "none" => None,
+            url => Some(
+                url.parse::<http::Uri>()
+                    .with_context(|| format!("--metadata-upstream {url:?} is not a URL"))?,
+            ),
+        };
+        if self.pod_wait > Duration::from_secs(30) {
+            bail!("--pod-wait must be at most 30s");
+        }
+        if self.max_concurrent_requests == 0 {
+            bail!("--max-concurrent-requests must be at least 1");
+        }
+        let mut interception = Vec::new();
+        if self.iptables {
+            let target = self.host_ip.context("--iptables needs --host-ip (HOST_IP), the DNAT target")?;
+            if !target.is_ipv4() {
+                bail!("--host-ip must be IPv4; use --host-ipv6 for the IPv6 endpoint");
+            }
+            interception.push(Interception {
+                ipv6: false,
+                target,
+                port: self.listen.port(),
+                interfaces: self.host_interfaces.clone(),
+            });
+            if self.ipv6 {
+                let target =
+                    self.host_ipv6.filter(IpAddr::is_ipv6).context("--ipv6 needs --host-ipv6 (HOST_IPV6)")?;
+                interception.push(Interception {
+                    ipv6: true,
+                    target,
+                    port: self.listen.port(),
+                    interfaces: self.host_interfaces.clone(),
+                });
+            }
+        }
+        Ok(Validated { args: self, node_name, server, allow, upstream, interception })
+    }
+}
+
+fn uninstall(ipv6: bool) -> ExitCode {
+    let mut families = vec![false];
+    if ipv6 {
+        families.push(true);
+    }
+    for v6 in families {
+        if let Err(error) = Interception::uninstall(v6) {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    eprintln!("imdsgate interception removed");
+    ExitCode::SUCCESS
+}
+
+impl Validated {
+    async fn run(self) -> ExitCode {
+        match self.serve().await {
+            Ok(code) => code,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "imdsgate-agent failed");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn serve(self) -> anyhow::Result<ExitCode> {
+        let Validated { args, node_name, server, allow, upstream, interception } = self;
+        let tokens = match TokenKey::load_or_create(&args.token_key_file) {
+            Ok(key) => key,
+            Err(error) => return Ok(bad_config(error)),
+        };
+        let client = match kube_client(args.kubeconfig.as_ref()).await {
+            Ok(c) => c,
+            Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
+        };
+        let metrics = Metrics::new();
+        let server_client =
+            ServerClient::new(server, metrics.clone()).map_err(|e| anyhow!("TLS files: {e}"))?;
+        let imds_listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => return Ok(bad_config(format!("cannot listen on --listen {}: {e}", args.listen))),
+        };
+        let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                return Ok(bad_config(format!("cannot listen on --admin-listen {}: {e}", args.admin_listen)));
+            }
+        };
+        // The listener is up before the rule points at it.
+        for rule in &interception {
+            rule.install()
+                .with_context(|| format!("installing the interception rule (ipv6: {})", rule.ipv6))?;
+            tracing::info!(ipv6 = rule.ipv6, target = %rule.target, port = rule.port, "interception rule installed");
+        }
+
+        let pods = Arc::new(PodIndex::new());
+        let credentials = CredentialCache::new(Arc::new(server_client.clone()), metrics.clone());
+        let upstream: Option<Arc<dyn Upstream>> =
+            upstream.map(|u| Arc::new(HttpUpstream::new(&u)) as Arc<dyn Upstream>);
+        let node_ips = args.host_ip.into_iter().chain(args.host_ipv6).collect();
+        let imds = Arc::new(Imds {
+            pods: pods.clone(),
+            node_ips,
+            pod_wait: args.pod_wait,
+            tokens,
+            require_imdsv2: args.require_imdsv2,
+            credentials,
+            upstream,
+            allow,
+            metrics: metrics.clone(),
+        });
+
+        let synced = Synced::default();
+        let watch_task = tokio::spawn(watch_pods(
+            client,
+            node_name.clone(),
+            imds.clone(),
+            synced.clone(),
+            metrics.clone(),
+        ));
+        server_client.refresh().await;
+        let refresh_task = server_client.spawn_refresh(SERVER_REFRESH_EVERY);
+        let server_up = Arc::new(AtomicBool::new(false));
+        let health_task = {
+            let (client, up) = (server_client.clone(), server_up.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SERVER_HEALTH_EVERY);
+                loop {
+                    tick.tick().await;
+                    up.store(client.healthy().await, Ordering::Relaxed);
+                }
+            })
+        };
+
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let until_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|down| *down).await;
+        };
+        let ready = {
+            let (synced, up) = (synced.clone(), server_up.clone());
+            Arc::new(move || match (synced.get(), up.load(Ordering::Relaxed)) {
+                (true, true) => Ok(()),
+                (false, _) => Err("pod watch has not synced".to_string()),
+                (_, false) => Err("no imdsgate server replica answers its health check".to_string()),
+            })
+        };
+        let admin = Admin { registry: metrics.registry(), ready };
+        let admin_task = tokio::spawn(admin.serve(admin_listener, until_shutdown(shutdown_rx.clone())));
+        let limits = listener::Limits {
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_secs(5),
+            request_timeout: args.pod_wait + Duration::from_secs(15),
+            max_concurrent: args.max_concurrent_requests,
+        };
+        let mut imds_task = tokio::spawn(listener::serve(
+            imds_listener,
+            imds,
+            limits,
+            metrics.clone(),
+            until_shutdown(shutdown_rx.clone()),
+            args.shutdown_grace,
+        ));
+        tracing::info!(node = %node_name, listen = %args.listen, admin = %args.admin_listen, "imdsgate-agent started");
+
+        let critical = async {
+            tokio::select! {
+                r = watch_task => format!("pod watch ended: {r:?}"),
+                r = refresh_task => format!("server resolver ended: {r:?}"),
+                r = health_task => format!("server health check ended: {r:?}"),
+                r = admin_task => format!("admin server ended: {r:?}"),
+            }
+        };
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            why = critical => {
+                tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the agent");
+                return Ok(ExitCode::FAILURE);
+            }
+            r = &mut imds_task => {
+                tracing::error!(result = ?r, "IMDS listener ended; exiting");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        let _ = shutdown_tx.send(true);
+        // listener::serve drains within the grace period itself.
+        let _ = tokio::time::timeout(args.shutdown_grace + Duration::from_secs(1), imds_task).await;
+        tracing::info!("drained; the interception rule stays in place");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// A Kubernetes client: from `--kubeconfig`, else in-cluster, else $KUBECONFIG / ~/.kube/config.
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => match kube::Config::incluster() {
+            Ok(config) => config,
+            Err(_) => kube::Config::from_kubeconfig(&Default::default())
+                .await
+                .context("no in-cluster config and no usable kubeconfig")?,
+        },
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn watch_pods(client: kube::Client, node: String, imds: Arc<Imds>, synced: Synced, metrics: Metrics) {
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let stream = watcher(kube::Api::<Pod>::all(client), config).default_backoff();
+    let forget = |change: Change| match change {
+        Change::Updated { pod, role_changed: true } | Change::Removed(pod) => {
+            imds.credentials.forget(&pod.uid)
+        }
+        _ => {}
+    };
+    let restarts = metrics.watch_restarts.clone();
+    watch::drive(
+        "pods",
+        stream,
+        synced,
+        |_| {
+            restarts.inc();
+        },
+        |update| {
+            match update {
+                Update::Apply(pod) => forget(imds.pods.apply(&pod)),
+                Update::Delete(pod) => forget(imds.pods.delete(&pod)),
+                Update::Reset(all) => imds.pods.reset(all.iter()).into_iter().for_each(forget),
+            }
+            metrics.pods_indexed.set(imds.pods.len() as i64);
+        },
+    )
+    .await;
 }

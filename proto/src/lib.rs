@@ -15,6 +15,14 @@ pub const REASON_METADATA_KEY: &str = "imdsgate-reason";
 /// The metadata key that carries the agent's projected ServiceAccount token.
 pub const AUTHORIZATION_METADATA_KEY: &str = "authorization";
 
+/// Credentials with less than this left are not handed to pods while fresh ones can be had:
+/// 15 minutes (botocore, Java and Go SDKs refresh within 15 minutes of expiry and would otherwise
+/// call on every request), or a quarter of a shorter session. Server and agent share this rule, so
+/// the agent asks again exactly when the server has fresh credentials.
+pub fn min_remaining(lifetime: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(15 * 60).min(lifetime / 4)
+}
+
 /// Stable, machine-readable reasons for refusals. The agent acts on these, so they never change
 /// meaning; new ones may be added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -78,7 +78,7 @@ impl CacheConfig {
     /// Credentials with less than this left are not handed out while STS works: 15 minutes, or a
     /// quarter of a shorter session.
     pub fn min_remaining(&self) -> Duration {
-        Duration::from_secs(15 * 60).min(self.session_duration / 4)
+        imdsgate_proto::min_remaining(self.session_duration)
     }
 
     /// The background refresh starts when this much is left.

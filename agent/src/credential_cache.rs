@@ -1,0 +1,288 @@
+//! The agent's credential cache: per pod, the credentials the server last gave, served until they
+//! come within the server's refresh margin. Concurrent requests of one pod share one server call;
+//! when the server cannot be reached, credentials that are still valid keep being served. A pod
+//! that is deleted or whose role annotation changes loses its entry at once.
+
+use crate::metrics::Metrics;
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use imdsgate_proto::Reason;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+/// Credentials for one pod, as the server issued them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    pub issued_at: SystemTime,
+    pub role_arn: String,
+    pub account_id: String,
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Creds")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Creds {
+    /// Whether these may still be handed out at `now` while fresh ones can be had.
+    pub fn fresh_at(&self, now: SystemTime) -> bool {
+        let lifetime = self.expiration.duration_since(self.issued_at).unwrap_or_default();
+        self.expiration.duration_since(now).is_ok_and(|left| left >= imdsgate_proto::min_remaining(lifetime))
+    }
+
+    /// Whether these still work at `now` at all.
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.expiration > now
+    }
+}
+
+/// Why the server gave no credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    #[error("{message}")]
+    Refused { code: tonic::Code, reason: Option<Reason>, message: String },
+    #[error("the imdsgate server cannot be reached: {0}")]
+    Unreachable(String),
+}
+
+impl ServerError {
+    /// Whether the failure is the server's absence rather than a decision.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ServerError::Unreachable(_))
+            || matches!(self, ServerError::Refused { code: tonic::Code::Unavailable, .. })
+    }
+}
+
+/// Where credentials come from: the server, or a fake in tests.
+pub trait CredentialSource: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        pod_ip: IpAddr,
+        pod_uid: &str,
+        role: &str,
+    ) -> BoxFuture<'static, Result<Creds, ServerError>>;
+}
+
+struct Slot {
+    role: String,
+    current: RwLock<Option<Arc<Creds>>>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// See the module documentation.
+pub struct CredentialCache {
+    source: Arc<dyn CredentialSource>,
+    slots: DashMap<String, Arc<Slot>>,
+    metrics: Metrics,
+    clock: fn() -> SystemTime,
+}
+
+impl CredentialCache {
+    pub fn new(source: Arc<dyn CredentialSource>, metrics: Metrics) -> Self {
+        CredentialCache { source, slots: DashMap::new(), metrics, clock: SystemTime::now }
+    }
+
+    /// Credentials of `role` for the pod `pod_uid` at `pod_ip`.
+    pub async fn get(&self, pod_ip: IpAddr, pod_uid: &str, role: &str) -> Result<Arc<Creds>, ServerError> {
+        let slot = self.slot(pod_uid, role);
+        if let Some(creds) = self.fresh(&slot) {
+            self.metrics.cache_hits.inc();
+            return Ok(creds);
+        }
+        let _turn = slot.fetching.lock().await;
+        // Whoever fetched while this request waited may have filled the slot.
+        if let Some(creds) = self.fresh(&slot) {
+            self.metrics.cache_hits.inc();
+            return Ok(creds);
+        }
+        self.metrics.cache_misses.inc();
+        match self.source.fetch(pod_ip, pod_uid, role).await {
+            Ok(creds) => {
+                let creds = Arc::new(creds);
+                *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
+                Ok(creds)
+            }
+            Err(error) if error.is_unavailable() => {
+                let still_valid = slot.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                match still_valid.filter(|c| c.valid_at((self.clock)())) {
+                    Some(creds) => {
+                        tracing::warn!(%error, "server unavailable; serving cached credentials that are still valid");
+                        Ok(creds)
+                    }
+                    None => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Drops what is cached for a pod (deleted, or its role changed).
+    pub fn forget(&self, pod_uid: &str) {
+        self.slots.remove(pod_uid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn slot(&self, pod_uid: &str, role: &str) -> Arc<Slot> {
+        if let Some(slot) = self.slots.get(pod_uid).filter(|s| s.role == role) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot {
+            role: role.to_string(),
+            current: RwLock::new(None),
+            fetching: Default::default(),
+        });
+        self.slots
+            .entry(pod_uid.to_string())
+            .and_modify(|existing| {
+                if existing.role != role {
+                    *existing = slot.clone();
+                }
+            })
+            .or_insert(slot)
+            .clone()
+    }
+
+    fn fresh(&self, slot: &Slot) -> Option<Arc<Creds>> {
+        let now = (self.clock)();
+        slot.current.read().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| c.fresh_at(now))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    /// A fake server: counts calls, answers with what it is told.
+    pub struct FakeServer {
+        pub calls: AtomicU32,
+        pub answer: Mutex<Result<Duration, ServerError>>,
+        pub delay: Duration,
+    }
+
+    impl FakeServer {
+        pub fn new(lifetime: Duration) -> Arc<FakeServer> {
+            Arc::new(FakeServer {
+                calls: AtomicU32::new(0),
+                answer: Mutex::new(Ok(lifetime)),
+                delay: Duration::from_millis(20),
+            })
+        }
+    }
+
+    impl CredentialSource for FakeServer {
+        fn fetch(
+            &self,
+            _ip: IpAddr,
+            uid: &str,
+            role: &str,
+        ) -> BoxFuture<'static, Result<Creds, ServerError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = self.answer.lock().unwrap().clone();
+            let (uid, role, delay) = (uid.to_string(), role.to_string(), self.delay);
+            async move {
+                tokio::time::sleep(delay).await;
+                let lifetime = answer?;
+                let now = SystemTime::now();
+                Ok(Creds {
+                    access_key_id: format!("ASIA{n}-{uid}"),
+                    secret_access_key: "secret\"with/quote".into(),
+                    session_token: "token".into(),
+                    expiration: now + lifetime,
+                    issued_at: now,
+                    role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+                    account_id: "123456789012".into(),
+                })
+            }
+            .boxed()
+        }
+    }
+
+    fn ip() -> IpAddr {
+        "10.0.0.1".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_of_a_pod_share_one_call() {
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let cache = Arc::new(CredentialCache::new(server.clone(), Metrics::new()));
+        let all: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(
+                    async move { cache.get(ip(), "uid-a", "app").await.unwrap().access_key_id.clone() },
+                )
+            })
+            .collect();
+        let mut keys = Vec::new();
+        for task in all {
+            keys.push(task.await.unwrap());
+        }
+        keys.dedup();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn credentials_near_expiry_are_fetched_again() {
+        // A 15-minute session: the margin is a quarter, 225s; 100s-lifetime credentials are never fresh.
+        let server = FakeServer::new(Duration::from_secs(100));
+        let cache = CredentialCache::new(server.clone(), Metrics::new());
+        cache.get(ip(), "uid-a", "app").await.unwrap();
+        cache.get(ip(), "uid-a", "app").await.unwrap();
+        assert_eq!(server.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn server_outage_serves_still_valid_credentials_but_not_refusals() {
+        let server = FakeServer::new(Duration::from_secs(100));
+        let cache = CredentialCache::new(server.clone(), Metrics::new());
+        let first = cache.get(ip(), "uid-a", "app").await.unwrap();
+        *server.answer.lock().unwrap() = Err(ServerError::Unreachable("connection refused".into()));
+        assert_eq!(cache.get(ip(), "uid-a", "app").await.unwrap().access_key_id, first.access_key_id);
+        let refused = ServerError::Refused {
+            code: tonic::Code::PermissionDenied,
+            reason: Some(Reason::NamespaceForbids),
+            message: "no".into(),
+        };
+        *server.answer.lock().unwrap() = Err(refused.clone());
+        assert_eq!(
+            cache.get(ip(), "uid-a", "app").await.unwrap_err(),
+            refused,
+            "a refusal is never papered over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_role_change_or_forget_drops_the_entry() {
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(server.clone(), Metrics::new());
+        let a = cache.get(ip(), "uid-a", "app").await.unwrap();
+        let b = cache.get(ip(), "uid-a", "other").await.unwrap();
+        assert_ne!(a.access_key_id, b.access_key_id);
+        assert!(b.role_arn.ends_with("/other"));
+        cache.forget("uid-a");
+        assert!(cache.is_empty());
+        cache.get(ip(), "uid-a", "other").await.unwrap();
+        assert_eq!(server.calls.load(Ordering::SeqCst), 3);
+    }
+}

@@ -1,0 +1,372 @@
+//! The IMDS API as a pod sees it: IMDSv2 session tokens, the pod's role and credentials under
+//! `iam/`, and everything else proxied or blocked. The calling pod is named by the connection's
+//! source IP; a request never gets another pod's credentials or the node's role. Every refusal is
+//! an [`ImdsError`], turned into an HTTP status in one place ([`ImdsError::status`]).
+
+use crate::credential_cache::{CredentialCache, Creds, ServerError};
+use crate::metrics::{
+    Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
+};
+use crate::token::{self, TokenError, TokenKey};
+use crate::upstream::{AllowList, Upstream};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::Full;
+use imdsgate_core::{PodIndex, PodInfo};
+use imdsgate_proto::Reason;
+use sha2::{Digest, Sha256};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
+/// What a path asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    Token,
+    IamListing,
+    IamInfo,
+    RoleName {
+        extended: bool,
+    },
+    Credentials {
+        name: String,
+        extended: bool,
+    },
+    /// Never proxied: the node's own IAM and identity credentials, or a suspicious path.
+    Blocked,
+    Proxy,
+}
+
+impl Route {
+    /// Routes a request path (`/<version>/…`; any version segment, `latest` included).
+    pub fn of(path: &str) -> Route {
+        if path.contains("..") || path.contains('%') || path.contains("//") {
+            return Route::Blocked;
+        }
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        let version_ok =
+            |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        match segments.as_slice() {
+            [v, "api", "token"] if version_ok(v) => Route::Token,
+            [v, "meta-data", "iam"] | [v, "meta-data", "iam", ""] if version_ok(v) => Route::IamListing,
+            [v, "meta-data", "iam", "info"] | [v, "meta-data", "iam", "info", ""] if version_ok(v) => {
+                Route::IamInfo
+            }
+            [v, "meta-data", "iam", list] | [v, "meta-data", "iam", list, ""]
+                if version_ok(v) && list.starts_with("security-credentials") =>
+            {
+                match *list {
+                    "security-credentials" => Route::RoleName { extended: false },
+                    "security-credentials-extended" => Route::RoleName { extended: true },
+                    _ => Route::Blocked,
+                }
+            }
+            [v, "meta-data", "iam", list, name] | [v, "meta-data", "iam", list, name, ""]
+                if version_ok(v) && !name.is_empty() =>
+            {
+                match *list {
+                    "security-credentials" => Route::Credentials { name: name.to_string(), extended: false },
+                    "security-credentials-extended" => {
+                        Route::Credentials { name: name.to_string(), extended: true }
+                    }
+                    _ => Route::Blocked,
+                }
+            }
+            [_, "meta-data", "iam", ..] | [_, "meta-data", "identity-credentials", ..] => Route::Blocked,
+            _ => Route::Proxy,
+        }
+    }
+
+    pub fn label(&self) -> RouteLabel {
+        match self {
+            Route::Token => RouteLabel::Token,
+            Route::IamListing => RouteLabel::IamListing,
+            Route::IamInfo => RouteLabel::IamInfo,
+            Route::RoleName { .. } => RouteLabel::RoleName,
+            Route::Credentials { .. } => RouteLabel::Credentials,
+            Route::Blocked => RouteLabel::Blocked,
+            Route::Proxy => RouteLabel::Proxied,
+        }
+    }
+}
+
+/// Why a request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ImdsError {
+    #[error("requests from the node's own address are not served by imdsgate")]
+    FromNode,
+    #[error("imdsgate found no pod with IP {0} on this node")]
+    PodNotFound(IpAddr),
+    #[error("more than one pod claims IP {0}; try again")]
+    AmbiguousPod(IpAddr),
+    #[error("pod {0} has no iam.amazonaws.com/role annotation")]
+    NoRole(String),
+    #[error("{0} is not this pod's role")]
+    NotThePodsRole(String),
+    #[error("a session token is required (IMDSv2)")]
+    TokenRequired,
+    #[error("the session token is not valid: {0}")]
+    BadToken(TokenError),
+    #[error("X-aws-ec2-metadata-token-ttl-seconds must be an integer from 1 to 21600")]
+    BadTtl,
+    #[error("requests carrying X-Forwarded-For are refused")]
+    Forwarded,
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(Method),
+    #[error("imdsgate blocked {0}: it is not on the agent's allow-list")]
+    Blocked(String),
+    #[error("{0}")]
+    Server(ServerError),
+    #[error("the metadata service failed: {0}")]
+    Upstream(String),
+}
+
+impl ImdsError {
+    /// The one place refusals become HTTP statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ImdsError::FromNode | ImdsError::Forwarded => StatusCode::FORBIDDEN,
+            ImdsError::PodNotFound(_)
+            | ImdsError::NoRole(_)
+            | ImdsError::NotThePodsRole(_)
+            | ImdsError::Blocked(_) => StatusCode::NOT_FOUND,
+            // Transient: the watch is catching up; SDKs retry 5xx.
+            ImdsError::AmbiguousPod(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ImdsError::TokenRequired | ImdsError::BadToken(_) => StatusCode::UNAUTHORIZED,
+            ImdsError::BadTtl => StatusCode::BAD_REQUEST,
+            ImdsError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ImdsError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ImdsError::Server(ServerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ImdsError::Server(ServerError::Refused { code, reason, .. }) => match (code, reason) {
+                (_, Some(Reason::NoRole)) => StatusCode::NOT_FOUND,
+                (tonic::Code::PermissionDenied, _) => StatusCode::FORBIDDEN,
+                (tonic::Code::InvalidArgument, _) => StatusCode::INTERNAL_SERVER_ERROR,
+                // Pod not yet known to the server, IP reuse, STS down, agent not authenticated:
+                // nothing the pod did; it may succeed on retry.
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+}
+
+/// The IMDS service for the pods of one node.
+pub struct Imds {
+    pub pods: Arc<PodIndex>,
+    pub node_ips: Vec<IpAddr>,
+    pub pod_wait: Duration,
+    pub tokens: TokenKey,
+    pub require_imdsv2: bool,
+    pub credentials: CredentialCache,
+    pub upstream: Option<Arc<dyn Upstream>>,
+    pub allow: AllowList,
+    pub metrics: Metrics,
+}
+
+impl Imds {
+    /// Answers one request from `peer`.
+    pub async fn handle(
+        &self,
+        peer: IpAddr,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> (RouteLabel, Response<Full<Bytes>>) {
+        let route = Route::of(path);
+        let label = route.label();
+        let response = match self.answer(peer.to_canonical(), method, path, headers, route).await {
+            Ok(response) => response,
+            Err(error) => {
+                if matches!(error, ImdsError::Blocked(_)) {
+                    self.metrics
+                        .upstream
+                        .get_or_create(&UpstreamLabels { outcome: UpstreamOutcome::Blocked })
+                        .inc();
+                }
+                tracing::debug!(%peer, path, %error, "refused");
+                text(error.status(), format!("{error}\n"))
+            }
+        };
+        (label, response)
+    }
+
+    async fn answer(
+        &self,
+        peer: IpAddr,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        route: Route,
+    ) -> Result<Response<Full<Bytes>>, ImdsError> {
+        if route == Route::Token {
+            return self.issue_token(peer, method, headers).await;
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return Err(ImdsError::MethodNotAllowed(method.clone()));
+        }
+        let pod = self.pod_of(peer).await?;
+        self.check_token(&pod, headers)?;
+        match route {
+            Route::Token => unreachable!("handled above"),
+            Route::IamListing => {
+                role_name(&pod)?;
+                Ok(text(StatusCode::OK, "info\nsecurity-credentials/".into()))
+            }
+            Route::RoleName { .. } => Ok(text(StatusCode::OK, role_name(&pod)?.to_string())),
+            Route::Credentials { name, extended } => {
+                if name != role_name(&pod)? {
+                    return Err(ImdsError::NotThePodsRole(name));
+                }
+                let creds = self.creds(&pod, peer).await?;
+                Ok(json(credentials_json(&creds, extended)))
+            }
+            Route::IamInfo => {
+                let creds = self.creds(&pod, peer).await?;
+                Ok(json(info_json(&creds)))
+            }
+            Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
+            Route::Proxy => self.proxy(path).await,
+        }
+    }
+
+    async fn issue_token(
+        &self,
+        peer: IpAddr,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<Response<Full<Bytes>>, ImdsError> {
+        if method != Method::PUT {
+            return Err(ImdsError::MethodNotAllowed(method.clone()));
+        }
+        if headers.contains_key("x-forwarded-for") {
+            return Err(ImdsError::Forwarded);
+        }
+        let ttl_header = headers.get(TTL_HEADER).and_then(|v| v.to_str().ok());
+        let ttl = token::parse_ttl(ttl_header).ok_or(ImdsError::BadTtl)?;
+        let pod = self.pod_of(peer).await?;
+        let token = self.tokens.issue(&pod.uid, ttl, SystemTime::now());
+        let mut response = text(StatusCode::OK, token);
+        response.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl.as_secs()));
+        Ok(response)
+    }
+
+    fn check_token(&self, pod: &PodInfo, headers: &HeaderMap) -> Result<(), ImdsError> {
+        match headers.get(TOKEN_HEADER) {
+            Some(value) => {
+                let token = value.to_str().map_err(|_| ImdsError::BadToken(TokenError::Malformed))?;
+                self.tokens.verify(token, &pod.uid, SystemTime::now()).map_err(ImdsError::BadToken)
+            }
+            None if self.require_imdsv2 => Err(ImdsError::TokenRequired),
+            None => Ok(()),
+        }
+    }
+
+    /// The pod at `peer`, waiting (event-driven) up to `--pod-wait` for the watch to deliver it.
+    async fn pod_of(&self, peer: IpAddr) -> Result<Arc<PodInfo>, ImdsError> {
+        if self.node_ips.contains(&peer) {
+            return Err(ImdsError::FromNode);
+        }
+        let mut pods = self.pods.by_ip(&peer);
+        if pods.is_empty() {
+            pods = self.pods.wait_for_ip(&peer, self.pod_wait).await;
+            let outcome = if pods.is_empty() { WaitOutcome::TimedOut } else { WaitOutcome::Found };
+            self.metrics.pod_waits.get_or_create(&WaitLabels { outcome }).inc();
+        }
+        match pods.as_slice() {
+            [] => Err(ImdsError::PodNotFound(peer)),
+            [pod] => Ok(pod.clone()),
+            _ => Err(ImdsError::AmbiguousPod(peer)),
+        }
+    }
+
+    async fn creds(&self, pod: &PodInfo, peer: IpAddr) -> Result<Arc<Creds>, ImdsError> {
+        let role = role_name(pod)?;
+        self.credentials.get(peer, &pod.uid, role).await.map_err(ImdsError::Server)
+    }
+
+    async fn proxy(&self, path: &str) -> Result<Response<Full<Bytes>>, ImdsError> {
+        let upstream = match &self.upstream {
+            Some(u) if self.allow.allows(path) => u,
+            _ => return Err(ImdsError::Blocked(path.to_string())),
+        };
+        let outcome = upstream.get(path).await;
+        let label = if outcome.is_ok() { UpstreamOutcome::Proxied } else { UpstreamOutcome::Failed };
+        self.metrics.upstream.get_or_create(&UpstreamLabels { outcome: label }).inc();
+        let answer = outcome.map_err(ImdsError::Upstream)?;
+        let mut response = Response::new(Full::new(answer.body));
+        *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        if let Some(content_type) = answer.content_type {
+            response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+        }
+        Ok(response)
+    }
+}
+
+/// The role name a pod carries: the last path segment of its annotation.
+fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
+    let annotation =
+        pod.role.as_deref().ok_or_else(|| ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)))?;
+    let name = annotation.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    if name.is_empty() || name.starts_with("arn:") {
+        return Err(ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)));
+    }
+    Ok(name)
+}
+
+fn utc(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t).map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The credentials document exactly as IMDS writes it.
+pub fn credentials_json(c: &Creds, extended: bool) -> String {
+    let mut fields = vec![
+        ("Code", quoted("Success")),
+        ("LastUpdated", quoted(&utc(c.issued_at))),
+        ("Type", quoted("AWS-HMAC")),
+        ("AccessKeyId", quoted(&c.access_key_id)),
+        ("SecretAccessKey", quoted(&c.secret_access_key)),
+        ("Token", quoted(&c.session_token)),
+        ("Expiration", quoted(&utc(c.expiration))),
+    ];
+    if extended {
+        fields.push(("AccountId", quoted(&c.account_id)));
+    }
+    document(&fields)
+}
+
+/// `iam/info` describing the pod's role as if it were an instance profile.
+pub fn info_json(c: &Creds) -> String {
+    let profile_arn = c.role_arn.replacen(":role/", ":instance-profile/", 1);
+    let digest = Sha256::digest(c.role_arn.as_bytes());
+    let profile_id = format!("AIPA{}", hex::encode_upper(&digest[..8]));
+    document(&[
+        ("Code", quoted("Success")),
+        ("LastUpdated", quoted(&utc(c.issued_at))),
+        ("InstanceProfileArn", quoted(&profile_arn)),
+        ("InstanceProfileId", quoted(&profile_id)),
+    ])
+}
+
+fn document(fields: &[(&str, String)]) -> String {
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("  \"{k}\" : {v}")).collect();
+    format!("{{\n{}\n}}", body.join(",\n"))
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,191 @@
+//! Interception: the nat-table rule that sends pod traffic for the metadata address to the agent.
+//! An own chain `IMDSGATE` holds the DNAT rule; PREROUTING jumps to it from its first positions,
+//! once per `--host-interface` pattern (kiam appended its rule and ended up behind KUBE-SERVICES).
+//! Installing is idempotent and never leaves a moment without the rule; the rule stays when the
+//! agent exits, so pods of a stopped agent get "connection refused", never the node's role.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const CHAIN: &str = "IMDSGATE";
+const TABLE: &str = "nat";
+pub const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+#[derive(Debug, thiserror::Error)]
+#[error("iptables: {0}")]
+pub struct IptablesError(String);
+
+fn err(context: &str, e: Box<dyn std::error::Error>) -> IptablesError {
+    IptablesError(format!("{context}: {e}"))
+}
+
+/// A `--host-interface` pattern: `veth+`, `eni+`, or `!eth0` (every interface but eth0).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceMatch {
+    pub name: String,
+    pub negated: bool,
+}
+
+impl std::str::FromStr for InterfaceMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (negated, name) = match s.strip_prefix('!') {
+            Some(rest) => (true, rest.trim()),
+            None => (false, s.trim()),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 15
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b) || b == b'+')
+            && !name[..name.len() - 1].contains('+');
+        if !valid {
+            return Err(format!("{s:?} is not an interface name or pattern (e.g. veth+, eni+, !eth0)"));
+        }
+        Ok(InterfaceMatch { name: name.to_string(), negated })
+    }
+}
+
+/// What to install for one IP family.
+#[derive(Clone, Debug)]
+pub struct Interception {
+    pub ipv6: bool,
+    /// Where the agent listens (the node's IP and the IMDS port).
+    pub target: IpAddr,
+    pub port: u16,
+    pub interfaces: Vec<InterfaceMatch>,
+}
+
+impl Interception {
+    /// The DNAT rule inside the chain, as `iptables -S` prints it (without `-A IMDSGATE`).
+    pub fn dnat_rule(&self) -> String {
+        let (dst, to) = if self.ipv6 {
+            (format!("{METADATA_V6}/128"), format!("[{}]:{}", self.target, self.port))
+        } else {
+            (format!("{METADATA_V4}/32"), format!("{}:{}", self.target, self.port))
+        };
+        format!("-d {dst} -p tcp -m tcp --dport 80 -j DNAT --to-destination {to}")
+    }
+
+    /// The PREROUTING jumps, in order.
+    pub fn jump_rules(&self) -> Vec<String> {
+        if self.interfaces.is_empty() {
+            return vec![format!("-j {CHAIN}")];
+        }
+        self.interfaces
+            .iter()
+            .map(|i| {
+                if i.negated {
+                    format!("! -i {} -j {CHAIN}", i.name)
+                } else {
+                    format!("-i {} -j {CHAIN}", i.name)
+                }
+            })
+            .collect()
+    }
+
+    /// Installs (or repairs) the chain and the jumps; safe to run again and again.
+    pub fn install(&self) -> Result<(), IptablesError> {
+        let ipt = iptables::new(self.ipv6).map_err(|e| err("cannot run iptables", e))?;
+        if !ipt.chain_exists(TABLE, CHAIN).map_err(|e| err("listing chains", e))? {
+            ipt.new_chain(TABLE, CHAIN).map_err(|e| err("creating chain", e))?;
+        }
+        // The wanted DNAT rule goes in first; stale ones (another port or address) go after.
+        let dnat = self.dnat_rule();
+        if !ipt.exists(TABLE, CHAIN, &dnat).map_err(|e| err("checking DNAT rule", e))? {
+            ipt.insert(TABLE, CHAIN, &dnat, 1).map_err(|e| err("inserting DNAT rule", e))?;
+        }
+        for rule in rules_of(&ipt, CHAIN)? {
+            if rule != dnat {
+                ipt.delete(TABLE, CHAIN, &rule).map_err(|e| err("removing stale DNAT rule", e))?;
+            }
+        }
+        // The jumps must be the first rules of PREROUTING, in order; extra jumps are removed.
+        let wanted = self.jump_rules();
+        let current = rules_of(&ipt, "PREROUTING")?;
+        if current.iter().take(wanted.len()).ne(wanted.iter()) {
+            for rule in wanted.iter().rev() {
+                ipt.insert(TABLE, "PREROUTING", rule, 1).map_err(|e| err("inserting jump", e))?;
+            }
+        }
+        remove_jumps(&ipt, wanted.len())
+    }
+
+    /// Removes the jumps and the chain (`imdsgate-agent iptables uninstall`).
+    pub fn uninstall(ipv6: bool) -> Result<(), IptablesError> {
+        let ipt = iptables::new(ipv6).map_err(|e| err("cannot run iptables", e))?;
+        remove_jumps(&ipt, 0)?;
+        if ipt.chain_exists(TABLE, CHAIN).map_err(|e| err("listing chains", e))? {
+            ipt.flush_chain(TABLE, CHAIN).map_err(|e| err("flushing chain", e))?;
+            ipt.delete_chain(TABLE, CHAIN).map_err(|e| err("deleting chain", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Rules of a nat chain without the `-A <chain> ` prefix.
+fn rules_of(ipt: &iptables::IPTables, chain: &str) -> Result<Vec<String>, IptablesError> {
+    let prefix = format!("-A {chain} ");
+    Ok(ipt
+        .list(TABLE, chain)
+        .map_err(|e| err("listing rules", e))?
+        .into_iter()
+        .filter_map(|r| r.strip_prefix(&prefix).map(str::to_string))
+        .collect())
+}
+
+/// Deletes every PREROUTING jump to the chain after the first `keep` rules, by position from the
+/// bottom so positions stay valid.
+fn remove_jumps(ipt: &iptables::IPTables, keep: usize) -> Result<(), IptablesError> {
+    let rules = rules_of(ipt, "PREROUTING")?;
+    let target = format!("-j {CHAIN}");
+    for (index, rule) in rules.iter().enumerate().rev() {
+        if index >= keep && rule.ends_with(&target) {
+            let position = (index + 1).to_string();
+            let out = ipt
+                .execute(TABLE, &format!("-D PREROUTING {position}"))
+                .map_err(|e| err("removing jump", e))?;
+            if !out.status.success() {
+                return Err(IptablesError(format!(
+                    "removing jump: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_patterns() {
+        assert_eq!("veth+".parse(), Ok(InterfaceMatch { name: "veth+".into(), negated: false }));
+        assert_eq!("!eth0".parse(), Ok(InterfaceMatch { name: "eth0".into(), negated: true }));
+        for bad in ["", "!", "a+b", "has space", "averyveryverylongname0", "x;rm"] {
+            assert!(bad.parse::<InterfaceMatch>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rules_as_iptables_prints_them() {
+        let i = Interception {
+            ipv6: false,
+            target: "10.0.0.1".parse().unwrap(),
+            port: 8181,
+            interfaces: vec!["cali+".parse().unwrap(), "!eth0".parse().unwrap()],
+        };
+        assert_eq!(
+            i.dnat_rule(),
+            "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
+        );
+        assert_eq!(i.jump_rules(), ["-i cali+ -j IMDSGATE", "! -i eth0 -j IMDSGATE"]);
+        let v6 =
+            Interception { ipv6: true, target: "fd00::1".parse().unwrap(), port: 8181, interfaces: vec![] };
+        assert_eq!(
+            v6.dnat_rule(),
+            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00::1]:8181"
+        );
+        assert_eq!(v6.jump_rules(), ["-j IMDSGATE"]);
+    }
+}

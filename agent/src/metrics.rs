@@ -1,0 +1,133 @@
+//! The agent's Prometheus metrics. Labels are bounded: routes, status codes, outcomes and gRPC
+//! codes; never a pod, an IP or a role.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Route {
+    Token,
+    IamListing,
+    IamInfo,
+    RoleName,
+    Credentials,
+    Proxied,
+    Blocked,
+    Other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Route,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WaitOutcome {
+    Found,
+    TimedOut,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitLabels {
+    pub outcome: WaitOutcome,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum UpstreamOutcome {
+    Proxied,
+    Blocked,
+    Failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub outcome: UpstreamOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+/// All of the agent's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub pods_indexed: Gauge,
+    pub pod_waits: Family<WaitLabels, Counter>,
+    pub upstream: Family<UpstreamLabels, Counter>,
+    pub server_errors: Family<CodeLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub watch_restarts: Counter,
+}
+
+fn sub_millisecond_histogram() -> Histogram {
+    Histogram::new([0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 2.5])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(sub_millisecond_histogram),
+            pods_indexed: Gauge::default(),
+            pod_waits: Family::default(),
+            upstream: Family::default(),
+            server_errors: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            watch_restarts: Counter::default(),
+        }
+    }
+
+    /// A registry holding every metric under the `imdsgate_agent` prefix.
+    pub fn registry(&self) -> Arc<Registry> {
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("imdsgate_agent");
+        r.register("requests", "IMDS requests by route and HTTP status", self.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "IMDS request latency by route",
+            self.request_duration.clone(),
+        );
+        r.register("pods_indexed", "Pods of this node in the index", self.pods_indexed.clone());
+        r.register(
+            "pod_waits",
+            "Requests that waited for their pod to appear, by outcome",
+            self.pod_waits.clone(),
+        );
+        r.register("upstream", "Requests for other metadata, by outcome", self.upstream.clone());
+        r.register(
+            "server_errors",
+            "Failed calls to the imdsgate server, by gRPC code",
+            self.server_errors.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Credential requests answered from the agent's cache",
+            self.cache_hits.clone(),
+        );
+        r.register("cache_misses", "Credential requests that called the server", self.cache_misses.clone());
+        r.register("watch_restarts", "Pod watch errors (each is retried)", self.watch_restarts.clone());
+        Arc::new(root)
+    }
+}

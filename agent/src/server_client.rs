@@ -1,0 +1,264 @@
+//! The agent's client for the imdsgate server: mutual TLS (files re-read on change), the agent's
+//! projected ServiceAccount token on every call (re-read when rotated), balancing across every
+//! address the server's name resolves to (re-resolved periodically), and a failed replica retried
+//! on another within the same pod request.
+
+use crate::credential_cache::{CredentialSource, Creds, ServerError};
+use crate::metrics::{CodeLabels, Metrics};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use imdsgate_core::tls::{Reloading, TlsError};
+use imdsgate_proto::v1::GetCredentialsRequest;
+use imdsgate_proto::v1::credentials_client::CredentialsClient;
+use imdsgate_proto::{AUTHORIZATION_METADATA_KEY, Reason};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How to reach the server.
+#[derive(Clone, Debug)]
+pub struct ServerClientConfig {
+    pub host: String,
+    pub port: u16,
+    pub server_name: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub tls_ca: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub call_timeout: Duration,
+}
+
+struct Replica {
+    addr: SocketAddr,
+    channel: Channel,
+}
+
+struct Replicas {
+    addrs: Vec<SocketAddr>,
+    tls: Arc<ClientTlsConfig>,
+    list: Vec<Replica>,
+}
+
+/// See the module documentation.
+pub struct ServerClient {
+    config: ServerClientConfig,
+    tls: Arc<Reloading<ClientTlsConfig>>,
+    replicas: RwLock<Arc<Replicas>>,
+    next: AtomicUsize,
+    token: Mutex<Option<(SystemTime, String)>>,
+    metrics: Metrics,
+}
+
+/// Builds the client TLS configuration from PEM files (checked by loading them).
+pub fn client_tls(config: &ServerClientConfig) -> Result<ClientTlsConfig, TlsError> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| TlsError::Read { path: p.clone(), source });
+    imdsgate_core::tls::load_certs(&config.tls_ca)?;
+    imdsgate_core::tls::load_certs(&config.tls_cert)?;
+    imdsgate_core::tls::load_key(&config.tls_key)?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&config.tls_ca)?))
+        .identity(Identity::from_pem(read(&config.tls_cert)?, read(&config.tls_key)?))
+        .domain_name(config.server_name.clone()))
+}
+
+impl ServerClient {
+    /// Checks the TLS files; resolving and connecting happen lazily and keep retrying.
+    pub fn new(config: ServerClientConfig, metrics: Metrics) -> Result<Arc<ServerClient>, TlsError> {
+        let for_build = config.clone();
+        let files = vec![config.tls_cert.clone(), config.tls_key.clone(), config.tls_ca.clone()];
+        let tls = Reloading::new(files, move || client_tls(&for_build))?;
+        let empty = Replicas { addrs: Vec::new(), tls: tls.get(), list: Vec::new() };
+        Ok(Arc::new(ServerClient {
+            config,
+            tls,
+            replicas: RwLock::new(Arc::new(empty)),
+            next: AtomicUsize::new(0),
+            token: Mutex::new(None),
+            metrics,
+        }))
+    }
+
+    /// Re-resolves the server's name and re-reads the TLS files; rebuilds connections if either
+    /// changed.
+    pub async fn refresh(&self) {
+        self.tls.reload_if_changed();
+        let resolved = match tokio::net::lookup_host((self.config.host.as_str(), self.config.port)).await {
+            Ok(addrs) => {
+                let mut addrs: Vec<SocketAddr> = addrs.collect();
+                addrs.sort();
+                addrs.dedup();
+                addrs
+            }
+            Err(error) => {
+                tracing::warn!(host = %self.config.host, %error, "cannot resolve the imdsgate server");
+                return;
+            }
+        };
+        let tls = self.tls.get();
+        let current = self.current();
+        if current.addrs == resolved && Arc::ptr_eq(&current.tls, &tls) {
+            return;
+        }
+        let list = resolved
+            .iter()
+            .filter_map(|addr| {
+                let endpoint = Endpoint::from_shared(format!("https://{addr}")).ok()?;
+                let endpoint = endpoint
+                    .tls_config((*tls).clone())
+                    .ok()?
+                    .connect_timeout(Duration::from_secs(3))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30));
+                Some(Replica { addr: *addr, channel: endpoint.connect_lazy() })
+            })
+            .collect();
+        tracing::info!(replicas = ?resolved, "imdsgate server replicas");
+        *self.replicas.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Replicas { addrs: resolved, tls, list });
+    }
+
+    /// Refreshes every `every` until the process ends.
+    pub fn spawn_refresh(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.refresh().await;
+            }
+        })
+    }
+
+    /// Whether some replica answers the gRPC health check with SERVING.
+    pub async fn healthy(&self) -> bool {
+        let replicas = self.current();
+        for replica in &replicas.list {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(replica.channel.clone());
+            let check = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() });
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), check).await
+                && response.get_ref().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn current(&self) -> Arc<Replicas> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The projected token, re-read when the kubelet rotates the file.
+    fn token(&self) -> Result<Option<String>, ServerError> {
+        let Some(path) = &self.config.token_file else { return Ok(None) };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| {
+            ServerError::Unreachable(format!("cannot read the identity token {}: {e}", path.display()))
+        })?;
+        let mut cached = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        match cached.as_ref() {
+            Some((at, token)) if *at == modified => Ok(Some(token.clone())),
+            _ => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        ServerError::Unreachable(format!(
+                            "cannot read the identity token {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_string();
+                *cached = Some((modified, token.clone()));
+                Ok(Some(token))
+            }
+        }
+    }
+
+    async fn call(&self, pod_ip: IpAddr, pod_uid: String, role: String) -> Result<Creds, ServerError> {
+        let token = self.token()?;
+        let mut replicas = self.current();
+        if replicas.list.is_empty() {
+            self.refresh().await;
+            replicas = self.current();
+        }
+        let mut last = ServerError::Unreachable(format!("no address for {}", self.config.host));
+        for _ in 0..replicas.list.len() {
+            let replica = &replicas.list[self.next.fetch_add(1, Ordering::Relaxed) % replicas.list.len()];
+            let mut request = tonic::Request::new(GetCredentialsRequest {
+                pod_ip: pod_ip.to_string(),
+                pod_uid: pod_uid.clone(),
+                role: role.clone(),
+            });
+            request.set_timeout(self.config.call_timeout);
+            if let Some(token) = &token
+                && let Ok(value) = format!("Bearer {token}").parse()
+            {
+                request.metadata_mut().insert(AUTHORIZATION_METADATA_KEY, value);
+            }
+            let mut client = CredentialsClient::new(replica.channel.clone());
+            let outcome =
+                tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;
+            let status = match outcome {
+                Ok(Ok(response)) => return Ok(to_creds(response.into_inner())),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
+            };
+            self.metrics
+                .server_errors
+                .get_or_create(&CodeLabels { code: format!("{:?}", status.code()) })
+                .inc();
+            let reason = Reason::of(&status);
+            let retry_elsewhere = reason.is_none()
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                );
+            if !retry_elsewhere {
+                return Err(ServerError::Refused {
+                    code: status.code(),
+                    reason,
+                    message: status.message().to_string(),
+                });
+            }
+            tracing::warn!(replica = %replica.addr, code = ?status.code(), message = status.message(), "server replica failed; trying another");
+            last = ServerError::Unreachable(format!("{}: {}", replica.addr, status.message()));
+        }
+        Err(last)
+    }
+}
+
+impl CredentialSource for Arc<ServerClient> {
+    fn fetch(
+        &self,
+        pod_ip: IpAddr,
+        pod_uid: &str,
+        role: &str,
+    ) -> BoxFuture<'static, Result<Creds, ServerError>> {
+        let this = self.clone();
+        let (uid, role) = (pod_uid.to_string(), role.to_string());
+        async move { this.call(pod_ip, uid, role).await }.boxed()
+    }
+}
+
+fn to_creds(r: imdsgate_proto::v1::GetCredentialsResponse) -> Creds {
+    let time = |t: Option<prost_types::Timestamp>| {
+        t.map(|t| SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    Creds {
+        access_key_id: r.access_key_id,
+        secret_access_key: r.secret_access_key,
+        session_token: r.session_token,
+        expiration: time(r.expiration),
+        issued_at: time(r.issued_at),
+        role_arn: r.role_arn,
+        account_id: r.account_id,
+    }
+}

@@ -1,0 +1,199 @@
+//! IMDSv2 session tokens. A token is `base64url(expiry || HMAC-SHA256(key, expiry || pod UID))`:
+//! nothing is stored, so tokens survive agent restarts (the key lives in `--token-key-file`), and a
+//! token is useless from any other pod because the MAC covers the pod's UID.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// Shortest and longest TTL a client may ask for, as real IMDS.
+pub const MIN_TTL: u64 = 1;
+pub const MAX_TTL: u64 = 21_600;
+const DOMAIN: &[u8] = b"imdsgate-imdsv2-token-v1";
+const KEY_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read token key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("token key file {path} must hold {KEY_LEN} bytes as hex")]
+    Malformed { path: String },
+    #[error("cannot create token key file {path}: {source}")]
+    Create { path: String, source: std::io::Error },
+}
+
+/// Why a token is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token was not issued to this pod")]
+    Foreign,
+}
+
+/// The MAC key.
+#[derive(Clone)]
+pub struct TokenKey([u8; KEY_LEN]);
+
+impl TokenKey {
+    /// Reads the key from `path`, or generates one and keeps it there (mode 0600).
+    pub fn load_or_create(path: &Path) -> Result<TokenKey, KeyError> {
+        let shown = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes =
+                    hex::decode(text.trim()).map_err(|_| KeyError::Malformed { path: shown.clone() })?;
+                let key: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::Malformed { path: shown })?;
+                Ok(TokenKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; KEY_LEN] = rand::random();
+                let create = || -> std::io::Result<()> {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    let mut file =
+                        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+                    file.write_all(hex::encode(key).as_bytes())?;
+                    file.sync_all()
+                };
+                match create() {
+                    Ok(()) => Ok(TokenKey(key)),
+                    // Another agent process won the race: use its key.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load_or_create(path),
+                    Err(source) => Err(KeyError::Create { path: shown, source }),
+                }
+            }
+            Err(source) => Err(KeyError::Read { path: shown, source }),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> TokenKey {
+        TokenKey(bytes)
+    }
+
+    /// A token for `pod_uid` valid for `ttl` from `now`.
+    pub fn issue(&self, pod_uid: &str, ttl: Duration, now: SystemTime) -> String {
+        let expiry = unix(now).saturating_add(ttl.as_secs()).to_be_bytes();
+        let mut raw = Vec::with_capacity(8 + 32);
+        raw.extend_from_slice(&expiry);
+        raw.extend_from_slice(&self.mac(&expiry, pod_uid).finalize().into_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Checks that `token` was issued to `pod_uid` and has not expired at `now`.
+    pub fn verify(&self, token: &str, pod_uid: &str, now: SystemTime) -> Result<(), TokenError> {
+        if token.len() > 128 {
+            return Err(TokenError::Malformed);
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| TokenError::Malformed)?;
+        if raw.len() != 8 + 32 {
+            return Err(TokenError::Malformed);
+        }
+        let (expiry, tag) = raw.split_at(8);
+        let expiry: [u8; 8] = expiry.try_into().map_err(|_| TokenError::Malformed)?;
+        self.mac(&expiry, pod_uid).verify_slice(tag).map_err(|_| TokenError::Foreign)?;
+        if u64::from_be_bytes(expiry) <= unix(now) {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+
+    fn mac(&self, expiry: &[u8; 8], pod_uid: &str) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(DOMAIN);
+        mac.update(expiry);
+        mac.update(pod_uid.as_bytes());
+        mac
+    }
+}
+
+/// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header: an integer from 1 to 21600.
+pub fn parse_ttl(value: Option<&str>) -> Option<Duration> {
+    let secs: u64 = value?.trim().parse().ok()?;
+    (MIN_TTL..=MAX_TTL).contains(&secs).then(|| Duration::from_secs(secs))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_token_works_for_its_pod_until_it_expires() {
+        let key = TokenKey::from_bytes([7; 32]);
+        let token = key.issue("uid-a", Duration::from_secs(60), at(NOW));
+        assert_eq!(key.verify(&token, "uid-a", at(NOW + 59)), Ok(()));
+        assert_eq!(key.verify(&token, "uid-a", at(NOW + 60)), Err(TokenError::Expired));
+        assert_eq!(key.verify(&token, "uid-b", at(NOW)), Err(TokenError::Foreign));
+    }
+
+    #[test]
+    fn tokens_from_another_key_or_tampered_are_refused() {
+        let key = TokenKey::from_bytes([7; 32]);
+        let other = TokenKey::from_bytes([8; 32]);
+        let token = other.issue("uid-a", Duration::from_secs(60), at(NOW));
+        assert_eq!(key.verify(&token, "uid-a", at(NOW)), Err(TokenError::Foreign));
+        // Pushing the expiry forward breaks the MAC.
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(key.issue("uid-a", Duration::from_secs(1), at(NOW)))
+            .unwrap();
+        raw[7] = raw[7].wrapping_add(100);
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(key.verify(&forged, "uid-a", at(NOW)), Err(TokenError::Foreign));
+        for junk in ["", "!!!", "AAAA", &"A".repeat(500)] {
+            assert_eq!(key.verify(junk, "uid-a", at(NOW)), Err(TokenError::Malformed), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn ttl_bounds() {
+        assert_eq!(parse_ttl(Some("1")), Some(Duration::from_secs(1)));
+        assert_eq!(parse_ttl(Some("21600")), Some(Duration::from_secs(21600)));
+        for bad in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("21601"),
+            Some("-5"),
+            Some("1.5"),
+            Some("abc"),
+            Some("99999999999999999999"),
+        ] {
+            assert_eq!(parse_ttl(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_key_file_is_created_once_and_tokens_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("imdsgate-token-test-{}", std::process::id()));
+        let path = dir.join("key");
+        let first = TokenKey::load_or_create(&path).unwrap();
+        let token = first.issue("uid-a", Duration::from_secs(3600), SystemTime::now());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        let restarted = TokenKey::load_or_create(&path).unwrap();
+        assert_eq!(restarted.verify(&token, "uid-a", SystemTime::now()), Ok(()));
+        std::fs::write(&path, "short").unwrap();
+        assert!(matches!(TokenKey::load_or_create(&path), Err(KeyError::Malformed { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
