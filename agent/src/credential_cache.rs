@@ -175,7 +175,10 @@ pub(crate) mod tests {
     /// A fake server: counts calls, answers with what it is told.
     pub struct FakeServer {
         pub calls: AtomicU32,
+        /// The session lifetime of issued credentials, or the error to answer with.
         pub answer: Mutex<Result<Duration, ServerError>>,
+        /// How long ago the issued credentials were minted (close to expiry when large).
+        pub age: Mutex<Duration>,
         pub delay: Duration,
     }
 
@@ -184,6 +187,7 @@ pub(crate) mod tests {
             Arc::new(FakeServer {
                 calls: AtomicU32::new(0),
                 answer: Mutex::new(Ok(lifetime)),
+                age: Mutex::new(Duration::ZERO),
                 delay: Duration::from_millis(20),
             })
         }
@@ -198,11 +202,12 @@ pub(crate) mod tests {
         ) -> BoxFuture<'static, Result<Creds, ServerError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let answer = self.answer.lock().unwrap().clone();
+            let age = *self.age.lock().unwrap();
             let (uid, role, delay) = (uid.to_string(), role.to_string(), self.delay);
             async move {
                 tokio::time::sleep(delay).await;
                 let lifetime = answer?;
-                let now = SystemTime::now();
+                let now = SystemTime::now() - age;
                 Ok(Creds {
                     access_key_id: format!("ASIA{n}-{uid}"),
                     secret_access_key: "secret\"with/quote".into(),
@@ -244,8 +249,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn credentials_near_expiry_are_fetched_again() {
-        // A 15-minute session: the margin is a quarter, 225s; 100s-lifetime credentials are never fresh.
-        let server = FakeServer::new(Duration::from_secs(100));
+        // One-hour sessions minted 50 minutes ago: 10 minutes left, under the 15-minute margin.
+        let server = FakeServer::new(Duration::from_secs(3600));
+        *server.age.lock().unwrap() = Duration::from_secs(3000);
         let cache = CredentialCache::new(server.clone(), Metrics::new());
         cache.get(ip(), "uid-a", "app").await.unwrap();
         cache.get(ip(), "uid-a", "app").await.unwrap();
@@ -254,7 +260,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn server_outage_serves_still_valid_credentials_but_not_refusals() {
-        let server = FakeServer::new(Duration::from_secs(100));
+        let server = FakeServer::new(Duration::from_secs(3600));
+        *server.age.lock().unwrap() = Duration::from_secs(3000);
         let cache = CredentialCache::new(server.clone(), Metrics::new());
         let first = cache.get(ip(), "uid-a", "app").await.unwrap();
         *server.answer.lock().unwrap() = Err(ServerError::Unreachable("connection refused".into()));

@@ -370,3 +370,353 @@ fn json(body: String) -> Response<Full<Bytes>> {
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential_cache::tests::FakeServer;
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+    use http_body_util::BodyExt;
+    use imdsgate_core::pod_index::ROLE_ANNOTATION;
+    use k8s_openapi::api::core::v1::Pod;
+    use std::sync::atomic::Ordering;
+
+    const NODE_IP: &str = "10.0.0.1";
+
+    struct FakeUpstream;
+
+    impl Upstream for FakeUpstream {
+        fn get(&self, path: &str) -> BoxFuture<'static, Result<crate::upstream::UpstreamResponse, String>> {
+            let body = Bytes::from(format!("upstream:{path}"));
+            async move { Ok(crate::upstream::UpstreamResponse { status: 200, content_type: None, body }) }
+                .boxed()
+        }
+    }
+
+    fn mk_pod(uid: &str, ip: &str, role: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "uid": uid, "name": uid, "namespace": "team",
+                          "annotations": role.map(|r| serde_json::json!({ ROLE_ANNOTATION: r })) },
+            "spec": { "nodeName": "node-a", "containers": [] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+        }))
+        .unwrap()
+    }
+
+    struct Bed {
+        imds: Imds,
+        server: Arc<FakeServer>,
+    }
+
+    fn bed(require_imdsv2: bool) -> Bed {
+        let pods = Arc::new(PodIndex::new());
+        pods.apply(&mk_pod("uid-app", "10.0.1.1", Some("app-role")));
+        pods.apply(&mk_pod("uid-arn", "10.0.1.2", Some("arn:aws:iam::123456789012:role/team/deployer")));
+        pods.apply(&mk_pod("uid-none", "10.0.1.3", None));
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let imds = Imds {
+            pods,
+            node_ips: vec![NODE_IP.parse().unwrap()],
+            pod_wait: Duration::from_millis(200),
+            tokens: TokenKey::from_bytes([1; 32]),
+            require_imdsv2,
+            credentials: CredentialCache::new(server.clone(), Metrics::new()),
+            upstream: Some(Arc::new(FakeUpstream)),
+            allow: AllowList::default_list(),
+            metrics: Metrics::new(),
+        };
+        Bed { imds, server }
+    }
+
+    struct Got {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: String,
+    }
+
+    impl Bed {
+        async fn call(&self, from: &str, method: Method, path: &str, headers: &[(&str, &str)]) -> Got {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let (_, response) = self.imds.handle(from.parse().unwrap(), &method, path, &map).await;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body =
+                String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+            Got { status, headers, body }
+        }
+
+        async fn get(&self, from: &str, path: &str) -> Got {
+            self.call(from, Method::GET, path, &[]).await
+        }
+
+        async fn token(&self, from: &str, ttl: &str) -> Got {
+            self.call(
+                from,
+                Method::PUT,
+                "/latest/api/token",
+                &[("X-aws-ec2-metadata-token-ttl-seconds", ttl)],
+            )
+            .await
+        }
+    }
+
+    #[test]
+    fn routes() {
+        use Route::*;
+        assert_eq!(Route::of("/latest/api/token"), Token);
+        assert_eq!(Route::of("/2021-01-03/api/token"), Token);
+        assert_eq!(Route::of("/latest/meta-data/iam"), IamListing);
+        assert_eq!(Route::of("/latest/meta-data/iam/"), IamListing);
+        assert_eq!(Route::of("/latest/meta-data/iam/info"), IamInfo);
+        assert_eq!(Route::of("/latest/meta-data/iam/security-credentials"), RoleName { extended: false });
+        assert_eq!(Route::of("/latest/meta-data/iam/security-credentials/"), RoleName { extended: false });
+        assert_eq!(
+            Route::of("/latest/meta-data/iam/security-credentials-extended/"),
+            RoleName { extended: true }
+        );
+        assert_eq!(
+            Route::of("/latest/meta-data/iam/security-credentials/app"),
+            Credentials { name: "app".into(), extended: false }
+        );
+        assert_eq!(
+            Route::of("/2009-04-04/meta-data/iam/security-credentials-extended/app"),
+            Credentials { name: "app".into(), extended: true }
+        );
+        for blocked in [
+            "/latest/meta-data/iam/anything-else",
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/latest/meta-data/placement/../iam/info",
+            "/latest/meta-data/iam/security-credentials%2Fapp",
+            "/latest//meta-data/iam/info",
+        ] {
+            assert_eq!(Route::of(blocked), Blocked, "{blocked}");
+        }
+        assert_eq!(Route::of("/latest/meta-data/placement/region"), Proxy);
+        assert_eq!(Route::of("/latest/user-data"), Proxy);
+    }
+
+    #[tokio::test]
+    async fn role_name_is_the_annotations_last_segment_without_newline() {
+        let b = bed(false);
+        for path in
+            ["/latest/meta-data/iam/security-credentials", "/latest/meta-data/iam/security-credentials/"]
+        {
+            let got = b.get("10.0.1.1", path).await;
+            assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "app-role"));
+        }
+        let got = b.get("10.0.1.2", "/latest/meta-data/iam/security-credentials/").await;
+        assert_eq!(got.body, "deployer");
+        let got = b.get("10.0.1.3", "/latest/meta-data/iam/security-credentials/").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert!(got.body.contains("no iam.amazonaws.com/role"), "{}", got.body);
+    }
+
+    #[tokio::test]
+    async fn credentials_are_exactly_the_imds_document() {
+        let b = bed(false);
+        let got = b.get("10.0.1.1", "/latest/meta-data/iam/security-credentials/app-role").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.headers[header::CONTENT_TYPE], "application/json");
+        let lines: Vec<&str> = got.body.lines().collect();
+        assert_eq!(lines[0], "{");
+        assert_eq!(lines[1], r#"  "Code" : "Success","#);
+        assert!(
+            lines[2].starts_with(r#"  "LastUpdated" : ""#) && lines[2].ends_with(r#"Z","#),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(lines[3], r#"  "Type" : "AWS-HMAC","#);
+        assert!(lines[4].starts_with(r#"  "AccessKeyId" : "ASIA1-uid-app""#));
+        assert_eq!(lines[5], r#"  "SecretAccessKey" : "secret\"with/quote","#, "values are JSON-escaped");
+        assert_eq!(lines[6], r#"  "Token" : "token","#);
+        assert_eq!(lines[8], "}");
+        let doc: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+        let expiration = doc["Expiration"].as_str().unwrap();
+        assert_eq!(expiration.len(), "2026-01-01T00:00:00Z".len());
+        assert!(jiff::civil::DateTime::strptime("%Y-%m-%dT%H:%M:%SZ", expiration).is_ok(), "{expiration}");
+        assert!(doc.get("AccountId").is_none());
+
+        let extended =
+            b.get("10.0.1.1", "/latest/meta-data/iam/security-credentials-extended/app-role").await;
+        let doc: serde_json::Value = serde_json::from_str(&extended.body).unwrap();
+        assert_eq!(doc["AccountId"], "123456789012");
+        assert_eq!(b.server.calls.load(Ordering::SeqCst), 1, "both served from one server call");
+    }
+
+    #[tokio::test]
+    async fn another_role_name_is_not_found_and_never_fetched() {
+        let b = bed(false);
+        let got = b.get("10.0.1.1", "/latest/meta-data/iam/security-credentials/admin").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert_eq!(b.server.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn info_and_listing() {
+        let b = bed(false);
+        let got = b.get("10.0.1.1", "/latest/meta-data/iam/").await;
+        assert_eq!(got.body, "info\nsecurity-credentials/");
+        let got = b.get("10.0.1.1", "/latest/meta-data/iam/info").await;
+        let doc: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+        assert_eq!(doc["Code"], "Success");
+        assert_eq!(doc["InstanceProfileArn"], "arn:aws:iam::123456789012:instance-profile/app-role");
+        assert!(doc["InstanceProfileId"].as_str().unwrap().starts_with("AIPA"));
+        assert_eq!(b.get("10.0.1.3", "/latest/meta-data/iam/").await.status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn imdsv2_tokens() {
+        let b = bed(true);
+        let path = "/latest/meta-data/iam/security-credentials/";
+        assert_eq!(
+            b.get("10.0.1.1", path).await.status,
+            StatusCode::UNAUTHORIZED,
+            "IMDSv1 refused when v2 is required"
+        );
+        let issued = b.token("10.0.1.1", "21600").await;
+        assert_eq!(issued.status, StatusCode::OK);
+        assert_eq!(issued.headers[TTL_HEADER], "21600", "the TTL header is echoed");
+        let ok = b.call("10.0.1.1", Method::GET, path, &[(TOKEN_HEADER, &issued.body)]).await;
+        assert_eq!((ok.status, ok.body.as_str()), (StatusCode::OK, "app-role"));
+        let foreign = b.call("10.0.1.2", Method::GET, path, &[(TOKEN_HEADER, &issued.body)]).await;
+        assert_eq!(foreign.status, StatusCode::UNAUTHORIZED, "another pod's token is useless");
+        let junk = b.call("10.0.1.1", Method::GET, path, &[(TOKEN_HEADER, "junk")]).await;
+        assert_eq!(junk.status, StatusCode::UNAUTHORIZED);
+        for bad in ["0", "21601", "x", ""] {
+            assert_eq!(b.token("10.0.1.1", bad).await.status, StatusCode::BAD_REQUEST, "ttl {bad:?}");
+        }
+        let no_ttl = b.call("10.0.1.1", Method::PUT, "/latest/api/token", &[]).await;
+        assert_eq!(no_ttl.status, StatusCode::BAD_REQUEST);
+        let forwarded = b
+            .call(
+                "10.0.1.1",
+                Method::PUT,
+                "/latest/api/token",
+                &[(TTL_HEADER, "60"), ("X-Forwarded-For", "1.2.3.4")],
+            )
+            .await;
+        assert_eq!(forwarded.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            b.call("10.0.1.1", Method::GET, "/latest/api/token", &[]).await.status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(b.call("10.0.1.1", Method::POST, path, &[]).await.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn a_token_survives_a_restart_with_the_same_key() {
+        let first = bed(true);
+        let token = first.token("10.0.1.1", "60").await.body;
+        let restarted = bed(true);
+        let got = restarted
+            .call(
+                "10.0.1.1",
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials",
+                &[(TOKEN_HEADER, &token)],
+            )
+            .await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn unknown_ips_wait_then_404_and_the_node_is_refused() {
+        let b = bed(false);
+        let got = b.get("10.0.9.9", "/latest/meta-data/iam/security-credentials/").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert!(got.body.contains("10.0.9.9"), "the body names the IP: {}", got.body);
+        let got = b.get(NODE_IP, "/latest/meta-data/iam/security-credentials/").await;
+        assert_eq!(got.status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_appears_while_waiting_is_answered() {
+        let b = Arc::new(bed(false));
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(
+                async move { b.get("10.0.1.7", "/latest/meta-data/iam/security-credentials/").await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.imds.pods.apply(&mk_pod("uid-late", "10.0.1.7", Some("late-role")));
+        let got = waiter.await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "late-role"));
+    }
+
+    #[tokio::test]
+    async fn other_paths_are_proxied_only_when_allowed() {
+        let b = bed(false);
+        let got = b.get("10.0.1.1", "/latest/meta-data/placement/region").await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (StatusCode::OK, "upstream:/latest/meta-data/placement/region")
+        );
+        for blocked in [
+            "/latest/user-data",
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/latest/meta-data/iam/whatever",
+        ] {
+            let got = b.get("10.0.1.1", blocked).await;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{blocked}");
+            assert!(got.body.contains("imdsgate blocked"), "{}", got.body);
+        }
+        // Even from a pod without a role, the node's role is never proxied.
+        let got = b.get("10.0.1.3", "/latest/meta-data/iam/security-credentials/node-role").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert!(!got.body.contains("upstream"));
+    }
+
+    #[tokio::test]
+    async fn server_refusals_map_to_http_statuses() {
+        let b = bed(false);
+        let path = "/latest/meta-data/iam/security-credentials/app-role";
+        let cases = [
+            (
+                ServerError::Refused {
+                    code: tonic::Code::PermissionDenied,
+                    reason: Some(Reason::NamespaceForbids),
+                    message: "no".into(),
+                },
+                403,
+            ),
+            (
+                ServerError::Refused {
+                    code: tonic::Code::NotFound,
+                    reason: Some(Reason::NoRole),
+                    message: "no".into(),
+                },
+                404,
+            ),
+            (
+                ServerError::Refused {
+                    code: tonic::Code::Unavailable,
+                    reason: Some(Reason::StsUnavailable),
+                    message: "down".into(),
+                },
+                503,
+            ),
+            (
+                ServerError::Refused {
+                    code: tonic::Code::FailedPrecondition,
+                    reason: Some(Reason::PodUidMismatch),
+                    message: "reuse".into(),
+                },
+                503,
+            ),
+            (ServerError::Unreachable("refused".into()), 503),
+        ];
+        for (error, status) in cases {
+            *b.server.answer.lock().unwrap() = Err(error.clone());
+            let got = b.get("10.0.1.1", path).await;
+            assert_eq!(got.status.as_u16(), status, "{error:?}");
+        }
+    }
+}
