@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test bed needs on a fresh machine, idempotently:
-#   apt   Debian packages (iptables, iproute2, socat, procps, openssl)
+#   apt   Debian packages (iptables, iproute2, socat, procps, openssl, curl)
 #   venv  the project's Python virtualenv (.venv) with the pinned moto[server] and aws CLI
 #   k8s   the pinned kube-apiserver, kubectl and etcd (scripts/k8s-bins.sh)
 # With no argument it does all three. Prints what it does; a warm run takes a few seconds.
@@ -11,7 +11,7 @@ root=$(cd "$here/.." && pwd)
 . "$here/versions.sh"
 
 setup_apt() {
-  local want=(iptables iproute2 socat procps openssl) missing=()
+  local want=(iptables iproute2 socat procps openssl curl) missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done

@@ -145,6 +145,11 @@ impl Cluster {
         &self.url
     }
 
+    /// The apiserver's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
+    }
+
     /// PEM of the CA that signed the apiserver's serving certificate.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem

@@ -168,3 +168,149 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 pub async fn wait_listening(addr: SocketAddr) -> Result<()> {
     wait_for_port(addr, Duration::from_secs(20)).await
 }
+
+/// A running imdsgate-agent inside a node namespace, with the node's "real" metadata service (a
+/// stand-in answering with the node's identity) at 169.254.169.254:80 in that namespace.
+pub struct AgentProcess {
+    pub child: ChildGuard,
+    pub admin_port: u16,
+    pub listen_port: u16,
+    node_ns: String,
+    _fake_imds: Option<ChildGuard>,
+    dir: TempDir,
+}
+
+/// What an agent needs to be started.
+pub struct AgentSetup<'a> {
+    pub cluster: &'a Cluster,
+    pub pki: &'a Pki,
+    pub node: &'a crate::netns::NodeNs,
+    pub node_name: &'a str,
+    pub server_port: u16,
+    /// The agent pod object its identity token is bound to.
+    pub agent_pod: &'a k8s_openapi::api::core::v1::Pod,
+}
+
+impl AgentProcess {
+    /// Starts the agent in the node namespace with `--iptables` on `veth+`, the agent
+    /// ServiceAccount's kubeconfig, a pod-bound identity token, and the node's metadata stand-in as
+    /// upstream. The node namespace must already forward the apiserver and server ports.
+    pub async fn start(setup: &AgentSetup<'_>, extra_args: &[&str]) -> Result<AgentProcess> {
+        let dir = tempfile::Builder::new().prefix("imdsgate-e2e-agent-").tempdir()?;
+        let fake_imds = Self::start_fake_imds(setup.node, dir.path())?;
+        Self::start_in(setup, dir, Some(fake_imds), extra_args).await
+    }
+
+    /// Starts another agent process against the same state directory (a restart).
+    pub async fn restart(self, setup: &AgentSetup<'_>, extra_args: &[&str]) -> Result<AgentProcess> {
+        let AgentProcess { mut child, dir, _fake_imds, .. } = self;
+        child.terminate(Duration::from_secs(15))?;
+        drop(child);
+        Self::start_in(setup, dir, _fake_imds, extra_args).await
+    }
+
+    fn start_fake_imds(node: &crate::netns::NodeNs, dir: &std::path::Path) -> Result<ChildGuard> {
+        let n = node.name();
+        crate::process::run(Command::new("ip").args([
+            "-n",
+            n,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "eth0",
+        ]))?;
+        ChildGuard::spawn(
+            "node metadata stand-in",
+            node.command(crate::tools::venv_bin("python")?)
+                .arg(workspace_root().join("e2e/fake_imds.py"))
+                .args(["169.254.169.254", "80"]),
+            &dir.join("fake-imds.log"),
+        )
+    }
+
+    async fn start_in(
+        setup: &AgentSetup<'_>,
+        dir: TempDir,
+        fake_imds: Option<ChildGuard>,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
+        let path = dir.path();
+        let kubeconfig = setup.cluster.service_account_kubeconfig("imdsgate", "imdsgate-agent").await?;
+        let token = setup
+            .cluster
+            .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(setup.agent_pod))
+            .await?;
+        let token_file = path.join("identity-token");
+        std::fs::write(&token_file, token)?;
+        let (listen_port, admin_port) = (8181, 9611);
+        let host_ip = setup.node.host_ip().to_string();
+        let child = ChildGuard::spawn(
+            "imdsgate-agent",
+            setup
+                .node
+                .command(workspace_bin("imdsgate-agent")?)
+                .arg(format!("--node-name={}", setup.node_name))
+                .arg(format!("--host-ip={host_ip}"))
+                .arg(format!("--listen=0.0.0.0:{listen_port}"))
+                .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+                .arg("--iptables")
+                .arg("--host-interface=veth+")
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg(format!("--server=https://127.0.0.1:{}", setup.server_port))
+                .arg("--server-name=localhost")
+                .arg(format!("--tls-cert={}", setup.pki.agent_files.0.display()))
+                .arg(format!("--tls-key={}", setup.pki.agent_files.1.display()))
+                .arg(format!("--tls-ca={}", setup.pki.ca_file.display()))
+                .arg(format!("--identity-token-file={}", token_file.display()))
+                .arg(format!("--token-key-file={}", path.join("token.key").display()))
+                .arg("--metadata-upstream=http://169.254.169.254")
+                .args(extra_args)
+                .env("RUST_LOG", "info,imdsgate_agent=debug"),
+            &path.join(format!(
+                "agent-{}.log",
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
+            )),
+        )?;
+        let mut agent = AgentProcess {
+            child,
+            admin_port,
+            listen_port,
+            node_ns: setup.node.name().to_string(),
+            _fake_imds: fake_imds,
+            dir,
+        };
+        agent.wait_ready(Duration::from_secs(30)).await?;
+        Ok(agent)
+    }
+
+    /// Waits until the agent's `/readyz` answers 200 (watch synced, server reachable).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        loop {
+            self.child.check_running()?;
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.node_ns, "curl", "-sf", "-m", "2", &url])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("imdsgate-agent not ready after {timeout:?}; its log:\n{}", self.child.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log_tail(60)
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}

@@ -106,38 +106,37 @@ impl NodeNs {
     /// Makes `127.0.0.1:<port>` inside the node namespace lead to `127.0.0.1:<port>` on the machine,
     /// so a process in the node namespace reaches the apiserver, the server or moto at the same URL.
     pub async fn forward_to_host(&self, port: u16) -> Result<()> {
-        let socket: PathBuf = self.dir.path().join(format!("relay-{port}.sock"));
+        self.forward_into(&self.name.clone(), port).await
+    }
+
+    /// The same for one of this node's pods.
+    pub async fn forward_to_host_from_pod(&self, pod: &PodNs, port: u16) -> Result<()> {
+        self.forward_into(&pod.name, port).await
+    }
+
+    async fn forward_into(&self, ns: &str, port: u16) -> Result<()> {
+        let socket: PathBuf = self.dir.path().join(format!("relay-{ns}-{port}.sock"));
         let host_side = ChildGuard::spawn(
             "relay (host side)",
             Command::new("socat")
                 .arg(format!("UNIX-LISTEN:{},fork", socket.display()))
                 .arg(format!("TCP:127.0.0.1:{port}")),
-            &self.dir.path().join(format!("relay-{port}-host.log")),
+            &self.dir.path().join(format!("relay-{ns}-{port}-host.log")),
         )?;
         let ns_side = ChildGuard::spawn(
-            "relay (node side)",
-            self.command("socat")
+            "relay (namespace side)",
+            in_netns(ns, "socat")
                 .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
                 .arg(format!("UNIX-CONNECT:{}", socket.display())),
-            &self.dir.path().join(format!("relay-{port}-node.log")),
+            &self.dir.path().join(format!("relay-{ns}-{port}-ns.log")),
         )?;
         self.relays.lock().expect("relays lock").extend([host_side, ns_side]);
-        self.wait_listening(port, Duration::from_secs(10)).await
+        wait_listening_in(ns, port, Duration::from_secs(10)).await
     }
 
     /// Waits until something listens on TCP `port` inside the node namespace.
     pub async fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = run(self.command("ss").args(["-Hltn", &format!("sport = :{port}")]))?;
-            if !out.trim().is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("nothing listens on port {port} in {} after {timeout:?}", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_listening_in(&self.name, port, timeout).await
     }
 
     /// The NAT table of this node's namespace, as `iptables -t nat -S` prints it.
@@ -162,6 +161,21 @@ impl Drop for NodeNs {
             let _ = ip(&["netns", "del", &pod]);
         }
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Waits until something listens on TCP `port` inside namespace `ns`.
+pub async fn wait_listening_in(ns: &str, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = run(in_netns(ns, "ss").args(["-Hltn", &format!("sport = :{port}")]))?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} in {ns} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -1,0 +1,288 @@
+//! The whole path in network namespaces: a pod namespace reaches 169.254.169.254, the agent's own
+//! iptables rule in the node namespace sends it to the agent, the agent names the pod from its
+//! node-scoped watch of the real apiserver and gets credentials from the real server, which
+//! assumes the role in moto. Real clients: the aws CLI (botocore) and aws-sdk-rust's IMDS provider.
+
+use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, install_rbac};
+use imdsgate_e2e::netns::{NodeNs, PodNs};
+use imdsgate_e2e::process::run;
+use imdsgate_e2e::tools::{venv_bin, workspace_bin};
+use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
+use k8s_openapi::api::core::v1::Pod;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const NODE: &str = "node-a";
+const ASSUMED_WEB: &str = "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web";
+
+struct Bed {
+    cluster: Cluster,
+    sts: Sts,
+    pki: Pki,
+    _server: ServerProcess,
+    server_port: u16,
+    node: NodeNs,
+    agent_pod: Pod,
+    web: PodNs,
+    plain: PodNs,
+    other: PodNs,
+    agent: Option<AgentProcess>,
+}
+
+impl Bed {
+    async fn start() -> Bed {
+        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
+        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
+        install_rbac(&cluster).unwrap();
+        sts.create_role("app-reader").unwrap();
+        cluster.create_node(NODE).await.unwrap();
+        let agent_pod = cluster
+            .create_pod(
+                &PodSpec::new("imdsgate", "agent-a", NODE).service_account("imdsgate-agent").host_network(),
+            )
+            .await
+            .unwrap();
+        cluster
+            .create_namespace(
+                "team-a",
+                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
+            )
+            .await
+            .unwrap();
+
+        let node = NodeNs::create("10.200.0.1".parse().unwrap()).unwrap();
+        let mut pods = Vec::new();
+        for (name, ip, role) in
+            [("web", "10.200.1.10", true), ("plain", "10.200.1.11", false), ("other", "10.200.1.12", true)]
+        {
+            let mut spec = PodSpec::new("team-a", name, NODE);
+            if role {
+                spec = spec.annotation("iam.amazonaws.com/role", "app-reader");
+            }
+            cluster.create_pod(&spec).await.unwrap();
+            cluster.set_pod_status("team-a", name, &[ip], "Running").await.unwrap();
+            let pod = node.add_pod(ip.parse().unwrap()).unwrap();
+            node.forward_to_host_from_pod(&pod, sts.port()).await.unwrap();
+            pods.push(pod);
+        }
+        let pki = Pki::new().unwrap();
+        let server =
+            ServerProcess::start(&cluster, &sts, &pki, &["--role-base-arn=arn:aws:iam::123456789012:role/"])
+                .await
+                .expect("server starts");
+        let server_port = server.grpc.port();
+        node.forward_to_host(cluster.port()).await.unwrap();
+        node.forward_to_host(server_port).await.unwrap();
+        let other = pods.pop().unwrap();
+        let plain = pods.pop().unwrap();
+        let web = pods.pop().unwrap();
+        let mut bed = Bed {
+            cluster,
+            sts,
+            pki,
+            _server: server,
+            server_port,
+            node,
+            agent_pod,
+            web,
+            plain,
+            other,
+            agent: None,
+        };
+        bed.agent = Some(AgentProcess::start(&bed.setup(), &[]).await.expect("agent starts"));
+        bed
+    }
+
+    fn setup(&self) -> AgentSetup<'_> {
+        AgentSetup {
+            cluster: &self.cluster,
+            pki: &self.pki,
+            node: &self.node,
+            node_name: NODE,
+            server_port: self.server_port,
+            agent_pod: &self.agent_pod,
+        }
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+
+    /// A command in a pod namespace with a clean AWS environment: no credentials, no config files,
+    /// no IMDS endpoint override, STS at the emulator.
+    fn aws_env(&self, pod: &PodNs, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = pod.command(program);
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", self.node_dir())
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{}", self.sts.port()))
+            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2");
+        cmd
+    }
+
+    fn node_dir(&self) -> String {
+        self.agent.as_ref().map(|a| a.state_dir().display().to_string()).unwrap_or_else(|| "/tmp".into())
+    }
+
+    fn aws_cli(&self, pod: &PodNs) -> Output {
+        self.aws_env(pod, venv_bin("aws").unwrap())
+            .args(["sts", "get-caller-identity", "--query", "Arn", "--output", "text"])
+            .output()
+            .unwrap()
+    }
+
+    fn curl(&self, pod: &PodNs, args: &[&str]) -> Output {
+        pod.command("curl").args(["-s", "-m", "5"]).args(args).output().unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+#[tokio::test]
+async fn real_sdks_in_a_pod_get_the_pods_role_and_nothing_else() {
+    if !e2e_enabled("real_sdks_in_a_pod_get_the_pods_role_and_nothing_else") {
+        return;
+    }
+    let bed = Bed::start().await;
+
+    // botocore (aws CLI): IMDSv2 through 169.254.169.254, no endpoint override.
+    let out = bed.aws_cli(&bed.web);
+    assert!(out.status.success(), "aws CLI failed: {}\nagent log:\n{}", stderr(&out), bed.agent_log());
+    assert_eq!(stdout(&out), ASSUMED_WEB);
+
+    // aws-sdk-rust's IMDS credentials provider.
+    let out = bed.aws_env(&bed.web, workspace_bin("imds-whoami").unwrap()).output().unwrap();
+    assert!(out.status.success(), "aws-sdk-rust failed: {}\nagent log:\n{}", stderr(&out), bed.agent_log());
+    assert_eq!(stdout(&out), ASSUMED_WEB);
+
+    // A pod without a role gets no credentials, and is told why.
+    let out = bed.aws_cli(&bed.plain);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Unable to locate credentials"), "{}", stderr(&out));
+    let out = bed.curl(
+        &bed.plain,
+        &["-w", "\n%{http_code}", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"],
+    );
+    let text = stdout(&out);
+    assert!(text.ends_with("404") && text.contains("no iam.amazonaws.com/role"), "{text}");
+
+    // A token is bound to the pod that asked for it.
+    let token = stdout(&bed.curl(
+        &bed.web,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 300",
+            "http://169.254.169.254/latest/api/token",
+        ],
+    ));
+    assert!(!token.is_empty());
+    let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";
+    let own = bed.curl(
+        &bed.web,
+        &["-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("X-aws-ec2-metadata-token: {token}"), path],
+    );
+    assert_eq!(stdout(&own), "200");
+    let stolen = bed.curl(
+        &bed.other,
+        &["-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("X-aws-ec2-metadata-token: {token}"), path],
+    );
+    assert_eq!(stdout(&stolen), "401", "another pod cannot use the first pod's token");
+
+    // Region facts pass through; the node's secrets and role never do.
+    let region = bed.curl(&bed.web, &["http://169.254.169.254/latest/meta-data/placement/region"]);
+    assert_eq!(stdout(&region), "us-east-1");
+    for (pod, path) in [
+        (&bed.web, "/latest/user-data"),
+        (&bed.plain, "/latest/meta-data/iam/security-credentials/node-role"),
+        (&bed.web, "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
+    ] {
+        let out = bed.curl(pod, &["-w", "\n%{http_code}", &format!("http://169.254.169.254{path}")]);
+        let text = stdout(&out);
+        assert!(text.ends_with("404"), "{path}: {text}");
+        assert!(
+            !text.contains("NODEROLEKEY") && !text.contains("node-secret"),
+            "{path} leaked the node's: {text}"
+        );
+    }
+}
+
+fn rules_in(nat: &str, chain: &str) -> Vec<String> {
+    nat.lines().filter(|l| l.starts_with(&format!("-A {chain} "))).map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_uninstall() {
+    if !e2e_enabled("the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_uninstall") {
+        return;
+    }
+    let mut bed = Bed::start().await;
+    let nat = bed.node.nat_rules().unwrap();
+    assert_eq!(
+        rules_in(&nat, "IMDSGATE"),
+        [
+            "-A IMDSGATE -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.200.0.1:8181"
+        ]
+    );
+    assert_eq!(rules_in(&nat, "PREROUTING"), ["-A PREROUTING -i veth+ -j IMDSGATE"]);
+
+    // Something (kube-proxy, say) puts its rule in front; a restarted agent takes the first place back.
+    run(bed.node.command("iptables").args([
+        "-w",
+        "-t",
+        "nat",
+        "-I",
+        "PREROUTING",
+        "1",
+        "-p",
+        "udp",
+        "--dport",
+        "9",
+        "-j",
+        "RETURN",
+    ]))
+    .unwrap();
+    let agent = bed.agent.take().unwrap();
+    bed.agent = Some(agent.restart(&bed.setup(), &[]).await.expect("agent restarts"));
+    let nat = bed.node.nat_rules().unwrap();
+    assert_eq!(
+        rules_in(&nat, "PREROUTING"),
+        ["-A PREROUTING -i veth+ -j IMDSGATE", "-A PREROUTING -p udp -m udp --dport 9 -j RETURN"],
+        "exactly one jump, in first place"
+    );
+    assert_eq!(rules_in(&nat, "IMDSGATE").len(), 1);
+    assert_eq!(stdout(&bed.aws_cli(&bed.web)), ASSUMED_WEB, "served after the restart");
+
+    // The agent exits: the rule stays, so pods get "connection refused", never the node's role.
+    let mut agent = bed.agent.take().unwrap();
+    assert_eq!(agent.child.terminate(Duration::from_secs(15)).unwrap(), Some(0), "clean exit on SIGTERM");
+    let nat = bed.node.nat_rules().unwrap();
+    assert_eq!(rules_in(&nat, "IMDSGATE").len(), 1, "rule left in place on exit");
+    let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/node-role";
+    let out = bed.curl(&bed.plain, &[path]);
+    assert_eq!(out.status.code(), Some(7), "connection refused while the agent is down: {}", stdout(&out));
+    assert!(!stdout(&out).contains("NODEROLEKEY"));
+
+    // Only the explicit uninstall removes it (and then pods would reach the node's metadata).
+    run(bed.node.command(workspace_bin("imdsgate-agent").unwrap()).args(["iptables", "uninstall"])).unwrap();
+    let nat = bed.node.nat_rules().unwrap();
+    assert!(!nat.contains("IMDSGATE"), "{nat}");
+    let out = bed.curl(&bed.plain, &[path]);
+    assert!(
+        stdout(&out).contains("NODEROLEKEY"),
+        "the stand-in proves what the rule protected: {}",
+        stdout(&out)
+    );
+    drop(agent);
+}
