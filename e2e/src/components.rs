@@ -51,6 +51,48 @@ impl Pki {
     }
 }
 
+/// Where the mutual-TLS files are, and the name the server's certificate carries.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub agent_cert: PathBuf,
+    pub agent_key: PathBuf,
+    pub server_name: String,
+}
+
+impl TlsFiles {
+    /// The files `scripts/gen-certs.sh --out DIR` writes (the production recipe).
+    pub fn generate_with_script(dir: &std::path::Path) -> Result<TlsFiles> {
+        crate::process::run(
+            Command::new("bash").arg(workspace_root().join("scripts/gen-certs.sh")).arg("--out").arg(dir),
+        )?;
+        Ok(TlsFiles {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("imdsgate-server.crt"),
+            server_key: dir.join("imdsgate-server.key"),
+            agent_cert: dir.join("imdsgate-agent.crt"),
+            agent_key: dir.join("imdsgate-agent.key"),
+            server_name: "imdsgate-server.imdsgate.svc".into(),
+        })
+    }
+}
+
+impl Pki {
+    /// This PKI's files; the server certificate is for `localhost`.
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file.clone(),
+            server_cert: self.server_files.0.clone(),
+            server_key: self.server_files.1.clone(),
+            agent_cert: self.agent_files.0.clone(),
+            agent_key: self.agent_files.1.clone(),
+            server_name: "localhost".into(),
+        }
+    }
+}
+
 /// A running imdsgate-server.
 pub struct ServerProcess {
     pub child: ChildGuard,
@@ -65,7 +107,7 @@ impl ServerProcess {
     pub async fn start(
         cluster: &Cluster,
         sts: &Sts,
-        pki: &Pki,
+        tls: &TlsFiles,
         extra_args: &[&str],
     ) -> Result<ServerProcess> {
         let dir = tempfile::Builder::new().prefix("imdsgate-e2e-server-").tempdir()?;
@@ -78,9 +120,9 @@ impl ServerProcess {
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .arg(format!("--listen={grpc}"))
                 .arg(format!("--admin-listen={admin}"))
-                .arg(format!("--tls-cert={}", pki.server_files.0.display()))
-                .arg(format!("--tls-key={}", pki.server_files.1.display()))
-                .arg(format!("--tls-client-ca={}", pki.ca_file.display()))
+                .arg(format!("--tls-cert={}", tls.server_cert.display()))
+                .arg(format!("--tls-key={}", tls.server_key.display()))
+                .arg(format!("--tls-client-ca={}", tls.ca.display()))
                 .arg(format!("--sts-endpoint={}", sts.endpoint()))
                 .arg(format!("--region={REGION}"))
                 .args(extra_args)
@@ -183,7 +225,7 @@ pub struct AgentProcess {
 /// What an agent needs to be started.
 pub struct AgentSetup<'a> {
     pub cluster: &'a Cluster,
-    pub pki: &'a Pki,
+    pub tls: &'a TlsFiles,
     pub node: &'a crate::netns::NodeNs,
     pub node_name: &'a str,
     pub server_port: u16,
@@ -258,10 +300,10 @@ impl AgentProcess {
                 .arg("--host-interface=veth+")
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .arg(format!("--server=https://127.0.0.1:{}", setup.server_port))
-                .arg("--server-name=localhost")
-                .arg(format!("--tls-cert={}", setup.pki.agent_files.0.display()))
-                .arg(format!("--tls-key={}", setup.pki.agent_files.1.display()))
-                .arg(format!("--tls-ca={}", setup.pki.ca_file.display()))
+                .arg(format!("--server-name={}", setup.tls.server_name))
+                .arg(format!("--tls-cert={}", setup.tls.agent_cert.display()))
+                .arg(format!("--tls-key={}", setup.tls.agent_key.display()))
+                .arg(format!("--tls-ca={}", setup.tls.ca.display()))
                 .arg(format!("--identity-token-file={}", token_file.display()))
                 .arg(format!("--token-key-file={}", path.join("token.key").display()))
                 .arg("--metadata-upstream=http://169.254.169.254")

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod components;
+pub mod demo;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -63,8 +63,11 @@ pub fn venv_bin(bin: &str) -> Result<PathBuf> {
 /// cargo built the tests into.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no profile dir")?;
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let mut profile_dir = exe.parent().context("executable has no directory")?;
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().context("deps has no parent")?;
+    }
     let path = profile_dir.join(name);
     if !path.is_file() {
         bail!("{} is missing; build it with `cargo build --workspace --bins`", path.display());

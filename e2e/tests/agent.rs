@@ -3,7 +3,7 @@
 //! node-scoped watch of the real apiserver and gets credentials from the real server, which
 //! assumes the role in moto. Real clients: the aws CLI (botocore) and aws-sdk-rust's IMDS provider.
 
-use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, install_rbac};
+use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, install_rbac};
 use imdsgate_e2e::netns::{NodeNs, PodNs};
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::tools::{venv_bin, workspace_bin};
@@ -18,7 +18,8 @@ const ASSUMED_WEB: &str = "arn:aws:sts::123456789012:assumed-role/app-reader/tea
 struct Bed {
     cluster: Cluster,
     sts: Sts,
-    pki: Pki,
+    _pki: Pki,
+    tls: TlsFiles,
     _server: ServerProcess,
     server_port: u16,
     node: NodeNs,
@@ -66,8 +67,9 @@ impl Bed {
             pods.push(pod);
         }
         let pki = Pki::new().unwrap();
+        let tls = pki.files();
         let server =
-            ServerProcess::start(&cluster, &sts, &pki, &["--role-base-arn=arn:aws:iam::123456789012:role/"])
+            ServerProcess::start(&cluster, &sts, &tls, &["--role-base-arn=arn:aws:iam::123456789012:role/"])
                 .await
                 .expect("server starts");
         let server_port = server.grpc.port();
@@ -79,7 +81,8 @@ impl Bed {
         let mut bed = Bed {
             cluster,
             sts,
-            pki,
+            _pki: pki,
+            tls,
             _server: server,
             server_port,
             node,
@@ -96,7 +99,7 @@ impl Bed {
     fn setup(&self) -> AgentSetup<'_> {
         AgentSetup {
             cluster: &self.cluster,
-            pki: &self.pki,
+            tls: &self.tls,
             node: &self.node,
             node_name: NODE,
             server_port: self.server_port,

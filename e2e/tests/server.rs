@@ -68,7 +68,8 @@ impl Bed {
             cluster.set_pod_status(ns, name, &[ip], "Running").await.unwrap();
         }
         let pki = Pki::new().unwrap();
-        let server = ServerProcess::start(&cluster, &sts, &pki, server_args).await.expect("server starts");
+        let server =
+            ServerProcess::start(&cluster, &sts, &pki.files(), server_args).await.expect("server starts");
         Bed { cluster, sts, pki, server, token_a }
     }
 
