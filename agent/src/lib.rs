@@ -18,7 +18,9 @@ use clap::{Parser, Subcommand};
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_duration, shutdown_signal};
+use imdsgate_core::process::{
+    LogFormat, bad_config, init_logging, parse_args, parse_duration, shutdown_signal,
+};
 use imdsgate_core::watch::{self, Synced, Update};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -175,7 +177,10 @@ struct Validated {
 impl Args {
     /// Parses the command line and runs until shutdown; returns the process exit code.
     pub fn parse_and_run() -> ExitCode {
-        let args = Args::parse();
+        let args = match parse_args::<Args>() {
+            Ok(args) => args,
+            Err(code) => return code,
+        };
         init_logging(args.log_format);
         if let Some(Command::Iptables { action: IptablesAction::Uninstall }) = &args.command {
             return uninstall(args.ipv6);

@@ -47,6 +47,15 @@ pub fn bad_config(error: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG)
 }
 
+/// Parses the command line; on a bad flag prints clap's message and returns exit code 64
+/// (`--help` and `--version` print and return success).
+pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
+    T::try_parse().map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() { ExitCode::from(EXIT_BAD_CONFIG) } else { ExitCode::SUCCESS }
+    })
+}
+
 /// Parses durations such as `90s`, `15m`, `1h30m` for clap.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 1h)"))

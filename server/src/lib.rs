@@ -21,7 +21,9 @@ use clap::Parser;
 use futures::StreamExt;
 use imdsgate_core::admin::Admin;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_duration, shutdown_signal};
+use imdsgate_core::process::{
+    LogFormat, bad_config, init_logging, parse_args, parse_duration, shutdown_signal,
+};
 use imdsgate_core::watch::{self, Synced, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::v1::credentials_server::CredentialsServer;
@@ -146,7 +148,10 @@ struct Validated {
 impl Args {
     /// Parses the command line and runs until shutdown; returns the process exit code.
     pub fn parse_and_run() -> ExitCode {
-        let args = Args::parse();
+        let args = match parse_args::<Args>() {
+            Ok(args) => args,
+            Err(code) => return code,
+        };
         init_logging(args.log_format);
         let validated = match args.validate() {
             Ok(v) => v,
