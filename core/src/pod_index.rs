@@ -161,17 +161,29 @@ impl PodIndex {
     /// The pods at `ip`, waiting up to `timeout` for the watch to deliver one if there is none yet.
     /// Returns as soon as a pod arrives; no polling.
     pub async fn wait_for_ip(&self, ip: &IpAddr, timeout: Duration) -> Vec<Arc<PodInfo>> {
+        self.wait_until(timeout, |index| Some(index.by_ip(ip)).filter(|pods| !pods.is_empty()))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// The pod with `uid` at `ip`, waiting up to `timeout` for the watch to deliver it.
+    pub async fn wait_for_pod(&self, ip: &IpAddr, uid: &str, timeout: Duration) -> Option<Arc<PodInfo>> {
+        self.wait_until(timeout, |index| index.by_ip(ip).into_iter().find(|p| p.uid == uid)).await
+    }
+
+    /// Evaluates `found` now and after every change to the index until it yields something or
+    /// `timeout` passes. Event-driven: no polling.
+    pub async fn wait_until<T>(&self, timeout: Duration, found: impl Fn(&Self) -> Option<T>) -> Option<T> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let pods = self.by_ip(ip);
-            if !pods.is_empty() {
-                return pods;
+            if let Some(hit) = found(self) {
+                return Some(hit);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.by_ip(ip);
+                return found(self);
             }
         }
     }
@@ -348,6 +360,22 @@ pub(crate) mod tests {
         let pods = waiter.await.unwrap();
         assert_eq!(uids(&pods), ["u9"]);
         assert!(started.elapsed() < Duration::from_millis(10), "answered on arrival, not at the deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_pod_ignores_the_previous_owner_of_its_ip() {
+        let index = Arc::new(PodIndex::new());
+        index.apply(&mk_pod("old", "a", &["10.0.0.9"], "Running", None));
+        let waiter = {
+            let index = index.clone();
+            tokio::spawn(
+                async move { index.wait_for_pod(&ip("10.0.0.9"), "new", Duration::from_secs(2)).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        index.apply(&mk_pod("new", "b", &["10.0.0.9"], "Running", None));
+        assert_eq!(waiter.await.unwrap().map(|p| p.uid.clone()).as_deref(), Some("new"));
+        assert!(index.wait_for_pod(&ip("10.0.0.9"), "ghost", Duration::from_secs(1)).await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -133,6 +133,10 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// How long a request for a pod not yet in this server's watch waits for it to arrive.
+    #[arg(long, env = "IMDSGATE_POD_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub pod_wait: Duration,
+
     /// This pod's name, to tell replicas apart in Events (from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -175,6 +179,9 @@ impl Args {
         }
         if !(self.sts_max_rps >= 0.0 && self.sts_max_rps.is_finite()) {
             return Err(anyhow!("--sts-max-rps must be 0 (no limit) or a positive number"));
+        }
+        if self.pod_wait > Duration::from_secs(10) {
+            return Err(anyhow!("--pod-wait must be at most 10s"));
         }
         if self.agent_service_account.split_once([':', '/']).is_none() {
             return Err(anyhow!(
@@ -303,7 +310,8 @@ impl Validated {
                 tracing::info!("watches synced; serving");
             });
         }
-        let service = CredentialsService { authn, authorizer, cache, events, metrics };
+        let service =
+            CredentialsService { pod_wait: args.pod_wait, authn, authorizer, cache, events, metrics };
         let incoming = tls_server::incoming(grpc_listener, tls);
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)

@@ -14,6 +14,9 @@ use std::time::{Instant, SystemTime};
 use tonic::{Request, Response, Status};
 
 pub struct CredentialsService {
+    /// How long a request for a pod this server's watch has not delivered yet waits for it (the
+    /// agent's watch may be a little ahead).
+    pub pod_wait: std::time::Duration,
     pub authn: Arc<AgentAuthenticator>,
     pub authorizer: Arc<Authorizer>,
     pub cache: CredentialCache,
@@ -56,6 +59,8 @@ impl CredentialsService {
         let agent = self.authn.authenticate(authorization).await?;
         let req = request.get_ref();
         let ask = Ask::parse(&req.pod_ip, &req.pod_uid, &req.role)?;
+        // A pod the agent already knows may not have reached this server's watch yet.
+        self.authorizer.pods.wait_for_pod(&ask.pod_ip, &ask.pod_uid, self.pod_wait).await;
         let (pod, key) = match self.authorizer.authorize(&ask, &agent) {
             Ok(found) => found,
             Err(authorizer::Refusal { pod, denial }) => {
