@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod components;
 pub mod demo;
+pub mod load;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -110,7 +110,7 @@ pub struct Args {
     pub cluster_name: Option<String>,
 
     /// Most STS AssumeRole calls per second (0: no limit).
-    #[arg(long, env = "IMDSGATE_STS_MAX_RPS", default_value_t = 20.0)]
+    #[arg(long, env = "IMDSGATE_STS_MAX_RPS", default_value_t = 200.0)]
     pub sts_max_rps: f64,
 
     /// The agents' ServiceAccount, <namespace>:<name>; other callers are refused.

@@ -1,0 +1,772 @@
+//! `scripts/bench.sh`: imdsgate's benchmarks on the test bed, written to BENCHMARKS.md. Measures,
+//! never asserts: the hot path against a bare hyper server through the same DNAT path, a start
+//! storm, memory at scale, STS economy over a simulated clock, and server fan-in.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use futures::{StreamExt, TryStreamExt};
+use imdsgate_e2e::components::{
+    AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, grpc_client, install_rbac,
+};
+use imdsgate_e2e::load::{self, LoadReport};
+use imdsgate_e2e::netns::{NodeNs, PodNs};
+use imdsgate_e2e::process::{ChildGuard, run};
+use imdsgate_e2e::{Cluster, PodSpec, Sts};
+use k8s_openapi::api::core::v1::Pod;
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Parser)]
+#[command(name = "imdsgate-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every benchmark and write the report.
+    All {
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: std::path::PathBuf,
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Pods for the server memory figure.
+        #[arg(long, default_value_t = 10_000)]
+        server_pods: usize,
+    },
+    /// (internal) HTTP load from the current network namespace; prints a JSON report.
+    Load {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// (internal) A bare hyper server answering a fixed body: the physical limit.
+    Bare {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        body_size: usize,
+    },
+    /// (internal) For each IP read on stdin, one credentials request from that source address.
+    StormClient {
+        #[arg(long)]
+        role: String,
+    },
+}
+
+fn main() -> Result<()> {
+    rustls::crypto::aws_lc_rs::default_provider().install_default().ok();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match Cli::parse().command {
+        Cmd::Load { target, path, method, headers, connections, seconds, rate } => runtime.block_on(async {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().filter_map(|h| h.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
+            let request = load::request(&method, &target.ip().to_string(), &path, &headers);
+            let report = load::run(target, request, connections, Duration::from_secs(seconds), rate).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }),
+        Cmd::Bare { listen, body_size } => runtime.block_on(bare(listen, body_size)),
+        Cmd::StormClient { role } => runtime.block_on(storm_client(role)),
+        Cmd::All { out, seconds, server_pods } => runtime.block_on(all(out, seconds, server_pods)),
+    }
+}
+
+async fn bare(listen: SocketAddr, body_size: usize) -> Result<()> {
+    use http_body_util::Full;
+    let body = bytes::Bytes::from(vec![b'x'; body_size]);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                let mut response = http::Response::new(Full::new(body.clone()));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn storm_client(role: String) -> Result<()> {
+    let target: SocketAddr = "169.254.169.254:80".parse()?;
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    while let Some(line) = rx.recv().await {
+        let Ok(ip) = line.trim().parse::<IpAddr>() else { continue };
+        let request = load::request("GET", "169.254.169.254", &path, &[]);
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let status = match load::Connection::open(target, Some(ip)).await {
+                Ok(mut conn) => conn.exchange(&request).await.map(|(s, _)| s).unwrap_or(0),
+                Err(_) => 0,
+            };
+            (ip, status, started.elapsed().as_micros())
+        }));
+    }
+    for task in tasks {
+        let (ip, status, micros) = task.await?;
+        println!("{ip} {status} {micros}");
+    }
+    Ok(())
+}
+
+/// Everything the benchmarks run against.
+struct Bed {
+    agent: AgentProcess,
+    server: ServerProcess,
+    node: NodeNs,
+    sts: Sts,
+    cluster: Cluster,
+    pki: Pki,
+    agent_pod: Pod,
+    _tls: TlsFiles,
+}
+
+const NODE: &str = "bench-node";
+const ROLE: &str = "bench-role";
+
+async fn bed() -> Result<Bed> {
+    let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
+    let (cluster, sts) = (cluster?, sts?);
+    install_rbac(&cluster)?;
+    sts.create_role(ROLE)?;
+    cluster.create_node(NODE).await?;
+    let agent_pod = cluster
+        .create_pod(
+            &PodSpec::new("imdsgate", "agent-bench", NODE).service_account("imdsgate-agent").host_network(),
+        )
+        .await?;
+    cluster.create_namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]).await?;
+    let pki = Pki::new()?;
+    let tls = pki.files();
+    let server = ServerProcess::start(
+        &cluster,
+        &sts,
+        &tls,
+        &["--role-base-arn=arn:aws:iam::123456789012:role/", "--log-format=json"],
+    )
+    .await?;
+    let node = NodeNs::create(Ipv4Addr::new(10, 220, 0, 1))?;
+    node.forward_to_host(cluster.port()).await?;
+    node.forward_to_host(server.grpc.port()).await?;
+    let setup = AgentSetup {
+        cluster: &cluster,
+        tls: &tls,
+        node: &node,
+        node_name: NODE,
+        server_port: server.grpc.port(),
+        agent_pod: &agent_pod,
+    };
+    let agent = AgentProcess::start(&setup, &["--log-format=json"]).await?;
+    Ok(Bed { agent, server, node, sts, cluster, pki, agent_pod, _tls: tls })
+}
+
+impl Bed {
+    async fn pod(&self, name: &str, ip: Ipv4Addr, role: bool) -> Result<()> {
+        let mut spec = PodSpec::new("bench", name, NODE);
+        if role {
+            spec = spec.annotation("iam.amazonaws.com/role", ROLE);
+        }
+        self.cluster.create_pod(&spec).await?;
+        self.cluster.set_pod_status("bench", name, &[&ip.to_string()], "Running").await?;
+        Ok(())
+    }
+
+    fn agent_metric(&self, sample: &str) -> Result<f64> {
+        let out = run(self.node.command("curl").args(["-s", "-m", "5", "http://127.0.0.1:9611/metrics"]))?;
+        Ok(imdsgate_e2e::components::metric_value(&out, sample))
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>())
+        })
+        .context("no VmRSS")?
+        .map_err(Into::into)
+}
+
+fn load_in(
+    pod: &PodNs,
+    target: &str,
+    path: &str,
+    headers: &[String],
+    seconds: u64,
+    rate: Option<f64>,
+    method: &str,
+) -> Result<LoadReport> {
+    let mut cmd = pod.command(std::env::current_exe()?);
+    cmd.args([
+        "load",
+        "--target",
+        target,
+        "--path",
+        path,
+        "--method",
+        method,
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    if let Some(rate) = rate {
+        cmd.args(["--rate", &format!("{rate:.0}")]);
+    }
+    let out = run(&mut cmd)?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+struct Report(String);
+
+impl Report {
+    fn line(&mut self, s: impl AsRef<str>) {
+        self.0.push_str(s.as_ref());
+        self.0.push('\n');
+        eprintln!("{}", s.as_ref());
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Result<()> {
+    let started = Instant::now();
+    let mut r = Report(String::new());
+    r.line("# Benchmarks");
+    r.line("");
+    r.line(format!(
+        "Written by `scripts/bench.sh` (release build; `target/release/imdsgate-bench all --seconds {seconds} --server-pods {server_pods}`) on {}.",
+        jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")
+    ));
+    r.line(format!("Machine: {}.", machine()));
+    r.line("Load generator: the project's own (`e2e/src/load.rs`): HTTP/1.1 keep-alive connections, closed loop for saturation, open loop at a fixed rate with latency measured from the scheduled send time. Generator, agent and server share the machine's cores.");
+    r.line("");
+
+    let b = bed().await?;
+    let agent_pid = b.agent.child.id();
+    let server_pid = b.server.child.id();
+    let agent_rss_empty = rss_kib(agent_pid)?;
+    let server_rss_empty = rss_kib(server_pid)?;
+
+    // --- 1. hot path -------------------------------------------------------------------------
+    let load_ip = Ipv4Addr::new(10, 220, 1, 10);
+    b.pod("load", load_ip, true).await?;
+    let pod = b.node.add_pod(load_ip)?;
+    let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE}");
+    let warm =
+        run(pod.command("curl").args(["-s", "-m", "10", &format!("http://169.254.169.254{creds_path}")]))?;
+    if !warm.contains("AccessKeyId") {
+        bail!("the load pod gets no credentials: {warm}\n{}", b.agent.log());
+    }
+    let body_size = warm.len();
+    let _bare = ChildGuard::spawn(
+        "bare hyper server",
+        b.node.command(std::env::current_exe()?).args([
+            "bare",
+            "--listen",
+            "10.220.0.1:8282",
+            "--body-size",
+            &body_size.to_string(),
+        ]),
+        &std::env::temp_dir().join(format!("imdsgate-bench-bare-{}.log", std::process::id())),
+    )?;
+    b.node.wait_listening(8282, Duration::from_secs(10)).await?;
+    run(b.node.command("iptables").args([
+        "-w",
+        "-t",
+        "nat",
+        "-I",
+        "PREROUTING",
+        "1",
+        "-i",
+        "veth+",
+        "-d",
+        "169.254.169.253/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.220.0.1:8282",
+    ]))?;
+    let agent_t = "169.254.169.254:80";
+    let bare_t = "169.254.169.253:80";
+    let token = run(pod.command("curl").args([
+        "-s",
+        "-X",
+        "PUT",
+        "-H",
+        "X-aws-ec2-metadata-token-ttl-seconds: 21600",
+        "http://169.254.169.254/latest/api/token",
+    ]))?;
+    let token_header = format!("X-aws-ec2-metadata-token: {}", token.trim());
+
+    let sat_agent = load_in(&pod, agent_t, &creds_path, &[], seconds, None, "GET")?;
+    let sat_bare = load_in(&pod, bare_t, &creds_path, &[], seconds, None, "GET")?;
+    let v2_get =
+        load_in(&pod, agent_t, &creds_path, std::slice::from_ref(&token_header), seconds, None, "GET")?;
+    let v2_put = load_in(
+        &pod,
+        agent_t,
+        "/latest/api/token",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 300".into()],
+        seconds,
+        None,
+        "PUT",
+    )?;
+    let listing =
+        load_in(&pod, agent_t, "/latest/meta-data/iam/security-credentials/", &[], seconds, None, "GET")?;
+    let ratio = sat_agent.rps / sat_bare.rps;
+    r.line("## 1. Hot path: cached credentials through 169.254.169.254");
+    r.line("");
+    r.line(format!("A pod network namespace sends requests to 169.254.169.254:80; the node namespace's DNAT rule (installed by the agent) sends them to the agent; credentials are cached. In the same run the same generator hits a bare hyper server answering a fixed {body_size}-byte body through an identical DNAT rule (169.254.169.253 → node:8282): the physical limit here. 32 connections, {seconds} s per run."));
+    r.line("");
+    r.line("| target | requests/s at saturation | p50 ms | p99 ms | p99.9 ms | errors |");
+    r.line("|---|---|---|---|---|---|");
+    for (name, rep) in [
+        ("agent: GET credentials (IMDSv1)", &sat_agent),
+        ("bare hyper server, same body size", &sat_bare),
+        ("agent: GET credentials with IMDSv2 token", &v2_get),
+        ("agent: PUT /latest/api/token", &v2_put),
+        ("agent: GET role listing", &listing),
+    ] {
+        r.line(format!(
+            "| {name} | {:.0} | {} | {} | {} | {} |",
+            rep.rps,
+            ms(rep.p50_us),
+            ms(rep.p99_us),
+            ms(rep.p999_us),
+            rep.errors
+        ));
+    }
+    r.line("");
+    r.line(format!(
+        "**agent / bare throughput: {ratio:.2}** (target ≥ 0.67: {}).",
+        if ratio >= 0.67 { "met" } else { "NOT met" }
+    ));
+    r.line("");
+    r.line("Latency at fixed rates (fractions of the agent's saturation; both targets at the same absolute rate):");
+    r.line("");
+    r.line("| rate (req/s) | agent p50 / p99 / p99.9 ms | bare p50 / p99 / p99.9 ms |");
+    r.line("|---|---|---|");
+    let mut p99_at_80 = 0.0;
+    for fraction in [0.25, 0.5, 0.8] {
+        let rate = sat_agent.rps * fraction;
+        let a = load_in(&pod, agent_t, &creds_path, &[], seconds, Some(rate), "GET")?;
+        let bare = load_in(&pod, bare_t, &creds_path, &[], seconds, Some(rate), "GET")?;
+        if fraction == 0.8 {
+            p99_at_80 = a.p99_us;
+        }
+        r.line(format!(
+            "| {rate:.0} ({:.0}%) | {} / {} / {} | {} / {} / {} |",
+            fraction * 100.0,
+            ms(a.p50_us),
+            ms(a.p99_us),
+            ms(a.p999_us),
+            ms(bare.p50_us),
+            ms(bare.p99_us),
+            ms(bare.p999_us)
+        ));
+    }
+    r.line("");
+    r.line(format!(
+        "**agent p99 at 80% of saturation: {} ms** (target < 1 ms: {}).",
+        ms(p99_at_80),
+        if p99_at_80 < 1000.0 { "met" } else { "NOT met" }
+    ));
+    r.line("");
+
+    // --- 2. start storm ----------------------------------------------------------------------
+    let storm_n = 200usize;
+    let first = Ipv4Addr::new(10, 220, 2, 1);
+    let storm_ns = b.node.add_pod(first)?;
+    let mut batch = String::new();
+    for i in 2..=storm_n {
+        batch.push_str(&format!("addr add 10.220.2.{i}/32 dev eth0\n"));
+    }
+    let batch_file = std::env::temp_dir().join(format!("imdsgate-bench-{}.ip", std::process::id()));
+    std::fs::write(&batch_file, batch)?;
+    run(Command::new("ip").args(["-n", &storm_ns.name, "-batch"]).arg(&batch_file))?;
+    run(Command::new("ip").args([
+        "-n",
+        b.node.name(),
+        "route",
+        "add",
+        "10.220.2.0/24",
+        "dev",
+        &storm_ns.host_veth,
+    ]))?;
+    let _ = std::fs::remove_file(&batch_file);
+    let moto_latency = moto_assume_role_ms(&b.sts).await?;
+    let sts_before = b.server.metric("imdsgate_server_sts_calls_total{result=\"Success\"}").await?;
+    let cluster = &b.cluster;
+    let names: Vec<(String, Ipv4Addr)> =
+        (1..=storm_n).map(|i| (format!("storm-{i}"), Ipv4Addr::new(10, 220, 2, i as u8))).collect();
+    futures::stream::iter(names.iter())
+        .map(|(name, _)| async move {
+            cluster
+                .create_pod(&PodSpec::new("bench", name, NODE).annotation("iam.amazonaws.com/role", ROLE))
+                .await
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let mut client = storm_ns
+        .command(std::env::current_exe()?)
+        .args(["storm-client", "--role", ROLE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdin = Arc::new(std::sync::Mutex::new(client.stdin.take().context("stdin")?));
+    let storm_started = Instant::now();
+    futures::stream::iter(names.iter())
+        .map(|(name, ip)| {
+            let stdin = stdin.clone();
+            async move {
+                cluster.set_pod_status("bench", name, &[&ip.to_string()], "Running").await?;
+                // The pod asks the moment its IP is set.
+                writeln!(stdin.lock().expect("stdin"), "{ip}")?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let storm_spread = storm_started.elapsed();
+    drop(stdin);
+    let output = client.wait_with_output()?;
+    let mut lat: Vec<f64> = Vec::new();
+    let mut failed = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() == 3 {
+            if parts[1] != "200" {
+                failed += 1;
+            }
+            lat.push(parts[2].parse::<f64>().unwrap_or(0.0));
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    };
+    let sts_calls =
+        b.server.metric("imdsgate_server_sts_calls_total{result=\"Success\"}").await? - sts_before;
+    r.line("## 2. Start storm");
+    r.line("");
+    r.line(format!("{storm_n} pods with roles created at once on one node (objects on the real apiserver), their IPs set through the status subresource ({} at a time; all {storm_n} set within {:.2} s). Each pod asks for its credentials the moment its IP is set, once, from its own source address.", 32, storm_spread.as_secs_f64()));
+    r.line("");
+    r.line("| first requests | failed | p50 ms | p99 ms | max ms | STS calls | moto AssumeRole latency (mean of 10) |");
+    r.line("|---|---|---|---|---|---|---|");
+    r.line(format!(
+        "| {} | {failed} | {} | {} | {} | {sts_calls:.0} | {moto_latency:.1} ms |",
+        lat.len(),
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(*lat.last().unwrap_or(&0.0))
+    ));
+    r.line("");
+    let p99_ex = pct(0.99) / 1000.0 - moto_latency;
+    r.line(format!("Zero failed first requests: {}. Credentials ready within 100 ms of the IP appearing, emulator latency excluded (p99 − moto mean = {p99_ex:.1} ms): {}.", if failed == 0 { "met" } else { "NOT met" }, if p99_ex <= 100.0 { "met" } else { "NOT met" }));
+    r.line("");
+
+    // --- 3. memory ---------------------------------------------------------------------------
+    let extra = 250usize.saturating_sub(storm_n + 1);
+    for i in 0..extra {
+        b.pod(&format!("idle-{i}"), Ipv4Addr::new(10, 220, 3, (i + 1) as u8), false).await?;
+    }
+    let on_node = storm_n + 1 + extra;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.agent_metric("imdsgate_agent_pods_indexed")? < on_node as f64 {
+        if Instant::now() > deadline {
+            bail!("the agent never indexed {on_node} pods");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let agent_rss = rss_kib(agent_pid)?;
+    let server_rss_before = rss_kib(server_pid)?;
+    let ns_count = 100usize;
+    let per_ns = server_pods / ns_count;
+    let ns_names: Vec<String> = (0..ns_count).map(|i| format!("scale-{i}")).collect();
+    for ns in &ns_names {
+        b.cluster.create_namespace(ns, &[]).await?;
+    }
+    let scale_started = Instant::now();
+    let jobs: Vec<(usize, usize)> = (0..ns_count).flat_map(|n| (0..per_ns).map(move |p| (n, p))).collect();
+    futures::stream::iter(jobs.iter())
+        .map(|(n, p)| {
+            let (ns, name) = (ns_names[*n].clone(), format!("p-{p}"));
+            let ip = format!("10.{}.{}.{}", 100 + n / 2, (n % 2) * 128 + p / 250, p % 250 + 1);
+            async move {
+                cluster.create_pod(&PodSpec::new(&ns, &name, &format!("other-{}", n % 20))).await?;
+                cluster.set_pod_status(&ns, &name, &[&ip], "Running").await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let total = (on_node + ns_count * per_ns) as f64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while b.server.metric("imdsgate_server_pods_indexed").await? < total {
+        if Instant::now() > deadline {
+            bail!("the server never indexed {total} pods");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let scale_secs = scale_started.elapsed().as_secs_f64();
+    let server_rss = rss_kib(server_pid)?;
+    let agent_rss_after = rss_kib(agent_pid)?;
+    let mib = |k: u64| k as f64 / 1024.0;
+    r.line("## 3. Memory");
+    r.line("");
+    r.line("Resident set size (VmRSS) of the release binaries.");
+    r.line("");
+    r.line("| process | pods | RSS MiB | per pod |");
+    r.line("|---|---|---|---|");
+    r.line(format!("| agent, no pods on its node | 0 | {:.1} | |", mib(agent_rss_empty)));
+    r.line(format!(
+        "| agent, pods on its node | {on_node} | {:.1} | {:.1} KiB |",
+        mib(agent_rss),
+        (agent_rss as f64 - agent_rss_empty as f64) / on_node as f64
+    ));
+    r.line(format!(
+        "| agent, after {} more pods on other nodes | {on_node} | {:.1} | |",
+        ns_count * per_ns,
+        mib(agent_rss_after)
+    ));
+    r.line(format!("| server, just started | 0 | {:.1} | |", mib(server_rss_empty)));
+    r.line(format!("| server | {on_node} | {:.1} | |", mib(server_rss_before)));
+    r.line(format!(
+        "| server, {ns_count} namespaces × {per_ns} pods more | {total:.0} | {:.1} | {:.1} KiB |",
+        mib(server_rss),
+        (server_rss as f64 - server_rss_before as f64) / (ns_count * per_ns) as f64
+    ));
+    r.line("");
+    let per_10k = (server_rss as f64 - server_rss_empty as f64) / total * 10_000.0 / 1024.0;
+    r.line(format!("Agent ≤ 20 MiB at 250 pods: {} ({:.1} MiB). Server ≤ 64 MiB per 10,000 pods: {} ({per_10k:.1} MiB per 10,000 pods above its empty footprint; {:.1} MiB in all). Creating and indexing the {} pods took {scale_secs:.0} s.", if mib(agent_rss) <= 20.0 { "met" } else { "NOT met" }, mib(agent_rss), if per_10k <= 64.0 { "met" } else { "NOT met" }, mib(server_rss), ns_count * per_ns));
+    r.line("");
+
+    // --- 4. STS economy ----------------------------------------------------------------------
+    let (calls_per_pod, pods_sim, hours) = sts_economy().await;
+    r.line("## 4. STS economy");
+    r.line("");
+    r.line(format!("The server's credential cache against a counting fake STS on a simulated clock: {pods_sim} pods, each asking every 10 s for {hours} simulated hours, the background refresher ticking every 15 s, 1-hour sessions."));
+    r.line("");
+    r.line(format!("AssumeRole calls per pod: **{calls_per_pod:.2}** over {hours} h ({:.2} per hour). Every call is one new session; a session is handed out until 15 minutes before it expires and refreshed in the background 20 minutes before, so a pod gets a fresh session every 40 minutes — never a call per request ({} requests per pod). One STS call per pod per session: met.", calls_per_pod / hours as f64, hours * 360));
+    r.line("");
+
+    // --- 5. fan-in ---------------------------------------------------------------------------
+    let fan = fan_in(&b, seconds).await?;
+    r.line("## 5. Server under fan-in");
+    r.line("");
+    r.line(format!("{} concurrent gRPC callers over {} mutual-TLS connections (as many agents), all cache hits for one pod, {seconds} s, against one server.", fan.0, fan.1));
+    r.line("");
+    r.line("| requests/s | p50 ms | p99 ms | errors |");
+    r.line("|---|---|---|---|");
+    r.line(format!("| {:.0} | {} | {} | {} |", fan.2.rps, ms(fan.2.p50_us), ms(fan.2.p99_us), fan.2.errors));
+    r.line("");
+    r.line(format!("Total run: {:.0} s.", started.elapsed().as_secs_f64()));
+    std::fs::write(&out, r.0)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string())))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} memory, Linux {}", kernel.trim())
+}
+
+async fn moto_assume_role_ms(sts: &Sts) -> Result<f64> {
+    let client = sts.root_client();
+    let started = Instant::now();
+    for i in 0..10 {
+        client
+            .assume_role()
+            .role_arn(format!("arn:aws:iam::123456789012:role/{ROLE}"))
+            .role_session_name(format!("probe-{i}"))
+            .send()
+            .await?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 100.0)
+}
+
+async fn sts_economy() -> (f64, usize, u64) {
+    use futures::FutureExt;
+    use imdsgate_server::credential_cache::{AssumeRole, CacheConfig, CredentialCache, Issued, StsError};
+    use imdsgate_server::session::SessionKey;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    struct Counting {
+        calls: AtomicU64,
+        now: Arc<AtomicU64>,
+    }
+    impl AssumeRole for Counting {
+        fn assume_role(
+            &self,
+            key: SessionKey,
+            duration: Duration,
+        ) -> futures::future::BoxFuture<'static, Result<Issued, StsError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(self.now.load(Ordering::SeqCst));
+            async move {
+                Ok(Issued {
+                    access_key_id: "ASIA".into(),
+                    secret_access_key: "s".into(),
+                    session_token: "t".into(),
+                    expiration: now + duration,
+                    issued_at: now,
+                    role_arn: key.role_arn.to_string(),
+                    account_id: "123456789012".into(),
+                })
+            }
+            .boxed()
+        }
+    }
+    let now = Arc::new(AtomicU64::new(1_800_000_000));
+    let sts = Arc::new(Counting { calls: AtomicU64::new(0), now: now.clone() });
+    let clock_now = now.clone();
+    let cache = CredentialCache::with_clock(
+        sts.clone(),
+        CacheConfig::new(Duration::from_secs(3600)),
+        imdsgate_server::metrics::Metrics::new(),
+        Arc::new(move || SystemTime::UNIX_EPOCH + Duration::from_secs(clock_now.load(Ordering::SeqCst))),
+    );
+    let pods = 100usize;
+    let hours = 3u64;
+    let keys: Vec<SessionKey> = (0..pods)
+        .map(|i| SessionKey {
+            role_arn: imdsgate_server::role::resolve("arn:aws:iam::123456789012:role/app", None)
+                .expect("valid"),
+            session_name: format!("ns.pod-{i}"),
+            external_id: None,
+            tags: vec![],
+        })
+        .collect();
+    for second in (0..hours * 3600).step_by(5) {
+        now.store(1_800_000_000 + second, Ordering::SeqCst);
+        if second % 15 == 0 {
+            cache.refresh_due();
+        }
+        if second % 10 == 0 {
+            for (i, key) in keys.iter().enumerate() {
+                let _ = cache.get(&format!("uid-{i}"), key).await;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    (sts.calls.load(Ordering::SeqCst) as f64 / pods as f64, pods, hours)
+}
+
+async fn fan_in(b: &Bed, seconds: u64) -> Result<(usize, usize, LoadReport)> {
+    let token = b
+        .cluster
+        .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&b.agent_pod))
+        .await?;
+    let uid = kube::Api::<Pod>::namespaced(b.cluster.client(), "bench")
+        .get("load")
+        .await?
+        .metadata
+        .uid
+        .context("uid")?;
+    let channels = 8usize;
+    let per_channel = 8usize;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..channels {
+        let client = grpc_client(b.server.grpc, &b.pki.ca.cert_pem(), Some(&b.pki.agent)).await?;
+        for _ in 0..per_channel {
+            let (mut client, token, uid) = (client.clone(), token.clone(), uid.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let mut req = tonic::Request::new(imdsgate_proto::v1::GetCredentialsRequest {
+                        pod_ip: "10.220.1.10".into(),
+                        pod_uid: uid.clone(),
+                        role: ROLE.into(),
+                    });
+                    req.metadata_mut()
+                        .insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+                    let t = Instant::now();
+                    if client.get_credentials(req).await.is_err() {
+                        errors += 1;
+                    }
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+                (lat, errors)
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    let mut report = LoadReport::default();
+    for t in tasks {
+        let (lat, errors) = t.await?;
+        all.extend(lat);
+        report.errors += errors;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.requests = all.len() as u64;
+    report.rps = report.requests as f64 / report.seconds;
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
+            as f64
+    };
+    report.p50_us = pct(0.5);
+    report.p99_us = pct(0.99);
+    Ok((channels * per_channel, channels, report))
+}

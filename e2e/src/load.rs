@@ -1,0 +1,170 @@
+//! The project's own HTTP load generator for the benchmarks: HTTP/1.1 keep-alive connections that
+//! send one fixed request and read `Content-Length` responses. Closed loop (as fast as answers
+//! come: saturation) or open loop at a fixed rate, with latency measured from the *scheduled* send
+//! time so a stalled server is not hidden (no coordinated omission).
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// What one run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub body_bytes: usize,
+    pub status: u16,
+}
+
+/// One keep-alive connection that sends `request` and reads whole responses.
+pub struct Connection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    pub async fn open(target: SocketAddr, source: Option<IpAddr>) -> Result<Connection> {
+        let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(ip) = source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = socket.connect(target).await.with_context(|| format!("connecting to {target}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Connection { stream, buf: Vec::with_capacity(8192) })
+    }
+
+    /// Sends `request` and returns (status, body length, body).
+    pub async fn exchange(&mut self, request: &[u8]) -> Result<(u16, Vec<u8>)> {
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        let header_end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+        };
+        let head = std::str::from_utf8(&self.buf[..header_end]).context("header not UTF-8")?;
+        let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status")?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            })
+            .context("no content-length")?;
+        while self.buf.len() < header_end + length {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed mid-body");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((status, self.buf[header_end..header_end + length].to_vec()))
+    }
+}
+
+/// A GET (or other method) request with headers, as bytes.
+pub fn request(method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: imdsgate-bench\r\n");
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
+/// Runs `connections` connections for `duration`, closed loop (`rate` None) or open loop at
+/// `rate` requests per second in total.
+pub async fn run(
+    target: SocketAddr,
+    request: Vec<u8>,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Result<LoadReport> {
+    let request = std::sync::Arc::new(request);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Connection::open(target, None).await?;
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let (mut errors, mut last_status, mut body_bytes) = (0u64, 0u16, 0usize);
+            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+            // Spread the connections' schedules evenly over one interval.
+            let mut next =
+                started + interval.map(|i| i.mul_f64(c as f64 / connections as f64)).unwrap_or_default();
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let scheduled = match interval {
+                    Some(i) => {
+                        if next > now {
+                            tokio::time::sleep_until(next.into()).await;
+                        }
+                        let s = next;
+                        next += i;
+                        s
+                    }
+                    None => now,
+                };
+                match conn.exchange(&request).await {
+                    Ok((status, body)) => {
+                        last_status = status;
+                        body_bytes = body.len();
+                        if status != 200 {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        conn = Connection::open(target, None).await?;
+                    }
+                }
+                latencies.push(scheduled.elapsed().as_micros() as u32);
+            }
+            Ok::<_, anyhow::Error>((latencies, errors, last_status, body_bytes))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut report = LoadReport::default();
+    for task in tasks {
+        let (latencies, errors, status, body) = task.await??;
+        all.extend(latencies);
+        report.errors += errors;
+        report.status = status;
+        report.body_bytes = body;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.requests = all.len() as u64;
+    report.rps = report.requests as f64 / report.seconds;
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
+            as f64
+    };
+    report.p50_us = pct(0.50);
+    report.p99_us = pct(0.99);
+    report.p999_us = pct(0.999);
+    report.max_us = all.last().copied().unwrap_or(0) as f64;
+    Ok(report)
+}
