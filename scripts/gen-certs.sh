@@ -5,8 +5,9 @@
 #
 #   scripts/gen-certs.sh [--out DIR] [--namespace NS] [--days N] [--apply]
 #
-# DIR (default ./imdsgate-certs) receives the PEM files and secrets.yaml. --apply pipes the
-# Secrets to `kubectl apply -f -`. Keep ca.key offline; re-run before --days runs out.
+# DIR (default ./imdsgate-certs) receives the PEM files, secrets.yaml and
+# webhook-cabundle-patch.json. --apply applies the Secrets and patches the admission webhook's
+# caBundle. Keep ca.key offline; re-run before --days runs out.
 set -euo pipefail
 
 out=./imdsgate-certs
@@ -45,7 +46,7 @@ issue() { # name usage san
   rm -f "$name.csr" "$name.ext"
 }
 issue imdsgate-server serverAuth \
-  "subjectAltName=DNS:imdsgate-server.$namespace.svc,DNS:imdsgate-server.$namespace.svc.cluster.local"
+  "subjectAltName=DNS:imdsgate-server.$namespace.svc,DNS:imdsgate-server.$namespace.svc.cluster.local,DNS:imdsgate-webhook.$namespace.svc"
 issue imdsgate-agent clientAuth ""
 
 b64() { base64 <"$1" | tr -d '\n'; }
@@ -66,7 +67,14 @@ data:
 YAML
 }
 { secret imdsgate-server-tls imdsgate-server.crt imdsgate-server.key; echo '---'; secret imdsgate-agent-tls imdsgate-agent.crt imdsgate-agent.key; } >secrets.yaml
-echo "gen-certs: wrote CA, key pairs and secrets.yaml to $(pwd)" >&2
+# The admission webhook's caBundle, as a JSON patch for the ValidatingWebhookConfiguration.
+printf '[{"op":"add","path":"/webhooks/0/clientConfig/caBundle","value":"%s"}]\n' "$(b64 ca.crt)" >webhook-cabundle-patch.json
+echo "gen-certs: wrote CA, key pairs, secrets.yaml and webhook-cabundle-patch.json to $(pwd)" >&2
 if $apply; then
   kubectl apply -f secrets.yaml
+  if kubectl get validatingwebhookconfiguration imdsgate >/dev/null 2>&1; then
+    kubectl patch validatingwebhookconfiguration imdsgate --type=json --patch-file=webhook-cabundle-patch.json
+  else
+    echo "gen-certs: no ValidatingWebhookConfiguration 'imdsgate' yet; run again with --apply after 'kubectl apply -k deploy/...'" >&2
+  fi
 fi

@@ -85,6 +85,7 @@ async fn service_accounts_have_exactly_the_rights_they_need() {
         ("create", "tokenreviews.authentication.k8s.io"),
         ("create", "events.events.k8s.io"),
         ("patch", "events"),
+        ("get", "nodes"),
     ] {
         assert!(can("imdsgate-server", verb, resource), "server must be able to {verb} {resource}");
     }

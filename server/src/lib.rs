@@ -3,6 +3,7 @@
 //! refreshes them, and answers agents over mutual-TLS gRPC.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod agent_auth;
 pub mod authorizer;
 pub mod credential_cache;
@@ -15,6 +16,7 @@ pub mod service;
 pub mod session;
 pub mod sts;
 pub mod tls_server;
+pub mod webhook_server;
 
 use anyhow::{Context, anyhow};
 use clap::Parser;
@@ -137,6 +139,39 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_POD_WAIT", default_value = "1s", value_parser = parse_duration)]
     pub pod_wait: Duration,
 
+    /// Address of the admission webhook's HTTPS listener (POST /validate/pods); off when unset.
+    #[arg(long, env = "IMDSGATE_WEBHOOK_LISTEN", requires_all = ["webhook_tls_cert", "webhook_tls_key"])]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// Webhook serving certificate (PEM); re-read when it changes.
+    #[arg(long, env = "IMDSGATE_WEBHOOK_TLS_CERT")]
+    pub webhook_tls_cert: Option<PathBuf>,
+
+    /// Webhook serving key (PEM); re-read when it changes.
+    #[arg(long, env = "IMDSGATE_WEBHOOK_TLS_KEY")]
+    pub webhook_tls_key: Option<PathBuf>,
+
+    /// Labels of the server nodes, key=value[,key=value]; pods may not be placed there.
+    #[arg(long, env = "IMDSGATE_SERVER_NODE_SELECTOR", default_value = "imdsgate.io/server-node=true")]
+    pub server_node_selector: String,
+
+    /// The server nodes' taint, key[=value]:Effect; pods tolerating it are refused.
+    #[arg(long, env = "IMDSGATE_SERVER_NODE_TAINT", default_value = "imdsgate.io/server-node:NoSchedule")]
+    pub server_node_taint: String,
+
+    /// Refuse every hostNetwork pod (by default only those with a role annotation).
+    #[arg(long, env = "IMDSGATE_DENY_HOST_NETWORK")]
+    pub deny_host_network: bool,
+
+    /// Namespaces the webhook lets through unchecked (comma-separated).
+    #[arg(
+        long,
+        env = "IMDSGATE_WEBHOOK_EXEMPT_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "imdsgate,kube-system"
+    )]
+    pub webhook_exempt_namespaces: Vec<String>,
+
     /// This pod's name, to tell replicas apart in Events (from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -147,6 +182,7 @@ struct Validated {
     args: Args,
     base_arn: Option<BaseArn>,
     tls: Arc<imdsgate_core::tls::Reloading<rustls::ServerConfig>>,
+    webhook: Option<(Arc<imdsgate_core::tls::Reloading<rustls::ServerConfig>>, admission::AdmissionConfig)>,
 }
 
 impl Args {
@@ -197,7 +233,29 @@ impl Args {
             self.tls_client_ca.clone(),
         )
         .context("TLS files")?;
-        Ok(Validated { args: self, base_arn, tls })
+        let webhook = match (&self.webhook_listen, &self.webhook_tls_cert, &self.webhook_tls_key) {
+            (Some(_), Some(cert), Some(key)) => {
+                let tls = webhook_server::reloading_config(cert.clone(), key.clone())
+                    .context("webhook TLS files")?;
+                let config = admission::AdmissionConfig {
+                    server_node_labels: admission::parse_selector(&self.server_node_selector)
+                        .map_err(|e| anyhow!("--server-node-selector: {e}"))?,
+                    server_taint: self
+                        .server_node_taint
+                        .parse()
+                        .map_err(|e| anyhow!("--server-node-taint: {e}"))?,
+                    deny_host_network: self.deny_host_network,
+                    exempt_namespaces: self
+                        .webhook_exempt_namespaces
+                        .iter()
+                        .map(|n| n.trim().to_string())
+                        .collect(),
+                };
+                Some((tls, config))
+            }
+            _ => None,
+        };
+        Ok(Validated { args: self, base_arn, tls, webhook })
     }
 }
 
@@ -213,7 +271,7 @@ impl Validated {
     }
 
     async fn serve(self) -> anyhow::Result<ExitCode> {
-        let Validated { args, mut base_arn, tls } = self;
+        let Validated { args, mut base_arn, tls, webhook } = self;
         let client = match kube_client(args.kubeconfig.as_ref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
@@ -242,6 +300,13 @@ impl Validated {
             Err(e) => {
                 return Ok(bad_config(format!("cannot listen on --admin-listen {}: {e}", args.admin_listen)));
             }
+        };
+        let webhook_listener = match args.webhook_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => return Ok(bad_config(format!("cannot listen on --webhook-listen {addr}: {e}"))),
+            },
+            None => None,
         };
         tls.spawn_watch(TLS_RELOAD_EVERY);
 
@@ -310,6 +375,24 @@ impl Validated {
                 tracing::info!("watches synced; serving");
             });
         }
+        let webhook_task = match (webhook, webhook_listener) {
+            (Some((webhook_tls, config)), Some(listener)) => {
+                webhook_tls.spawn_watch(TLS_RELOAD_EVERY);
+                let admission = Arc::new(admission::Admission {
+                    config,
+                    authorizer: authorizer.clone(),
+                    client: Some(client.clone()),
+                    metrics: metrics.clone(),
+                });
+                tokio::spawn(webhook_server::serve(
+                    listener,
+                    webhook_tls,
+                    admission,
+                    until_shutdown(shutdown_rx.clone()),
+                ))
+            }
+            _ => tokio::spawn(std::future::pending::<()>()),
+        };
         let service =
             CredentialsService { pod_wait: args.pod_wait, authn, authorizer, cache, events, metrics };
         let incoming = tls_server::incoming(grpc_listener, tls);
@@ -326,6 +409,7 @@ impl Validated {
                 r = pod_task => format!("pod watch ended: {r:?}"),
                 r = refresher => format!("credential refresher ended: {r:?}"),
                 r = admin_task => format!("admin server ended: {r:?}"),
+                r = webhook_task => format!("webhook server ended: {r:?}"),
             }
         };
         tokio::select! {

@@ -53,6 +53,12 @@ pub enum WatchKind {
     Namespaces,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub decision: String,
+    pub reason: String,
+}
+
 /// All of the server's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -68,6 +74,8 @@ pub struct Metrics {
     pub pods_indexed: Gauge,
     pub namespaces_indexed: Gauge,
     pub watch_restarts: Family<WatchLabels, Counter>,
+    pub admissions: Family<AdmissionLabels, Counter>,
+    pub admission_duration: Histogram,
 }
 
 fn latency_histogram() -> Histogram {
@@ -91,6 +99,8 @@ impl Metrics {
             pods_indexed: Gauge::default(),
             namespaces_indexed: Gauge::default(),
             watch_restarts: Family::default(),
+            admissions: Family::default(),
+            admission_duration: latency_histogram(),
         }
     }
 
@@ -117,6 +127,12 @@ impl Metrics {
             "watch_restarts",
             "Kubernetes watch errors (each is retried)",
             self.watch_restarts.clone(),
+        );
+        r.register("admissions", "Admission webhook decisions by reason", self.admissions.clone());
+        r.register(
+            "admission_duration_seconds",
+            "Admission webhook latency",
+            self.admission_duration.clone(),
         );
         Arc::new(root)
     }

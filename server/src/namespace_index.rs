@@ -49,6 +49,11 @@ impl NamespaceIndex {
             .unwrap_or_else(|| Arc::new(NamespacePolicy::Nothing))
     }
 
+    /// Whether the watch has delivered this namespace.
+    pub fn contains(&self, namespace: &str) -> bool {
+        self.policies.read().unwrap_or_else(|e| e.into_inner()).contains_key(namespace)
+    }
+
     pub fn len(&self) -> usize {
         self.policies.read().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -1,0 +1,641 @@
+//! The admission webhook (`POST /validate/pods`, AdmissionReview v1): keeps pods off the server
+//! nodes — whose instance role may assume every pod role — and refuses, at creation, roles a
+//! namespace does not permit, with the same resolution and policy code the server uses at request
+//! time. Every denial says exactly what to change.
+
+use crate::authorizer::Authorizer;
+use k8s_openapi::api::core::v1::{Affinity, Namespace, Node, Pod, Toleration};
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+/// Why a pod is refused (bounded: these are metric labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    ServerNodeName,
+    ServerNodeSelector,
+    ServerNodeAffinity,
+    ServerTaintToleration,
+    HostNetworkWithRole,
+    HostNetwork,
+    RoleNotPermitted,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::ServerNodeName => "server_node_name",
+            DenyReason::ServerNodeSelector => "server_node_selector",
+            DenyReason::ServerNodeAffinity => "server_node_affinity",
+            DenyReason::ServerTaintToleration => "server_taint_toleration",
+            DenyReason::HostNetworkWithRole => "host_network_with_role",
+            DenyReason::HostNetwork => "host_network",
+            DenyReason::RoleNotPermitted => "role_not_permitted",
+        }
+    }
+}
+
+/// The webhook's decision about one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Exempt,
+    Deny(DenyReason, String),
+}
+
+/// A taint as `--server-node-taint` names it: `key[=value]:Effect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Taint {
+    pub key: String,
+    pub value: Option<String>,
+    pub effect: String,
+}
+
+impl std::str::FromStr for Taint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kv, effect) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not key[=value]:Effect"))?;
+        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(format!("taint effect {effect:?} must be NoSchedule, PreferNoSchedule or NoExecute"));
+        }
+        let (key, value) = match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (kv, None),
+        };
+        if key.is_empty() {
+            return Err(format!("{s:?} has no key"));
+        }
+        Ok(Taint { key: key.to_string(), value, effect: effect.to_string() })
+    }
+}
+
+impl std::fmt::Display for Taint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={}:{}", self.key, v, self.effect),
+            None => write!(f, "{}:{}", self.key, self.effect),
+        }
+    }
+}
+
+/// Parses `--server-node-selector`: `key=value[,key=value…]`.
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let labels: BTreeMap<String, String> = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("{pair:?} is not key=value"))
+        })
+        .collect::<Result<_, _>>()?;
+    if labels.is_empty() {
+        return Err("the server node selector is empty".into());
+    }
+    Ok(labels)
+}
+
+/// Webhook configuration.
+#[derive(Clone, Debug)]
+pub struct AdmissionConfig {
+    /// Labels that mark server nodes.
+    pub server_node_labels: BTreeMap<String, String>,
+    /// The taint server nodes carry.
+    pub server_taint: Taint,
+    /// Refuse every hostNetwork pod, not only those with a role.
+    pub deny_host_network: bool,
+    /// Namespaces let through unchecked.
+    pub exempt_namespaces: HashSet<String>,
+}
+
+/// Decides pod admissions.
+pub struct Admission {
+    pub config: AdmissionConfig,
+    pub authorizer: Arc<Authorizer>,
+    /// For node labels (`spec.nodeName`) and namespaces the watch has not delivered yet.
+    pub client: Option<kube::Client>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Admission {
+    /// Answers one AdmissionReview body; `Err` is a malformed body (HTTP 400).
+    pub async fn review(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, String> {
+        let review: AdmissionReview<DynamicObject> =
+            serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+        let request: AdmissionRequest<DynamicObject> =
+            review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())?;
+        let response = AdmissionResponse::from(&request);
+        if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
+            tracing::warn!(kind = %request.kind.kind, "admission request for an unexpected kind; allowed");
+            let mut response = response;
+            response.warnings = Some(vec![format!("imdsgate only reviews Pods, not {}", request.kind.kind)]);
+            return Ok(response.into_review());
+        }
+        if !matches!(request.operation, Operation::Create | Operation::Update) {
+            return Ok(response.into_review());
+        }
+        let Some(object) = &request.object else {
+            return Ok(AdmissionResponse::invalid("the request carries no pod").into_review());
+        };
+        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+            Ok(pod) => pod,
+            Err(e) => return Ok(response.deny(format!("imdsgate cannot read this pod: {e}")).into_review()),
+        };
+        let namespace =
+            request.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
+        let name =
+            pod.metadata.name.clone().or_else(|| pod.metadata.generate_name.clone()).unwrap_or_default();
+        let verdict = self.decide(&namespace, &pod).await;
+        let (decision, reason) = match &verdict {
+            Verdict::Allow => ("allowed", "permitted"),
+            Verdict::Exempt => ("allowed", "exempt_namespace"),
+            Verdict::Deny(reason, _) => ("denied", reason.as_str()),
+        };
+        self.metrics
+            .admissions
+            .get_or_create(&crate::metrics::AdmissionLabels {
+                decision: decision.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        tracing::info!(namespace, pod = name, operation = ?request.operation, decision, reason, "admission");
+        Ok(match verdict {
+            Verdict::Allow | Verdict::Exempt => response.into_review(),
+            Verdict::Deny(_, message) => response.deny(format!("imdsgate: {message}")).into_review(),
+        })
+    }
+
+    /// The decision for `pod` in `namespace`.
+    pub async fn decide(&self, namespace: &str, pod: &Pod) -> Verdict {
+        if self.config.exempt_namespaces.contains(namespace) {
+            return Verdict::Exempt;
+        }
+        if let Some(verdict) = check_placement(&self.config, pod) {
+            return verdict;
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty())
+            && self.node_is_server(node).await
+        {
+            return Verdict::Deny(
+                DenyReason::ServerNodeName,
+                format!(
+                    "spec.nodeName {node:?} is an imdsgate server node (labels {}); server nodes run only the imdsgate server. Remove spec.nodeName or name another node.",
+                    show_labels(&self.config.server_node_labels)
+                ),
+            );
+        }
+        let role = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(imdsgate_core::pod_index::ROLE_ANNOTATION))
+            .map(|r| r.trim())
+            .filter(|r| !r.is_empty());
+        if let Some(annotation) = role {
+            let resolved = match crate::role::resolve(annotation, self.authorizer.base_arn.as_ref()) {
+                Ok(arn) => arn,
+                Err(e) => {
+                    return Verdict::Deny(
+                        DenyReason::RoleNotPermitted,
+                        format!("annotation iam.amazonaws.com/role: {e}"),
+                    );
+                }
+            };
+            let policy = self.namespace_policy(namespace).await;
+            if let Err(why) = policy.check(&resolved, self.authorizer.base_arn.as_ref()) {
+                return Verdict::Deny(
+                    DenyReason::RoleNotPermitted,
+                    format!(
+                        "namespace {namespace} does not permit role {resolved}: {why}. Change the pod's iam.amazonaws.com/role, or the namespace's iam.amazonaws.com/permitted annotation."
+                    ),
+                );
+            }
+        }
+        Verdict::Allow
+    }
+
+    async fn namespace_policy(&self, namespace: &str) -> Arc<crate::policy::NamespacePolicy> {
+        if self.authorizer.namespaces.contains(namespace) {
+            return self.authorizer.namespaces.policy(namespace);
+        }
+        // Created a moment ago: the watch may not have delivered it yet.
+        if let Some(client) = &self.client
+            && let Ok(ns) = kube::Api::<Namespace>::all(client.clone()).get(namespace).await
+        {
+            self.authorizer.namespaces.apply(&ns);
+        }
+        self.authorizer.namespaces.policy(namespace)
+    }
+
+    async fn node_is_server(&self, node: &str) -> bool {
+        let Some(client) = &self.client else { return false };
+        match kube::Api::<Node>::all(client.clone()).get_opt(node).await {
+            Ok(Some(node)) => {
+                let labels = node.metadata.labels.unwrap_or_default();
+                self.config.server_node_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            }
+            Ok(None) => false,
+            Err(error) => {
+                // Fail closed: if we cannot tell, treat the node as a server node.
+                tracing::warn!(node, %error, "cannot read node labels; refusing the pinned pod");
+                true
+            }
+        }
+    }
+}
+
+/// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations.
+pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let has_role = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(imdsgate_core::pod_index::ROLE_ANNOTATION))
+        .is_some_and(|r| !r.trim().is_empty());
+    if spec.host_network == Some(true) {
+        if has_role {
+            return Some(Verdict::Deny(
+                DenyReason::HostNetworkWithRole,
+                "a hostNetwork pod's traffic never passes the imdsgate agent, so it cannot have an iam.amazonaws.com/role. Remove hostNetwork: true or the annotation.".into(),
+            ));
+        }
+        if config.deny_host_network {
+            return Some(Verdict::Deny(
+                DenyReason::HostNetwork,
+                "hostNetwork pods are not allowed here (--deny-host-network): their traffic never passes the imdsgate agent. Remove hostNetwork: true or run the pod in an exempt namespace.".into(),
+            ));
+        }
+    }
+    let labels = &config.server_node_labels;
+    if let Some(selector) = &spec.node_selector
+        && labels.iter().all(|(k, v)| selector.get(k) == Some(v))
+    {
+        return Some(Verdict::Deny(
+            DenyReason::ServerNodeSelector,
+            format!("spec.nodeSelector {} selects imdsgate server nodes. Remove it.", show_labels(labels)),
+        ));
+    }
+    if affinity_requires_server_nodes(spec.affinity.as_ref(), labels) {
+        return Some(Verdict::Deny(
+            DenyReason::ServerNodeAffinity,
+            format!(
+                "the pod's required node affinity can only match imdsgate server nodes ({}). Change spec.affinity.nodeAffinity.",
+                show_labels(labels)
+            ),
+        ));
+    }
+    if let Some((index, _)) =
+        spec.tolerations.iter().flatten().enumerate().find(|(_, t)| tolerates(t, &config.server_taint))
+        && !affinity_excludes_server_nodes(spec.affinity.as_ref(), labels)
+    {
+        let (k, v) = labels.iter().next().map(|(k, v)| (k.as_str(), v.as_str())).unwrap_or_default();
+        return Some(Verdict::Deny(
+            DenyReason::ServerTaintToleration,
+            format!(
+                "spec.tolerations[{index}] tolerates {}, the taint of imdsgate server nodes, so the pod could be scheduled there. Remove that toleration, or add a required node affinity `{k} NotIn [{v}]` that keeps the pod off server nodes.",
+                config.server_taint
+            ),
+        ));
+    }
+    None
+}
+
+/// Whether `toleration` tolerates `taint` (as the scheduler decides it; a taint named without a
+/// value is treated as tolerated by any value, to stay on the safe side).
+pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    let effect_ok = toleration.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+    if !effect_ok {
+        return false;
+    }
+    let key = toleration.key.as_deref().unwrap_or("");
+    let operator = toleration.operator.as_deref().unwrap_or("Equal");
+    if key.is_empty() {
+        // An empty key with Exists tolerates everything.
+        return operator == "Exists";
+    }
+    if key != taint.key {
+        return false;
+    }
+    match operator {
+        "Exists" => true,
+        _ => match &taint.value {
+            Some(value) => toleration.value.as_deref().unwrap_or("") == value,
+            None => true,
+        },
+    }
+}
+
+fn required_terms(affinity: Option<&Affinity>) -> Vec<k8s_openapi::api::core::v1::NodeSelectorTerm> {
+    affinity
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default()
+}
+
+/// Every required term demands the server labels: the pod can only land on server nodes.
+pub fn affinity_requires_server_nodes(
+    affinity: Option<&Affinity>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let terms = required_terms(affinity);
+    !terms.is_empty()
+        && terms.iter().all(|term| {
+            term.match_expressions.iter().flatten().any(|e| {
+                labels.get(&e.key).is_some_and(|want| match e.operator.as_str() {
+                    "In" => {
+                        let values = e.values.clone().unwrap_or_default();
+                        !values.is_empty() && values.iter().all(|v| v == want)
+                    }
+                    "Exists" => true,
+                    _ => false,
+                })
+            })
+        })
+}
+
+/// Every required term rules server nodes out: a toleration of their taint is then harmless.
+pub fn affinity_excludes_server_nodes(
+    affinity: Option<&Affinity>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let terms = required_terms(affinity);
+    !terms.is_empty()
+        && terms.iter().all(|term| {
+            term.match_expressions.iter().flatten().any(|e| {
+                labels.get(&e.key).is_some_and(|want| match e.operator.as_str() {
+                    "NotIn" => e.values.iter().flatten().any(|v| v == want),
+                    "DoesNotExist" => true,
+                    "In" => e
+                        .values
+                        .as_ref()
+                        .is_some_and(|values| !values.is_empty() && values.iter().all(|v| v != want)),
+                    _ => false,
+                })
+            })
+        })
+}
+
+fn show_labels(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> AdmissionConfig {
+        AdmissionConfig {
+            server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
+            server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
+            deny_host_network: false,
+            exempt_namespaces: ["imdsgate".to_string(), "kube-system".to_string()].into(),
+        }
+    }
+
+    fn pod(spec: serde_json::Value, role: Option<&str>) -> Pod {
+        let mut spec = spec;
+        spec["containers"] = json!([{ "name": "c", "image": "i" }]);
+        serde_json::from_value(json!({
+            "metadata": { "name": "p", "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn reason(v: Option<Verdict>) -> Option<DenyReason> {
+        match v {
+            Some(Verdict::Deny(r, _)) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn toleration(v: serde_json::Value) -> Toleration {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn taint_and_selector_flags() {
+        let t: Taint = "a/b=c:NoExecute".parse().unwrap();
+        assert_eq!((t.key.as_str(), t.value.as_deref(), t.effect.as_str()), ("a/b", Some("c"), "NoExecute"));
+        assert_eq!(t.to_string(), "a/b=c:NoExecute");
+        assert!("nokey".parse::<Taint>().is_err());
+        assert!("k:Sometimes".parse::<Taint>().is_err());
+        assert_eq!(parse_selector("a=1, b=2").unwrap().len(), 2);
+        assert!(parse_selector("").is_err());
+        assert!(parse_selector("novalue").is_err());
+    }
+
+    #[test]
+    fn tolerations_case_by_case() {
+        let taint: Taint = "imdsgate.io/server-node:NoSchedule".parse().unwrap();
+        let valued: Taint = "imdsgate.io/server-node=true:NoSchedule".parse().unwrap();
+        let t = |v| toleration(v);
+        assert!(tolerates(&t(json!({ "operator": "Exists" })), &taint), "tolerate-everything");
+        assert!(tolerates(&t(json!({ "key": "imdsgate.io/server-node", "operator": "Exists" })), &taint));
+        assert!(tolerates(
+            &t(json!({ "key": "imdsgate.io/server-node", "operator": "Exists", "effect": "NoSchedule" })),
+            &taint
+        ));
+        assert!(!tolerates(
+            &t(json!({ "key": "imdsgate.io/server-node", "operator": "Exists", "effect": "NoExecute" })),
+            &taint
+        ));
+        assert!(!tolerates(&t(json!({ "key": "other", "operator": "Exists" })), &taint));
+        assert!(
+            tolerates(&t(json!({ "key": "imdsgate.io/server-node", "value": "anything" })), &taint),
+            "value-less taint: any value"
+        );
+        assert!(tolerates(&t(json!({ "key": "imdsgate.io/server-node", "value": "true" })), &valued));
+        assert!(!tolerates(&t(json!({ "key": "imdsgate.io/server-node", "value": "false" })), &valued));
+        assert!(
+            !tolerates(&t(json!({ "operator": "Equal" })), &taint),
+            "empty key with Equal tolerates nothing"
+        );
+    }
+
+    #[test]
+    fn node_selector_and_affinity() {
+        let c = config();
+        assert_eq!(
+            reason(check_placement(
+                &c,
+                &pod(json!({ "nodeSelector": { "imdsgate.io/server-node": "true" } }), None)
+            )),
+            Some(DenyReason::ServerNodeSelector)
+        );
+        assert_eq!(
+            reason(check_placement(
+                &c,
+                &pod(json!({ "nodeSelector": { "imdsgate.io/server-node": "false" } }), None)
+            )),
+            None
+        );
+        let only_server = json!({ "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+            { "matchExpressions": [{ "key": "imdsgate.io/server-node", "operator": "In", "values": ["true"] }] }
+        ] } } } });
+        assert_eq!(
+            reason(check_placement(&c, &pod(only_server, None))),
+            Some(DenyReason::ServerNodeAffinity)
+        );
+        let either = json!({ "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+            { "matchExpressions": [{ "key": "imdsgate.io/server-node", "operator": "In", "values": ["true"] }] },
+            { "matchExpressions": [{ "key": "zone", "operator": "In", "values": ["a"] }] }
+        ] } } } });
+        assert_eq!(
+            reason(check_placement(&c, &pod(either, None))),
+            None,
+            "another term can match other nodes"
+        );
+        let exists = json!({ "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+            { "matchExpressions": [{ "key": "imdsgate.io/server-node", "operator": "Exists" }] }
+        ] } } } });
+        assert_eq!(reason(check_placement(&c, &pod(exists, None))), Some(DenyReason::ServerNodeAffinity));
+    }
+
+    #[test]
+    fn a_toleration_is_refused_unless_affinity_keeps_the_pod_off_server_nodes() {
+        let c = config();
+        let tolerant = json!({ "tolerations": [{ "operator": "Exists" }] });
+        assert_eq!(
+            reason(check_placement(&c, &pod(tolerant, None))),
+            Some(DenyReason::ServerTaintToleration)
+        );
+        let kept_off = json!({
+            "tolerations": [{ "operator": "Exists" }],
+            "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+                { "matchExpressions": [{ "key": "imdsgate.io/server-node", "operator": "NotIn", "values": ["true"] }] }
+            ] } } }
+        });
+        assert_eq!(reason(check_placement(&c, &pod(kept_off, None))), None);
+        let other_taint = json!({ "tolerations": [{ "key": "gpu", "operator": "Exists" }] });
+        assert_eq!(reason(check_placement(&c, &pod(other_taint, None))), None);
+    }
+
+    #[test]
+    fn host_network() {
+        let mut c = config();
+        assert_eq!(
+            reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), Some("app")))),
+            Some(DenyReason::HostNetworkWithRole)
+        );
+        assert_eq!(reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), None))), None);
+        c.deny_host_network = true;
+        assert_eq!(
+            reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), None))),
+            Some(DenyReason::HostNetwork)
+        );
+    }
+
+    #[test]
+    fn messages_say_what_to_change() {
+        let c = config();
+        let Some(Verdict::Deny(_, message)) =
+            check_placement(&c, &pod(json!({ "tolerations": [{ "operator": "Exists" }] }), None))
+        else {
+            panic!("denied")
+        };
+        assert!(message.contains("spec.tolerations[0]") && message.contains("NotIn"), "{message}");
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+    use crate::namespace_index::NamespaceIndex;
+    use crate::session::TagConfig;
+    use imdsgate_core::PodIndex;
+    use serde_json::json;
+
+    fn admission() -> Admission {
+        let namespaces = Arc::new(NamespaceIndex::new());
+        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": "team", "annotations": {
+            "iam.amazonaws.com/permitted": "arn:aws:iam::123456789012:role/app-.*" } } }))
+        .unwrap();
+        namespaces.apply(&ns);
+        Admission {
+            config: AdmissionConfig {
+                server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
+                server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
+                deny_host_network: false,
+                exempt_namespaces: ["kube-system".to_string()].into(),
+            },
+            authorizer: Arc::new(Authorizer {
+                pods: Arc::new(PodIndex::new()),
+                namespaces,
+                base_arn: Some(crate::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+                tags: TagConfig::default(),
+            }),
+            client: None,
+            metrics: crate::metrics::Metrics::new(),
+        }
+    }
+
+    fn review_body(kind: &str, namespace: &str, object: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": { "group": "", "version": "v1", "kind": kind },
+                "resource": { "group": "", "version": "v1", "resource": "pods" },
+                "namespace": namespace,
+                "operation": "CREATE",
+                "userInfo": { "username": "alice" },
+                "object": object,
+                "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    fn response(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
+        serde_json::to_value(review).unwrap()["response"].clone()
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies_are_errors_not_panics() {
+        let a = admission();
+        for body in [&b""[..], b"{", b"null", b"{\"kind\":\"AdmissionReview\"}", &[0xff, 0xfe][..]] {
+            assert!(a.review(body).await.is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_kinds_are_allowed_with_a_warning() {
+        let a = admission();
+        let body = review_body(
+            "ConfigMap",
+            "team",
+            json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "x" } }),
+        );
+        let r = response(&a.review(&body).await.unwrap());
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert!(r["warnings"][0].as_str().unwrap().contains("ConfigMap"));
+    }
+
+    #[tokio::test]
+    async fn decisions_come_back_in_the_review() {
+        let a = admission();
+        let pod = |role: &str| {
+            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p", "annotations": { "iam.amazonaws.com/role": role } },
+                    "spec": { "containers": [{ "name": "c", "image": "i" }] } })
+        };
+        let ok = response(&a.review(&review_body("Pod", "team", pod("app-reader"))).await.unwrap());
+        assert_eq!(ok["allowed"], true);
+        let denied = response(&a.review(&review_body("Pod", "team", pod("admin"))).await.unwrap());
+        assert_eq!(denied["allowed"], false);
+        assert!(denied["status"]["message"].as_str().unwrap().contains("does not permit role"), "{denied}");
+        let exempt = response(&a.review(&review_body("Pod", "kube-system", pod("admin"))).await.unwrap());
+        assert_eq!(exempt["allowed"], true);
+        let unknown_ns =
+            response(&a.review(&review_body("Pod", "elsewhere", pod("app-reader"))).await.unwrap());
+        assert_eq!(unknown_ns["allowed"], false, "a namespace nobody can read permits nothing");
+    }
+}
