@@ -55,15 +55,15 @@ pub struct Args {
 
     /// This node's IP: the DNAT target, and requests from it are refused (downward API:
     /// status.hostIP).
-    #[arg(long, env = "HOST_IP")]
+    #[arg(long, env = "HOST_IP", global = true)]
     pub host_ip: Option<IpAddr>,
 
     /// This node's IPv6 address, the DNAT target for the IPv6 metadata endpoint with --ipv6.
-    #[arg(long, env = "HOST_IPV6")]
+    #[arg(long, env = "HOST_IPV6", global = true)]
     pub host_ipv6: Option<IpAddr>,
 
     /// Address of the IMDS listener that the iptables rule redirects to.
-    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8181")]
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8181", global = true)]
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
@@ -76,11 +76,11 @@ pub struct Args {
 
     /// Interfaces pod traffic arrives on (repeatable or comma-separated): veth+, eni+, cali+, !eth0.
     /// None: every interface.
-    #[arg(long = "host-interface", env = "IMDSGATE_HOST_INTERFACE", value_delimiter = ',')]
+    #[arg(long = "host-interface", env = "IMDSGATE_HOST_INTERFACE", value_delimiter = ',', global = true)]
     pub host_interfaces: Vec<InterfaceMatch>,
 
     /// Also intercept the IPv6 metadata endpoint [fd00:ec2::254]:80 (ip6tables).
-    #[arg(long, env = "IMDSGATE_IPV6")]
+    #[arg(long, env = "IMDSGATE_IPV6", global = true)]
     pub ipv6: bool,
 
     /// How long a request from an IP not yet known waits for the pod watch to deliver it.
@@ -159,6 +159,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum IptablesAction {
+    /// Install (or repair) the rule and exit, e.g. from an init container; takes --host-ip,
+    /// --listen, --host-interface, --ipv6 and --host-ipv6.
+    Install,
     /// Remove the IMDSGATE chain and its PREROUTING jumps (pods then reach the real metadata
     /// service: do this only when removing imdsgate).
     Uninstall,
@@ -182,8 +185,10 @@ impl Args {
             Err(code) => return code,
         };
         init_logging(args.log_format);
-        if let Some(Command::Iptables { action: IptablesAction::Uninstall }) = &args.command {
-            return uninstall(args.ipv6);
+        match &args.command {
+            Some(Command::Iptables { action: IptablesAction::Uninstall }) => return uninstall(args.ipv6),
+            Some(Command::Iptables { action: IptablesAction::Install }) => return install(&args),
+            None => {}
         }
         let validated = match args.validate() {
             Ok(v) => v,
@@ -241,30 +246,47 @@ impl Args {
         if self.max_concurrent_requests == 0 {
             bail!("--max-concurrent-requests must be at least 1");
         }
-        let mut interception = Vec::new();
-        if self.iptables {
-            let target = self.host_ip.context("--iptables needs --host-ip (HOST_IP), the DNAT target")?;
-            if !target.is_ipv4() {
-                bail!("--host-ip must be IPv4; use --host-ipv6 for the IPv6 endpoint");
-            }
-            interception.push(Interception {
-                ipv6: false,
-                target,
-                port: self.listen.port(),
-                interfaces: self.host_interfaces.clone(),
-            });
-            if self.ipv6 {
-                let target =
-                    self.host_ipv6.filter(IpAddr::is_ipv6).context("--ipv6 needs --host-ipv6 (HOST_IPV6)")?;
-                interception.push(Interception {
-                    ipv6: true,
-                    target,
-                    port: self.listen.port(),
-                    interfaces: self.host_interfaces.clone(),
-                });
-            }
-        }
+        let interception = if self.iptables { self.interceptions()? } else { Vec::new() };
         Ok(Validated { args: self, node_name, server, allow, upstream, interception })
+    }
+}
+
+fn install(args: &Args) -> ExitCode {
+    let rules = match args.interceptions() {
+        Ok(rules) if !rules.is_empty() => rules,
+        Ok(_) => return bad_config("iptables install needs --host-ip (HOST_IP)"),
+        Err(error) => return bad_config(format!("{error:#}")),
+    };
+    for rule in rules {
+        if let Err(error) = rule.install() {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!(
+            "imdsgate interception installed (ipv6: {}, target {}:{})",
+            rule.ipv6, rule.target, rule.port
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+impl Args {
+    /// The rules --host-ip, --listen, --host-interface, --ipv6 and --host-ipv6 describe.
+    fn interceptions(&self) -> anyhow::Result<Vec<Interception>> {
+        let target =
+            self.host_ip.context("the interception rule needs --host-ip (HOST_IP), the DNAT target")?;
+        if !target.is_ipv4() {
+            bail!("--host-ip must be IPv4; use --host-ipv6 for the IPv6 endpoint");
+        }
+        let port = self.listen.port();
+        let mut rules =
+            vec![Interception { ipv6: false, target, port, interfaces: self.host_interfaces.clone() }];
+        if self.ipv6 {
+            let target =
+                self.host_ipv6.filter(IpAddr::is_ipv6).context("--ipv6 needs --host-ipv6 (HOST_IPV6)")?;
+            rules.push(Interception { ipv6: true, target, port, interfaces: self.host_interfaces.clone() });
+        }
+        Ok(rules)
     }
 }
 

@@ -289,3 +289,69 @@ async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_unin
     );
     drop(agent);
 }
+
+#[tokio::test]
+async fn iptables_install_is_idempotent_for_both_families_and_uninstall_removes_it() {
+    if !e2e_enabled("iptables_install_is_idempotent_for_both_families_and_uninstall_removes_it") {
+        return;
+    }
+    let node = NodeNs::create("10.230.0.1".parse().unwrap()).unwrap();
+    let agent = workspace_bin("imdsgate-agent").unwrap();
+    let install = [
+        "iptables",
+        "install",
+        "--host-ip=10.230.0.1",
+        "--listen=0.0.0.0:8181",
+        "--host-interface=cali+,!eth0",
+        "--ipv6",
+        "--host-ipv6=fd00:230::1",
+    ];
+    for _ in 0..2 {
+        run(node.command(&agent).args(install)).unwrap();
+    }
+    let v4 = node.nat_rules().unwrap();
+    assert_eq!(
+        rules_in(&v4, "PREROUTING"),
+        ["-A PREROUTING -i cali+ -j IMDSGATE", "-A PREROUTING ! -i eth0 -j IMDSGATE"]
+    );
+    assert_eq!(
+        rules_in(&v4, "IMDSGATE"),
+        [
+            "-A IMDSGATE -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.230.0.1:8181"
+        ]
+    );
+    let v6 = run(node.command("ip6tables").args(["-w", "5", "-t", "nat", "-S"])).unwrap();
+    assert_eq!(
+        rules_in(&v6, "PREROUTING"),
+        ["-A PREROUTING -i cali+ -j IMDSGATE", "-A PREROUTING ! -i eth0 -j IMDSGATE"]
+    );
+    assert_eq!(
+        rules_in(&v6, "IMDSGATE"),
+        [
+            "-A IMDSGATE -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00:230::1]:8181"
+        ]
+    );
+    // A new port replaces the rule without a gap: the new rule goes in before the old one leaves.
+    run(node.command(&agent).args([
+        "iptables",
+        "install",
+        "--host-ip=10.230.0.1",
+        "--listen=0.0.0.0:9191",
+        "--host-interface=cali+,!eth0",
+    ]))
+    .unwrap();
+    let v4 = node.nat_rules().unwrap();
+    assert_eq!(
+        rules_in(&v4, "IMDSGATE"),
+        [
+            "-A IMDSGATE -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.230.0.1:9191"
+        ]
+    );
+    run(node.command(&agent).args(["iptables", "uninstall", "--ipv6"])).unwrap();
+    assert!(!node.nat_rules().unwrap().contains("IMDSGATE"));
+    assert!(
+        !run(node.command("ip6tables").args(["-w", "5", "-t", "nat", "-S"])).unwrap().contains("IMDSGATE")
+    );
+    let out = node.command(&agent).args(["iptables", "install"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "install without --host-ip is a configuration error");
+}

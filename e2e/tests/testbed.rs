@@ -141,11 +141,12 @@ async fn pod_namespace_reaches_the_node_with_its_own_source_ip() {
     let other = node.add_pod("10.200.1.6".parse().unwrap()).expect("pod namespace");
 
     // A listener in the node namespace that answers each client with the address it came from.
+    let logs = tempfile::tempdir().unwrap();
     let _listener = imdsgate_e2e::process::ChildGuard::spawn(
         "peer-echo",
         node.command("socat")
             .args(["TCP-LISTEN:7000,bind=10.200.0.1,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"]),
-        &std::env::temp_dir().join(format!("imdsgate-e2e-echo-{}.log", std::process::id())),
+        &logs.path().join("echo.log"),
     )
     .unwrap();
     node.wait_listening(7000, Duration::from_secs(10)).await.unwrap();

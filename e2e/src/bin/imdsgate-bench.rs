@@ -297,6 +297,7 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
         bail!("the load pod gets no credentials: {warm}\n{}", b.agent.log());
     }
     let body_size = warm.len();
+    let logs = tempfile::tempdir()?;
     let _bare = ChildGuard::spawn(
         "bare hyper server",
         b.node.command(std::env::current_exe()?).args([
@@ -306,7 +307,7 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
             "--body-size",
             &body_size.to_string(),
         ]),
-        &std::env::temp_dir().join(format!("imdsgate-bench-bare-{}.log", std::process::id())),
+        &logs.path().join("bare.log"),
     )?;
     b.node.wait_listening(8282, Duration::from_secs(10)).await?;
     run(b.node.command("iptables").args([
