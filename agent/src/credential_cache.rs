@@ -12,38 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 /// Credentials for one pod, as the server issued them.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Creds {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: String,
-    pub expiration: SystemTime,
-    pub issued_at: SystemTime,
-    pub role_arn: String,
-    pub account_id: String,
-}
-
-impl std::fmt::Debug for Creds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Creds")
-            .field("access_key_id", &self.access_key_id)
-            .field("expiration", &self.expiration)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Creds {
-    /// Whether these may still be handed out at `now` while fresh ones can be had.
-    pub fn fresh_at(&self, now: SystemTime) -> bool {
-        let lifetime = self.expiration.duration_since(self.issued_at).unwrap_or_default();
-        self.expiration.duration_since(now).is_ok_and(|left| left >= imdsgate_proto::min_remaining(lifetime))
-    }
-
-    /// Whether these still work at `now` at all.
-    pub fn valid_at(&self, now: SystemTime) -> bool {
-        self.expiration > now
-    }
-}
+pub use imdsgate_proto::Credentials as Creds;
 
 /// Why the server gave no credentials.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -322,7 +322,7 @@ impl Validated {
             Ok(key) => key,
             Err(error) => return Ok(bad_config(error)),
         };
-        let client = match kube_client(args.kubeconfig.as_ref()).await {
+        let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
         };
@@ -440,24 +440,6 @@ impl Validated {
         tracing::info!("drained; the interception rule stays in place");
         Ok(ExitCode::SUCCESS)
     }
-}
-
-/// A Kubernetes client: from `--kubeconfig`, else in-cluster, else $KUBECONFIG / ~/.kube/config.
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
-        }
-        None => match kube::Config::incluster() {
-            Ok(config) => config,
-            Err(_) => kube::Config::from_kubeconfig(&Default::default())
-                .await
-                .context("no in-cluster config and no usable kubeconfig")?,
-        },
-    };
-    Ok(kube::Client::try_from(config)?)
 }
 
 async fn watch_pods(client: kube::Client, node: String, imds: Arc<Imds>, synced: Synced, metrics: Metrics) {

@@ -203,7 +203,7 @@ impl ServerClient {
             let outcome =
                 tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;
             let status = match outcome {
-                Ok(Ok(response)) => return Ok(to_creds(response.into_inner())),
+                Ok(Ok(response)) => return Ok(Creds::from(response.into_inner())),
                 Ok(Err(status)) => status,
                 Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
             };
@@ -244,21 +244,5 @@ impl CredentialSource for Arc<ServerClient> {
         let this = self.clone();
         let (uid, role) = (pod_uid.to_string(), role.to_string());
         async move { this.call(pod_ip, uid, role).await }.boxed()
-    }
-}
-
-fn to_creds(r: imdsgate_proto::v1::GetCredentialsResponse) -> Creds {
-    let time = |t: Option<prost_types::Timestamp>| {
-        t.map(|t| SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    };
-    Creds {
-        access_key_id: r.access_key_id,
-        secret_access_key: r.secret_access_key,
-        session_token: r.session_token,
-        expiration: time(r.expiration),
-        issued_at: time(r.issued_at),
-        role_arn: r.role_arn,
-        account_id: r.account_id,
     }
 }

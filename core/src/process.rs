@@ -60,3 +60,33 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 1h)"))
 }
+
+/// Why no Kubernetes client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeClientError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Read { path: String, source: kube::config::KubeconfigError },
+    #[error("no in-cluster config and no usable kubeconfig: {0}")]
+    NoConfig(kube::config::KubeconfigError),
+    #[error("{0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A Kubernetes client: from `kubeconfig` when given, else in-cluster, else `$KUBECONFIG` /
+/// `~/.kube/config`.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, KubeClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let read = |source| KubeClientError::Read { path: path.display().to_string(), source };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(read)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await.map_err(read)?
+        }
+        None => match kube::Config::incluster() {
+            Ok(config) => config,
+            Err(_) => {
+                kube::Config::from_kubeconfig(&Default::default()).await.map_err(KubeClientError::NoConfig)?
+            }
+        },
+    };
+    Ok(kube::Client::try_from(config)?)
+}

@@ -25,6 +25,30 @@ pub struct LoadReport {
     pub status: u16,
 }
 
+impl LoadReport {
+    /// Throughput and percentiles from per-request latencies in microseconds.
+    pub fn from_latencies(mut latencies: Vec<u32>, errors: u64, seconds: f64) -> LoadReport {
+        latencies.sort_unstable();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0) as f64
+        };
+        LoadReport {
+            requests: latencies.len() as u64,
+            errors,
+            seconds,
+            rps: latencies.len() as f64 / seconds,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            p999_us: pct(0.999),
+            max_us: latencies.last().copied().unwrap_or(0) as f64,
+            ..Default::default()
+        }
+    }
+}
+
 /// One keep-alive connection that sends `request` and reads whole responses.
 pub struct Connection {
     stream: TcpStream,
@@ -145,26 +169,17 @@ pub async fn run(
             Ok::<_, anyhow::Error>((latencies, errors, last_status, body_bytes))
         }));
     }
-    let mut all = Vec::new();
-    let mut report = LoadReport::default();
+    let (mut all, mut errors, mut status, mut body_bytes) = (Vec::new(), 0, 0, 0);
     for task in tasks {
-        let (latencies, errors, status, body) = task.await??;
+        let (latencies, task_errors, task_status, body) = task.await??;
         all.extend(latencies);
-        report.errors += errors;
-        report.status = status;
-        report.body_bytes = body;
+        errors += task_errors;
+        status = task_status;
+        body_bytes = body;
     }
-    report.seconds = started.elapsed().as_secs_f64();
-    report.requests = all.len() as u64;
-    report.rps = report.requests as f64 / report.seconds;
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
-            as f64
-    };
-    report.p50_us = pct(0.50);
-    report.p99_us = pct(0.99);
-    report.p999_us = pct(0.999);
-    report.max_us = all.last().copied().unwrap_or(0) as f64;
-    Ok(report)
+    Ok(LoadReport {
+        status,
+        body_bytes,
+        ..LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64())
+    })
 }

@@ -15,6 +15,89 @@ pub const REASON_METADATA_KEY: &str = "imdsgate-reason";
 /// The metadata key that carries the agent's projected ServiceAccount token.
 pub const AUTHORIZATION_METADATA_KEY: &str = "authorization";
 
+/// Temporary AWS credentials as the server issues them and the agent hands them to a pod. The
+/// secret and token never appear in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: std::time::SystemTime,
+    pub issued_at: std::time::SystemTime,
+    pub role_arn: String,
+    pub account_id: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .field("role_arn", &self.role_arn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Whether these may still be handed out at `now` while fresh ones can be had.
+    pub fn fresh_at(&self, now: std::time::SystemTime) -> bool {
+        let lifetime = self.expiration.duration_since(self.issued_at).unwrap_or_default();
+        self.expiration.duration_since(now).is_ok_and(|left| left >= min_remaining(lifetime))
+    }
+
+    /// Whether these still work at `now` at all.
+    pub fn valid_at(&self, now: std::time::SystemTime) -> bool {
+        self.expiration > now
+    }
+}
+
+fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn system_time(t: Option<prost_types::Timestamp>) -> std::time::SystemTime {
+    t.map(|t| {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(t.seconds).unwrap_or(0),
+                u32::try_from(t.nanos).unwrap_or(0),
+            )
+    })
+    .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+impl From<&Credentials> for v1::GetCredentialsResponse {
+    fn from(c: &Credentials) -> Self {
+        v1::GetCredentialsResponse {
+            access_key_id: c.access_key_id.clone(),
+            secret_access_key: c.secret_access_key.clone(),
+            session_token: c.session_token.clone(),
+            expiration: Some(timestamp(c.expiration)),
+            issued_at: Some(timestamp(c.issued_at)),
+            role_arn: c.role_arn.clone(),
+            account_id: c.account_id.clone(),
+        }
+    }
+}
+
+impl From<v1::GetCredentialsResponse> for Credentials {
+    fn from(r: v1::GetCredentialsResponse) -> Self {
+        Credentials {
+            access_key_id: r.access_key_id,
+            secret_access_key: r.secret_access_key,
+            session_token: r.session_token,
+            expiration: system_time(r.expiration),
+            issued_at: system_time(r.issued_at),
+            role_arn: r.role_arn,
+            account_id: r.account_id,
+        }
+    }
+}
+
 /// Credentials with less than this left are not handed to pods while fresh ones can be had:
 /// 15 minutes (botocore, Java and Go SDKs refresh within 15 minutes of expiry and would otherwise
 /// call on every request), or a quarter of a shorter session. Server and agent share this rule, so
@@ -121,6 +204,25 @@ mod tests {
             assert_eq!(status.code(), reason.code());
             assert_eq!(Reason::of(&status), Some(reason));
         }
+    }
+
+    #[test]
+    fn credentials_survive_the_wire() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_000_000);
+        let c = Credentials {
+            access_key_id: "ASIA".into(),
+            secret_access_key: "secret".into(),
+            session_token: "token".into(),
+            expiration: now + std::time::Duration::from_secs(3600),
+            issued_at: now,
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            account_id: "123456789012".into(),
+        };
+        assert_eq!(Credentials::from(v1::GetCredentialsResponse::from(&c)), c);
+        assert!(!format!("{c:?}").contains("secret"), "Debug hides the secret");
+        assert!(c.fresh_at(now + std::time::Duration::from_secs(45 * 60)));
+        assert!(!c.fresh_at(now + std::time::Duration::from_secs(46 * 60)), "under 15 minutes left");
+        assert!(c.valid_at(now + std::time::Duration::from_secs(59 * 60)));
     }
 
     #[test]

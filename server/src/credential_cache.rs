@@ -13,27 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// Temporary credentials from STS.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Issued {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: String,
-    pub expiration: SystemTime,
-    pub issued_at: SystemTime,
-    pub role_arn: String,
-    pub account_id: String,
-}
-
-impl std::fmt::Debug for Issued {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("access_key_id", &self.access_key_id)
-            .field("expiration", &self.expiration)
-            .field("role_arn", &self.role_arn)
-            .finish_non_exhaustive()
-    }
-}
+/// Temporary credentials from STS (the type both sides of the contract share).
+pub use imdsgate_proto::Credentials as Issued;
 
 /// Why STS gave no credentials.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -272,7 +272,7 @@ impl Validated {
 
     async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, mut base_arn, tls, webhook } = self;
-        let client = match kube_client(args.kubeconfig.as_ref()).await {
+        let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
         };
@@ -433,24 +433,6 @@ impl Validated {
         }
         Ok(ExitCode::SUCCESS)
     }
-}
-
-/// A Kubernetes client: from `--kubeconfig`, else in-cluster, else $KUBECONFIG / ~/.kube/config.
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
-        }
-        None => match kube::Config::incluster() {
-            Ok(config) => config,
-            Err(_) => kube::Config::from_kubeconfig(&Default::default())
-                .await
-                .context("no in-cluster config and no usable kubeconfig")?,
-        },
-    };
-    Ok(kube::Client::try_from(config)?)
 }
 
 async fn watch_namespaces(

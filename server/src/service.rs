@@ -3,14 +3,14 @@
 
 use crate::agent_auth::AgentAuthenticator;
 use crate::authorizer::{self, Ask, Authorizer, Denial};
-use crate::credential_cache::{CredentialCache, Issued};
+use crate::credential_cache::CredentialCache;
 use crate::events::DenialEvents;
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
 use imdsgate_proto::AUTHORIZATION_METADATA_KEY;
 use imdsgate_proto::v1::credentials_server::Credentials;
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 pub struct CredentialsService {
@@ -89,23 +89,6 @@ impl CredentialsService {
             served = ?served,
             "credentials issued"
         );
-        Ok(response(&issued))
+        Ok(GetCredentialsResponse::from(&*issued))
     }
-}
-
-fn response(issued: &Issued) -> GetCredentialsResponse {
-    GetCredentialsResponse {
-        access_key_id: issued.access_key_id.clone(),
-        secret_access_key: issued.secret_access_key.clone(),
-        session_token: issued.session_token.clone(),
-        expiration: Some(timestamp(issued.expiration)),
-        issued_at: Some(timestamp(issued.issued_at)),
-        role_arn: issued.role_arn.clone(),
-        account_id: issued.account_id.clone(),
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }

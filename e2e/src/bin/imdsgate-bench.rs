@@ -752,22 +752,12 @@ async fn fan_in(b: &Bed, seconds: u64) -> Result<(usize, usize, LoadReport)> {
             }));
         }
     }
-    let mut all = Vec::new();
-    let mut report = LoadReport::default();
+    let (mut all, mut errors) = (Vec::new(), 0);
     for t in tasks {
-        let (lat, errors) = t.await?;
+        let (lat, task_errors) = t.await?;
         all.extend(lat);
-        report.errors += errors;
+        errors += task_errors;
     }
-    report.seconds = started.elapsed().as_secs_f64();
-    report.requests = all.len() as u64;
-    report.rps = report.requests as f64 / report.seconds;
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
-            as f64
-    };
-    report.p50_us = pct(0.5);
-    report.p99_us = pct(0.99);
+    let report = LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64());
     Ok((channels * per_channel, channels, report))
 }
