@@ -1,7 +1,8 @@
 //! The project's own HTTP load generator for the benchmarks: HTTP/1.1 keep-alive connections that
 //! send one fixed request and read `Content-Length` responses. Closed loop (as fast as answers
-//! come: saturation) or open loop at a fixed rate, with latency measured from the *scheduled* send
-//! time so a stalled server is not hidden (no coordinated omission).
+//! come: saturation) or open loop at a fixed rate. Latency is measured from the moment a request is
+//! written; how far sends fell behind their schedule is reported separately (`lag_p99_us`), so an
+//! overloaded target — or generator — is visible rather than hidden.
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,8 @@ pub struct LoadReport {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// 99th percentile of how late requests were sent against the open-loop schedule.
+    pub lag_p99_us: f64,
     pub body_bytes: usize,
     pub status: u16,
 }
@@ -130,6 +133,7 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let mut conn = Connection::open(target, None).await?;
             let mut latencies = Vec::with_capacity(1 << 16);
+            let mut lags = Vec::new();
             let (mut errors, mut last_status, mut body_bytes) = (0u64, 0u16, 0usize);
             let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
             // Spread the connections' schedules evenly over one interval.
@@ -151,6 +155,10 @@ pub async fn run(
                     }
                     None => now,
                 };
+                let sent = Instant::now();
+                if interval.is_some() {
+                    lags.push(sent.saturating_duration_since(scheduled).as_micros() as u32);
+                }
                 match conn.exchange(&request).await {
                     Ok((status, body)) => {
                         last_status = status;
@@ -164,22 +172,26 @@ pub async fn run(
                         conn = Connection::open(target, None).await?;
                     }
                 }
-                latencies.push(scheduled.elapsed().as_micros() as u32);
+                latencies.push(sent.elapsed().as_micros() as u32);
             }
-            Ok::<_, anyhow::Error>((latencies, errors, last_status, body_bytes))
+            Ok::<_, anyhow::Error>((latencies, lags, errors, last_status, body_bytes))
         }));
     }
-    let (mut all, mut errors, mut status, mut body_bytes) = (Vec::new(), 0, 0, 0);
+    let (mut all, mut lags, mut errors, mut status, mut body_bytes) = (Vec::new(), Vec::new(), 0, 0, 0);
     for task in tasks {
-        let (latencies, task_errors, task_status, body) = task.await??;
+        let (latencies, task_lags, task_errors, task_status, body) = task.await??;
         all.extend(latencies);
+        lags.extend(task_lags);
         errors += task_errors;
         status = task_status;
         body_bytes = body;
     }
+    lags.sort_unstable();
+    let lag_p99_us = lags.get(lags.len() * 99 / 100).copied().unwrap_or(0) as f64;
     Ok(LoadReport {
         status,
         body_bytes,
+        lag_p99_us,
         ..LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64())
     })
 }
