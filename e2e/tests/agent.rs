@@ -203,6 +203,11 @@ async fn real_sdks_in_a_pod_get_the_pods_role_and_nothing_else() {
     );
     assert_eq!(stdout(&stolen), "401", "another pod cannot use the first pod's token");
 
+    // Hard limits: an oversized header is refused, not served.
+    let big = format!("X-Big: {}", "a".repeat(20_000));
+    let out = bed.curl(&bed.web, &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, path]);
+    assert_eq!(stdout(&out), "431", "oversized headers get 431");
+
     // Region facts pass through; the node's secrets and role never do.
     let region = bed.curl(&bed.web, &["http://169.254.169.254/latest/meta-data/placement/region"]);
     assert_eq!(stdout(&region), "us-east-1");

@@ -27,6 +27,7 @@ impl Bed {
         let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
         install_rbac(&cluster).expect("shipped RBAC applies");
         sts.create_role("app-reader").unwrap();
+        sts.create_role("app-intermediate").unwrap();
         for node in ["node-a", "node-b"] {
             cluster.create_node(node).await.unwrap();
         }
@@ -326,4 +327,37 @@ async fn an_sts_outage_keeps_serving_cached_credentials() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(denied(outcome), (tonic::Code::Unavailable, Some(Reason::StsUnavailable)));
+}
+
+#[tokio::test]
+async fn autodetected_base_arn_intermediate_role_and_session_tags() {
+    if !e2e_enabled("autodetected_base_arn_intermediate_role_and_session_tags") {
+        return;
+    }
+    // The server's own identity (moto's default user in account 123456789012) gives the base
+    // ARN; pod roles are assumed from an intermediate role; sessions carry EKS-style tags.
+    let bed = Bed::start(&[
+        "--role-base-arn-autodetect",
+        "--assume-role-arn=arn:aws:iam::123456789012:role/app-intermediate",
+        "--session-tags",
+        "--cluster-name=prod",
+    ])
+    .await;
+    let web = bed.uid("team-a", "web").await;
+    let creds = bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials through the intermediate role");
+    assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
+    let identity = bed
+        .sts
+        .client(aws_credential_types::Credentials::new(
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(creds.session_token.clone()),
+            None,
+            "pod",
+        ))
+        .get_caller_identity()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(identity.arn(), Some("arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web"));
 }
