@@ -14,6 +14,43 @@ use std::time::SystemTime;
 /// Credentials for one pod, as the server issued them.
 pub use imdsgate_proto::Credentials as Creds;
 
+/// Credentials as cached: with their IMDS document rendered once, so serving a cache hit copies
+/// bytes instead of formatting JSON and timestamps on every request.
+pub struct CachedCreds {
+    creds: Creds,
+    document: bytes::Bytes,
+    extended: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl CachedCreds {
+    pub fn new(creds: Creds) -> CachedCreds {
+        let document = crate::imds::credentials_json(&creds, false).into();
+        CachedCreds { creds, document, extended: std::sync::OnceLock::new() }
+    }
+
+    /// The `security-credentials` document, or with `AccountId` for `-extended`.
+    pub fn document(&self, extended: bool) -> bytes::Bytes {
+        if extended {
+            self.extended.get_or_init(|| crate::imds::credentials_json(&self.creds, true).into()).clone()
+        } else {
+            self.document.clone()
+        }
+    }
+}
+
+impl std::fmt::Debug for CachedCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.creds.fmt(f)
+    }
+}
+
+impl std::ops::Deref for CachedCreds {
+    type Target = Creds;
+    fn deref(&self) -> &Creds {
+        &self.creds
+    }
+}
+
 /// Why the server gave no credentials.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ServerError {
@@ -43,7 +80,7 @@ pub trait CredentialSource: Send + Sync + 'static {
 
 struct Slot {
     role: String,
-    current: RwLock<Option<Arc<Creds>>>,
+    current: RwLock<Option<Arc<CachedCreds>>>,
     fetching: tokio::sync::Mutex<()>,
 }
 
@@ -61,7 +98,12 @@ impl CredentialCache {
     }
 
     /// Credentials of `role` for the pod `pod_uid` at `pod_ip`.
-    pub async fn get(&self, pod_ip: IpAddr, pod_uid: &str, role: &str) -> Result<Arc<Creds>, ServerError> {
+    pub async fn get(
+        &self,
+        pod_ip: IpAddr,
+        pod_uid: &str,
+        role: &str,
+    ) -> Result<Arc<CachedCreds>, ServerError> {
         let slot = self.slot(pod_uid, role);
         if let Some(creds) = self.fresh(&slot) {
             self.metrics.cache_hits.inc();
@@ -76,7 +118,7 @@ impl CredentialCache {
         self.metrics.cache_misses.inc();
         match self.source.fetch(pod_ip, pod_uid, role).await {
             Ok(creds) => {
-                let creds = Arc::new(creds);
+                let creds = Arc::new(CachedCreds::new(creds));
                 *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
                 Ok(creds)
             }
@@ -127,7 +169,7 @@ impl CredentialCache {
             .clone()
     }
 
-    fn fresh(&self, slot: &Slot) -> Option<Arc<Creds>> {
+    fn fresh(&self, slot: &Slot) -> Option<Arc<CachedCreds>> {
         let now = (self.clock)();
         slot.current.read().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| c.fresh_at(now))
     }

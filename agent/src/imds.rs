@@ -3,7 +3,7 @@
 //! source IP; a request never gets another pod's credentials or the node's role. Every refusal is
 //! an [`ImdsError`], turned into an HTTP status in one place ([`ImdsError::status`]).
 
-use crate::credential_cache::{CredentialCache, Creds, ServerError};
+use crate::credential_cache::{CachedCreds, CredentialCache, Creds, ServerError};
 use crate::metrics::{
     Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
 };
@@ -220,11 +220,11 @@ impl Imds {
                     return Err(ImdsError::NotThePodsRole(name));
                 }
                 let creds = self.creds(&pod, peer).await?;
-                Ok(json(credentials_json(&creds, extended)))
+                Ok(json(creds.document(extended)))
             }
             Route::IamInfo => {
                 let creds = self.creds(&pod, peer).await?;
-                Ok(json(info_json(&creds)))
+                Ok(json(info_json(&creds).into()))
             }
             Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
             Route::Proxy => self.proxy(path).await,
@@ -281,7 +281,7 @@ impl Imds {
         }
     }
 
-    async fn creds(&self, pod: &PodInfo, peer: IpAddr) -> Result<Arc<Creds>, ImdsError> {
+    async fn creds(&self, pod: &PodInfo, peer: IpAddr) -> Result<Arc<CachedCreds>, ImdsError> {
         let role = role_name(pod)?;
         self.credentials.get(peer, &pod.uid, role).await.map_err(ImdsError::Server)
     }
@@ -365,8 +365,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-fn json(body: String) -> Response<Full<Bytes>> {
-    let mut response = text(StatusCode::OK, body);
+fn json(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -97,7 +97,8 @@ pub enum Change {
 pub struct PodIndex {
     by_uid: DashMap<String, Arc<PodInfo>>,
     by_ip: DashMap<IpAddr, Vec<Arc<PodInfo>>>,
-    arrivals: Notify,
+    /// Requests waiting for an IP to appear, woken only by changes to that IP.
+    waiters: DashMap<IpAddr, Arc<Notify>>,
 }
 
 impl PodIndex {
@@ -161,31 +162,40 @@ impl PodIndex {
     /// The pods at `ip`, waiting up to `timeout` for the watch to deliver one if there is none yet.
     /// Returns as soon as a pod arrives; no polling.
     pub async fn wait_for_ip(&self, ip: &IpAddr, timeout: Duration) -> Vec<Arc<PodInfo>> {
-        self.wait_until(timeout, |index| Some(index.by_ip(ip)).filter(|pods| !pods.is_empty()))
-            .await
-            .unwrap_or_default()
+        self.wait_at(ip, timeout, |pods| Some(pods).filter(|pods| !pods.is_empty())).await.unwrap_or_default()
     }
 
     /// The pod with `uid` at `ip`, waiting up to `timeout` for the watch to deliver it.
     pub async fn wait_for_pod(&self, ip: &IpAddr, uid: &str, timeout: Duration) -> Option<Arc<PodInfo>> {
-        self.wait_until(timeout, |index| index.by_ip(ip).into_iter().find(|p| p.uid == uid)).await
+        self.wait_at(ip, timeout, |pods| pods.into_iter().find(|p| p.uid == uid)).await
     }
 
-    /// Evaluates `found` now and after every change to the index until it yields something or
-    /// `timeout` passes. Event-driven: no polling.
-    pub async fn wait_until<T>(&self, timeout: Duration, found: impl Fn(&Self) -> Option<T>) -> Option<T> {
+    /// Evaluates `found` on the pods at `ip` now and after every change at that IP, until it yields
+    /// something or `timeout` passes. Event-driven, and only this IP's changes wake the waiter (a
+    /// start storm of hundreds of pods does not wake every waiting request for every pod).
+    async fn wait_at<T>(
+        &self,
+        ip: &IpAddr,
+        timeout: Duration,
+        found: impl Fn(Vec<Arc<PodInfo>>) -> Option<T>,
+    ) -> Option<T> {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.arrivals.notified();
+        let notify = self.waiters.entry(*ip).or_default().clone();
+        let outcome = loop {
+            let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(hit) = found(self) {
-                return Some(hit);
+            if let Some(hit) = found(self.by_ip(ip)) {
+                break Some(hit);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return found(self);
+                break found(self.by_ip(ip));
             }
-        }
+        };
+        drop(notify);
+        // The last waiter for this IP removes its entry (the map holds one reference).
+        self.waiters.remove_if(ip, |_, n| Arc::strong_count(n) == 1);
+        outcome
     }
 
     fn insert(&self, info: PodInfo) -> Change {
@@ -207,7 +217,15 @@ impl PodIndex {
             Some(old) => Change::Updated { role_changed: old.role != info.role, pod: info },
         };
         if !matches!(change, Change::Unchanged) {
-            self.arrivals.notify_waiters();
+            let pod = match &change {
+                Change::Added(pod) | Change::Updated { pod, .. } => pod,
+                _ => unreachable!("only additions and updates reach here"),
+            };
+            for ip in &pod.ips {
+                if let Some(notify) = self.waiters.get(ip) {
+                    notify.notify_waiters();
+                }
+            }
         }
         change
     }

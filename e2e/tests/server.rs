@@ -344,7 +344,8 @@ async fn autodetected_base_arn_intermediate_role_and_session_tags() {
     ])
     .await;
     let web = bed.uid("team-a", "web").await;
-    let creds = bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials through the intermediate role");
+    let creds =
+        bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials through the intermediate role");
     assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
     let identity = bed
         .sts
