@@ -566,7 +566,9 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
     r.line(format!("| {:.0} | {} | {} | {} |", fan.2.rps, ms(fan.2.p50_us), ms(fan.2.p99_us), fan.2.errors));
     r.line("");
     r.line(format!("Total run: {:.0} s.", started.elapsed().as_secs_f64()));
-    if let Ok(history) = std::fs::read_to_string(imdsgate_e2e::tools::workspace_root().join("scripts/bench-history.md")) {
+    if let Ok(history) =
+        std::fs::read_to_string(imdsgate_e2e::tools::workspace_root().join("scripts/bench-history.md"))
+    {
         r.line("");
         r.line(history.trim_end());
     }
