@@ -43,7 +43,7 @@ step "cargo build (binaries the end-to-end tests run)"
 cargo build --workspace --bins --locked
 
 step "cargo test"
-cargo test --workspace --locked -- --test-threads="${IMDSGATE_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${IMDSGATE_TEST_THREADS:-2}"
 
 left=$(ip netns list 2>/dev/null | grep -c '^imdsgate-e2e-' || true)
 if [ "${left:-0}" -gt 0 ]; then

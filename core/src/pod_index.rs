@@ -179,6 +179,10 @@ impl PodIndex {
         timeout: Duration,
         found: impl Fn(Vec<Arc<PodInfo>>) -> Option<T>,
     ) -> Option<T> {
+        // The common case, a pod already known, registers no waiter.
+        if let Some(hit) = found(self.by_ip(ip)) {
+            return Some(hit);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let notify = self.waiters.entry(*ip).or_default().clone();
         let outcome = loop {

@@ -299,8 +299,15 @@ impl AgentProcess {
                 .arg("--iptables")
                 .arg("--host-interface=veth+")
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
-                .arg(format!("--server=https://127.0.0.1:{}", setup.server_port))
-                .arg(format!("--server-name={}", setup.tls.server_name))
+                .args(
+                    // A test may point the agent at the server another way (several replicas).
+                    (!extra_args.iter().any(|a| a.starts_with("--server=")))
+                        .then(|| format!("--server=https://127.0.0.1:{}", setup.server_port)),
+                )
+                .args(
+                    (!extra_args.iter().any(|a| a.starts_with("--server-name=")))
+                        .then(|| format!("--server-name={}", setup.tls.server_name)),
+                )
                 .arg(format!("--tls-cert={}", setup.tls.agent_cert.display()))
                 .arg(format!("--tls-key={}", setup.tls.agent_key.display()))
                 .arg(format!("--tls-ca={}", setup.tls.ca.display()))

@@ -360,3 +360,49 @@ async fn iptables_install_is_idempotent_for_both_families_and_uninstall_removes_
     let out = node.command(&agent).args(["iptables", "install"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "install without --host-ip is a configuration error");
 }
+
+/// Removes a namespace-scoped hosts file on drop.
+struct NetnsHosts(std::path::PathBuf);
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        // /etc/netns itself goes too if nothing else uses it (remove_dir refuses a non-empty one).
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failed_server_replica_is_retried_on_another_within_the_request() {
+    if !e2e_enabled("a_failed_server_replica_is_retried_on_another_within_the_request") {
+        return;
+    }
+    let mut bed = Bed::start().await;
+    // `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts for processes in that namespace
+    // only: there the server's name resolves to two replicas, one of which refuses connections.
+    let dir = std::path::Path::new("/etc/netns").join(bed.node.name());
+    std::fs::create_dir_all(&dir).unwrap();
+    let _hosts = NetnsHosts(dir.clone());
+    std::fs::write(dir.join("hosts"), "127.0.0.1 replicas.imdsgate.test\n127.0.0.2 replicas.imdsgate.test\n")
+        .unwrap();
+    let server = format!("--server=https://replicas.imdsgate.test:{}", bed.server_port);
+    let agent = bed.agent.take().unwrap();
+    bed.agent = Some(
+        agent.restart(&bed.setup(), &[&server, "--server-name=localhost"]).await.expect("agent restarts"),
+    );
+
+    // Each pod's first request calls the server; calls alternate between the replicas.
+    let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";
+    for pod in [&bed.web, &bed.other] {
+        let out = bed.curl(pod, &["-o", "/dev/null", "-w", "%{http_code}", path]);
+        assert_eq!(stdout(&out), "200", "served despite a dead replica; agent log:\n{}", bed.agent_log());
+    }
+    let metrics = run(bed.node.command("curl").args(["-s", "http://127.0.0.1:9611/metrics"])).unwrap();
+    let failed = imdsgate_e2e::components::metric_value(
+        &metrics,
+        "imdsgate_agent_server_errors_total{code=\"Unavailable\"}",
+    );
+    assert!(failed >= 1.0, "one call met the dead replica and was retried:\n{metrics}");
+}
