@@ -4,7 +4,7 @@
 //! status through the status subresource (there is no kubelet).
 
 use crate::pki::{self, TestCa};
-use crate::process::{ChildGuard, free_port, log_tail, run, wait_for_port};
+use crate::process::{ChildGuard, free_port, run, wait_for_port};
 use crate::tools::k8s_bin;
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
@@ -30,7 +30,6 @@ pub struct Cluster {
     client: kube::Client,
     url: String,
     ca_pem: String,
-    admin_token: String,
     admin_kubeconfig: PathBuf,
     dir: TempDir,
 }
@@ -69,7 +68,7 @@ impl Cluster {
         let (private_pem, public_pem) = pki::key_pair_pem()?;
         std::fs::write(&sa_key, private_pem)?;
         std::fs::write(&sa_pub, public_pem)?;
-        let admin_token = format!("admin-{}", std::process::id());
+        let admin_token = random_token()?;
         let tokens = path.join("tokens.csv");
         std::fs::write(&tokens, format!("{admin_token},imdsgate-e2e-admin,uid-admin,\"system:masters\"\n"))?;
 
@@ -123,16 +122,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
-        Ok(Cluster {
-            apiserver,
-            etcd,
-            client,
-            url,
-            ca_pem: ca.cert_pem(),
-            admin_token,
-            admin_kubeconfig,
-            dir,
-        })
+        Ok(Cluster { apiserver, etcd, client, url, ca_pem: ca.cert_pem(), admin_kubeconfig, dir })
     }
 
     /// A client with cluster-admin rights.
@@ -163,11 +153,6 @@ impl Cluster {
     /// The cluster's scratch directory (removed on drop).
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// The last lines of the apiserver's log, for failure messages.
-    pub fn apiserver_log_tail(&self, lines: usize) -> String {
-        self.apiserver.log_tail(lines)
     }
 
     /// Runs `kubectl` (from the pinned build) with the admin kubeconfig; returns stdout.
@@ -287,21 +272,14 @@ impl Cluster {
         all.extend_from_slice(args);
         self.kubectl(&all)
     }
+}
 
-    /// The admin bearer token (for raw HTTP checks).
-    pub fn admin_token(&self) -> &str {
-        &self.admin_token
-    }
-
-    /// Path of the apiserver log, for failure messages.
-    pub fn apiserver_log(&self) -> PathBuf {
-        self.apiserver.log_path().to_path_buf()
-    }
-
-    /// The last lines of etcd's log.
-    pub fn etcd_log_tail(&self, lines: usize) -> String {
-        log_tail(self.etcd.log_path(), lines)
-    }
+/// 32 random hex characters (the admin's bearer token: other local users must not guess it).
+fn random_token() -> Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What [`Cluster::create_pod`] creates.

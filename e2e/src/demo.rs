@@ -177,11 +177,6 @@ impl Demo {
     pub fn agent_log(&self) -> String {
         self.agent.log()
     }
-
-    /// Pods the demo made, for `kubectl`-style listing.
-    pub async fn pod_objects(&self) -> Result<Vec<Pod>> {
-        Ok(kube::Api::<Pod>::all(self.cluster.client()).list(&Default::default()).await?.items)
-    }
 }
 
 /// The one-shot demo: `demo/app` gets its role through 169.254.169.254 with the aws CLI,
