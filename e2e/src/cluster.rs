@@ -24,9 +24,10 @@ pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// A running etcd + kube-apiserver; both are stopped and their data removed on drop.
 pub struct Cluster {
-    // Field order is drop order: the apiserver goes before etcd, the directory last.
-    apiserver: ChildGuard,
-    etcd: ChildGuard,
+    // Held for their Drop. Field order is drop order: the apiserver goes before etcd, the
+    // directory last.
+    _apiserver: ChildGuard,
+    _etcd: ChildGuard,
     client: kube::Client,
     url: String,
     ca_pem: String,

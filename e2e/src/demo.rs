@@ -9,7 +9,7 @@ use crate::sts::{ACCOUNT_ID, REGION};
 use crate::tools::{venv_bin, workspace_root};
 use crate::{Cluster, PodSpec, Sts};
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::process::Command;
