@@ -123,7 +123,15 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
-        Ok(Cluster { apiserver, etcd, client, url, ca_pem: ca.cert_pem(), admin_kubeconfig, dir })
+        Ok(Cluster {
+            _apiserver: apiserver,
+            _etcd: etcd,
+            client,
+            url,
+            ca_pem: ca.cert_pem(),
+            admin_kubeconfig,
+            dir,
+        })
     }
 
     /// A client with cluster-admin rights.
