@@ -194,11 +194,7 @@ impl Args {
             Ok(v) => v,
             Err(error) => return bad_config(format!("{error:#}")),
         };
-        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(error) => return bad_config(format!("cannot start the async runtime: {error}")),
-        };
-        runtime.block_on(validated.run())
+        imdsgate_core::process::run_to_exit("imdsgate-agent", validated.serve())
     }
 
     fn validate(self) -> anyhow::Result<Validated> {
@@ -306,16 +302,6 @@ fn uninstall(ipv6: bool) -> ExitCode {
 }
 
 impl Validated {
-    async fn run(self) -> ExitCode {
-        match self.serve().await {
-            Ok(code) => code,
-            Err(error) => {
-                tracing::error!(error = format!("{error:#}"), "imdsgate-agent failed");
-                ExitCode::FAILURE
-            }
-        }
-    }
-
     async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, node_name, server, allow, upstream, interception } = self;
         let tokens = match TokenKey::load_or_create(&args.token_key_file) {
@@ -385,10 +371,7 @@ impl Validated {
             })
         };
 
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-        let until_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|down| *down).await;
-        };
+        let shutdown = imdsgate_core::process::Shutdown::default();
         let ready = {
             let (synced, up) = (synced.clone(), server_up.clone());
             Arc::new(move || match (synced.get(), up.load(Ordering::Relaxed)) {
@@ -398,7 +381,7 @@ impl Validated {
             })
         };
         let admin = Admin { registry: metrics.registry(), ready };
-        let admin_task = tokio::spawn(admin.serve(admin_listener, until_shutdown(shutdown_rx.clone())));
+        let admin_task = tokio::spawn(admin.serve(admin_listener, shutdown.wait()));
         let limits = listener::Limits {
             max_header_bytes: 16 * 1024,
             header_timeout: Duration::from_secs(5),
@@ -410,7 +393,7 @@ impl Validated {
             imds,
             limits,
             metrics.clone(),
-            until_shutdown(shutdown_rx.clone()),
+            shutdown.wait(),
             args.shutdown_grace,
         ));
         tracing::info!(node = %node_name, listen = %args.listen, admin = %args.admin_listen, "imdsgate-agent started");
@@ -434,7 +417,7 @@ impl Validated {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        let _ = shutdown_tx.send(true);
+        shutdown.trigger();
         // listener::serve drains within the grace period itself.
         let _ = tokio::time::timeout(args.shutdown_grace + Duration::from_secs(1), imds_task).await;
         tracing::info!("drained; the interception rule stays in place");

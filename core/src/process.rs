@@ -24,6 +24,57 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// Runs a binary's main future on a multi-threaded runtime; a failure (an error the future
+/// returns) is logged and exits 1, so Kubernetes restarts the process.
+pub fn run_to_exit<E: std::fmt::Display>(
+    binary: &'static str,
+    main: impl std::future::Future<Output = Result<ExitCode, E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => return bad_config(format!("cannot start the async runtime: {error}")),
+    };
+    runtime.block_on(async {
+        match main.await {
+            Ok(code) => code,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "{binary} failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// The one shutdown path inside a process: triggered once (on SIGTERM), it tells every listener
+/// to stop accepting and drain.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    rx: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        Shutdown { tx: std::sync::Arc::new(tx), rx }
+    }
+}
+
+impl Shutdown {
+    /// Starts the shutdown.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Resolves once the shutdown has started.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|down| *down).await;
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

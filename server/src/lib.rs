@@ -197,11 +197,7 @@ impl Args {
             Ok(v) => v,
             Err(error) => return bad_config(format!("{error:#}")),
         };
-        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(error) => return bad_config(format!("cannot start the async runtime: {error}")),
-        };
-        runtime.block_on(validated.run())
+        imdsgate_core::process::run_to_exit("imdsgate-server", validated.serve())
     }
 
     fn validate(self) -> anyhow::Result<Validated> {
@@ -260,16 +256,6 @@ impl Args {
 }
 
 impl Validated {
-    async fn run(self) -> ExitCode {
-        match self.serve().await {
-            Ok(code) => code,
-            Err(error) => {
-                tracing::error!(error = format!("{error:#}"), "imdsgate-server failed");
-                ExitCode::FAILURE
-            }
-        }
-    }
-
     async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, mut base_arn, tls, webhook } = self;
         let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
@@ -357,12 +343,9 @@ impl Validated {
                 (_, false) => Err("pod watch has not synced".to_string()),
             })
         };
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-        let until_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|down| *down).await;
-        };
+        let shutdown = imdsgate_core::process::Shutdown::default();
         let admin = Admin { registry: metrics.registry(), ready };
-        let admin_task = tokio::spawn(admin.serve(admin_listener, until_shutdown(shutdown_rx.clone())));
+        let admin_task = tokio::spawn(admin.serve(admin_listener, shutdown.wait()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         {
@@ -384,12 +367,7 @@ impl Validated {
                     client: Some(client.clone()),
                     metrics: metrics.clone(),
                 });
-                tokio::spawn(webhook_server::serve(
-                    listener,
-                    webhook_tls,
-                    admission,
-                    until_shutdown(shutdown_rx.clone()),
-                ))
+                tokio::spawn(webhook_server::serve(listener, webhook_tls, admission, shutdown.wait()))
             }
             _ => tokio::spawn(std::future::pending::<()>()),
         };
@@ -399,7 +377,7 @@ impl Validated {
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(CredentialsServer::new(service))
-            .serve_with_incoming_shutdown(incoming, until_shutdown(shutdown_rx.clone()));
+            .serve_with_incoming_shutdown(incoming, shutdown.wait());
         let mut grpc_task = tokio::spawn(grpc);
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "imdsgate-server started");
 
@@ -424,7 +402,7 @@ impl Validated {
             }
         }
         health.set_not_serving::<CredentialsServer<CredentialsService>>().await;
-        let _ = shutdown_tx.send(true);
+        shutdown.trigger();
         match tokio::time::timeout(args.shutdown_grace, grpc_task).await {
             Ok(_) => tracing::info!("drained; bye"),
             Err(_) => {
