@@ -18,9 +18,7 @@ use clap::{Parser, Subcommand};
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{
-    LogFormat, bad_config, init_logging, parse_args, parse_duration, shutdown_signal,
-};
+use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, parse_duration};
 use imdsgate_core::watch::{self, Synced, Update};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -398,24 +396,15 @@ impl Validated {
         ));
         tracing::info!(node = %node_name, listen = %args.listen, admin = %args.admin_listen, "imdsgate-agent started");
 
-        let critical = async {
-            tokio::select! {
-                r = watch_task => format!("pod watch ended: {r:?}"),
-                r = refresh_task => format!("server resolver ended: {r:?}"),
-                r = health_task => format!("server health check ended: {r:?}"),
-                r = admin_task => format!("admin server ended: {r:?}"),
-            }
-        };
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            why = critical => {
-                tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the agent");
-                return Ok(ExitCode::FAILURE);
-            }
-            r = &mut imds_task => {
-                tracing::error!(result = ?r, "IMDS listener ended; exiting");
-                return Ok(ExitCode::FAILURE);
-            }
+        let critical = vec![
+            ("pod watch", watch_task),
+            ("server resolver", refresh_task),
+            ("server health check", health_task),
+            ("admin server", admin_task),
+        ];
+        if let Err(why) = imdsgate_core::process::supervise(&mut imds_task, critical).await {
+            tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the agent");
+            return Ok(ExitCode::FAILURE);
         }
         shutdown.trigger();
         // listener::serve drains within the grace period itself.

@@ -75,6 +75,20 @@ impl Shutdown {
     }
 }
 
+/// Waits for SIGTERM or SIGINT (`Ok`), or for the listener or any critical task to end, which
+/// they never should (`Err` says which, and the caller exits so Kubernetes restarts it).
+pub async fn supervise<L: std::fmt::Debug>(
+    listener: &mut tokio::task::JoinHandle<L>,
+    critical: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+) -> Result<(), String> {
+    let (names, tasks): (Vec<_>, Vec<_>) = critical.into_iter().unzip();
+    tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        (result, index, _) = futures::future::select_all(tasks) => Err(format!("{} ended: {result:?}", names[index])),
+        result = listener => Err(format!("the listener ended: {result:?}")),
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -140,4 +154,39 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
         },
     };
     Ok(kube::Client::try_from(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_critical_task_that_ends_is_named() {
+        let mut listener = tokio::spawn(std::future::pending::<()>());
+        let critical = vec![
+            ("forever", tokio::spawn(std::future::pending::<()>())),
+            ("pod watch", tokio::spawn(async {})),
+        ];
+        let why = supervise(&mut listener, critical).await.unwrap_err();
+        assert!(why.starts_with("pod watch ended"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_ends_is_reported() {
+        let mut listener = tokio::spawn(async {});
+        let why = supervise(&mut listener, vec![("forever", tokio::spawn(std::future::pending::<()>()))])
+            .await
+            .unwrap_err();
+        assert!(why.starts_with("the listener ended"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_reaches_every_waiter() {
+        let shutdown = Shutdown::default();
+        let waiters: Vec<_> = (0..3).map(|_| tokio::spawn(shutdown.wait())).collect();
+        shutdown.trigger();
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(1), w).await.unwrap().unwrap();
+        }
+    }
 }

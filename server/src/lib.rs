@@ -23,9 +23,7 @@ use clap::Parser;
 use futures::StreamExt;
 use imdsgate_core::admin::Admin;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{
-    LogFormat, bad_config, init_logging, parse_args, parse_duration, shutdown_signal,
-};
+use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, parse_duration};
 use imdsgate_core::watch::{self, Synced, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::v1::credentials_server::CredentialsServer;
@@ -381,25 +379,16 @@ impl Validated {
         let mut grpc_task = tokio::spawn(grpc);
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "imdsgate-server started");
 
-        let critical = async {
-            tokio::select! {
-                r = ns_task => format!("namespace watch ended: {r:?}"),
-                r = pod_task => format!("pod watch ended: {r:?}"),
-                r = refresher => format!("credential refresher ended: {r:?}"),
-                r = admin_task => format!("admin server ended: {r:?}"),
-                r = webhook_task => format!("webhook server ended: {r:?}"),
-            }
-        };
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            why = critical => {
-                tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the server");
-                return Ok(ExitCode::FAILURE);
-            }
-            r = &mut grpc_task => {
-                tracing::error!(result = ?r, "gRPC server ended; exiting");
-                return Ok(ExitCode::FAILURE);
-            }
+        let critical = vec![
+            ("namespace watch", ns_task),
+            ("pod watch", pod_task),
+            ("credential refresher", refresher),
+            ("admin server", admin_task),
+            ("webhook server", webhook_task),
+        ];
+        if let Err(why) = imdsgate_core::process::supervise(&mut grpc_task, critical).await {
+            tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the server");
+            return Ok(ExitCode::FAILURE);
         }
         health.set_not_serving::<CredentialsServer<CredentialsService>>().await;
         shutdown.trigger();
