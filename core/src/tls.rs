@@ -77,15 +77,16 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Rebuilds if any file changed since the last look; returns whether it did.
+    /// Rebuilds if any file changed since the last good load; returns whether it did. A failed
+    /// build (say, the certificate rewritten but not yet its key) is tried again next time.
     pub fn reload_if_changed(&self) -> bool {
         let now = stamps(&self.files);
         if *self.stamps.read().unwrap_or_else(|e| e.into_inner()) == now {
             return false;
         }
-        *self.stamps.write().unwrap_or_else(|e| e.into_inner()) = now;
         match (self.build)() {
             Ok(value) => {
+                *self.stamps.write().unwrap_or_else(|e| e.into_inner()) = now;
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
                 tracing::info!(files = ?self.files, "TLS files changed; reloaded");
                 true
@@ -168,6 +169,16 @@ mod tests {
             .unwrap();
         assert!(!r.reload_if_changed());
         assert_eq!(*r.get(), 2);
+        // Caught mid-rotation: the next look retries even though nothing changed since.
+        std::fs::write(&file, "3").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later + Duration::from_secs(5))
+            .unwrap();
+        assert!(r.reload_if_changed());
+        assert_eq!(*r.get(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -363,3 +363,44 @@ async fn autodetected_base_arn_intermediate_role_and_session_tags() {
         .unwrap();
     assert_eq!(identity.arn(), Some("arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web"));
 }
+
+#[tokio::test]
+async fn rotated_certificates_are_picked_up_without_a_restart() {
+    if !e2e_enabled("rotated_certificates_are_picked_up_without_a_restart") {
+        return;
+    }
+    let bed = Bed::start(&[ROLE_BASE]).await;
+    let web = bed.uid("team-a", "web").await;
+    assert!(bed.ask("10.1.0.10", &web, "app-reader").await.is_ok());
+
+    // cert-manager rotates everything to a new CA: the server's certificate, key and client CA.
+    let next = Pki::new().unwrap();
+    std::fs::write(&bed.pki.server_files.1, &next.server.key_pem).unwrap();
+    std::fs::write(&bed.pki.server_files.0, &next.server.cert_pem).unwrap();
+    std::fs::write(&bed.pki.ca_file, next.ca.cert_pem()).unwrap();
+
+    let ask_with = |pki: &Pki| {
+        let (addr, ca, id, token, uid) =
+            (bed.server.grpc, pki.ca.cert_pem(), pki.agent.clone(), bed.token_a.clone(), web.clone());
+        async move {
+            let mut client = grpc_client(addr, &ca, Some(&id)).await.map_err(|e| e.to_string())?;
+            let mut r = tonic::Request::new(GetCredentialsRequest {
+                pod_ip: "10.1.0.10".into(),
+                pod_uid: uid,
+                role: "app-reader".into(),
+            });
+            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            client.get_credentials(r).await.map(|_| ()).map_err(|s| format!("{s:?}"))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask_with(&next).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificates were never loaded; log:\n{}",
+            bed.server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ask_with(&bed.pki).await.is_err(), "agents of the old CA are refused after the rotation");
+}
