@@ -10,9 +10,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 cd "$root"
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (network namespaces)" >&2; exit 1; }
-"$here/setup.sh" apt
-"$here/setup.sh" venv
-IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" k8s)
+# Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
+IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
 export IMDSGATE_K8S_BIN_DIR
 echo "==> cargo build --release" >&2
 cargo build --release --locked --workspace --bins

@@ -20,9 +20,8 @@ fi
 case "${1:-run}" in
   run|up)
     echo "==> installing prerequisites (first run only: Debian packages, .venv, Kubernetes binaries)" >&2
-    "$here/setup.sh" apt
-    "$here/setup.sh" venv
-    IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" k8s)
+    # Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
+    IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
     export IMDSGATE_K8S_BIN_DIR
     echo "==> building imdsgate (cargo build)" >&2
     cargo build --quiet --locked --workspace --bins

@@ -3,7 +3,8 @@
 #   apt   Debian packages (iptables, iproute2, socat, procps, openssl, curl)
 #   venv  the project's Python virtualenv (.venv) with the pinned moto[server] and aws CLI
 #   k8s   the pinned kube-apiserver, kubectl and etcd (scripts/k8s-bins.sh)
-# With no argument it does all three. Prints what it does; a warm run takes a few seconds.
+# With no argument (or `all`) it does all three and prints the Kubernetes binaries' directory as
+# its last line of stdout (everything else goes to stderr). A warm run takes a few seconds.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)

@@ -19,9 +19,8 @@ cleanup_leftovers() {
 
 start=$(date +%s)
 step "installing prerequisites"
-"$here/setup.sh" apt
-"$here/setup.sh" venv
-IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" k8s)
+# Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
+IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
 export IMDSGATE_K8S_BIN_DIR
 
 if ! command -v cargo >/dev/null; then

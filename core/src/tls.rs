@@ -155,28 +155,20 @@ mod tests {
         .unwrap();
         assert_eq!(*r.get(), 1);
         assert!(!r.reload_if_changed());
+        // Rewrite the file and stamp it with a chosen time (file systems may be coarse).
+        let rewrite = |text: &str, at: SystemTime| {
+            std::fs::write(&file, text).unwrap();
+            std::fs::File::options().write(true).open(&file).unwrap().set_modified(at).unwrap();
+        };
         let later = SystemTime::now() + Duration::from_secs(5);
-        std::fs::write(&file, "2").unwrap();
-        std::fs::File::options().write(true).open(&file).unwrap().set_modified(later).unwrap();
+        rewrite("2", later);
         assert!(r.reload_if_changed());
         assert_eq!(*r.get(), 2);
-        std::fs::write(&file, "garbage").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(later + Duration::from_secs(5))
-            .unwrap();
+        rewrite("garbage", later + Duration::from_secs(5));
         assert!(!r.reload_if_changed());
         assert_eq!(*r.get(), 2);
         // Caught mid-rotation: the next look retries even though nothing changed since.
-        std::fs::write(&file, "3").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(later + Duration::from_secs(5))
-            .unwrap();
+        rewrite("3", later + Duration::from_secs(5));
         assert!(r.reload_if_changed());
         assert_eq!(*r.get(), 3);
         std::fs::remove_dir_all(&dir).unwrap();

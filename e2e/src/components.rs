@@ -4,7 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::pki::{CertPair, TestCa};
-use crate::process::{ChildGuard, free_port, wait_for_port};
+use crate::process::{ChildGuard, free_port};
 use crate::sts::{REGION, Sts};
 use crate::tools::{workspace_bin, workspace_root};
 use anyhow::{Context, Result, bail};
@@ -206,11 +206,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// Waits for `addr` to accept connections.
-pub async fn wait_listening(addr: SocketAddr) -> Result<()> {
-    wait_for_port(addr, Duration::from_secs(20)).await
-}
-
 /// A running imdsgate-agent inside a node namespace, with the node's "real" metadata service (a
 /// stand-in answering with the node's identity) at 169.254.169.254:80 in that namespace.
 pub struct AgentProcess {
@@ -228,6 +223,8 @@ pub struct AgentSetup<'a> {
     pub tls: &'a TlsFiles,
     pub node: &'a crate::netns::NodeNs,
     pub node_name: &'a str,
+    /// The server's host name or address as the agent resolves it inside the node namespace.
+    pub server_host: &'a str,
     pub server_port: u16,
     /// The agent pod object its identity token is bound to.
     pub agent_pod: &'a k8s_openapi::api::core::v1::Pod,
@@ -299,15 +296,8 @@ impl AgentProcess {
                 .arg("--iptables")
                 .arg("--host-interface=veth+")
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
-                .args(
-                    // A test may point the agent at the server another way (several replicas).
-                    (!extra_args.iter().any(|a| a.starts_with("--server=")))
-                        .then(|| format!("--server=https://127.0.0.1:{}", setup.server_port)),
-                )
-                .args(
-                    (!extra_args.iter().any(|a| a.starts_with("--server-name=")))
-                        .then(|| format!("--server-name={}", setup.tls.server_name)),
-                )
+                .arg(format!("--server=https://{}:{}", setup.server_host, setup.server_port))
+                .arg(format!("--server-name={}", setup.tls.server_name))
                 .arg(format!("--tls-cert={}", setup.tls.agent_cert.display()))
                 .arg(format!("--tls-key={}", setup.tls.agent_key.display()))
                 .arg(format!("--tls-ca={}", setup.tls.ca.display()))

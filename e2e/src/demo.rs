@@ -71,6 +71,7 @@ impl Demo {
             tls: &tls,
             node: &node,
             node_name: NODE_NAME,
+            server_host: "127.0.0.1",
             server_port: server.grpc.port(),
             agent_pod: &agent_pod,
         };

@@ -21,6 +21,7 @@ struct Bed {
     _pki: Pki,
     tls: TlsFiles,
     _server: ServerProcess,
+    server_host: &'static str,
     server_port: u16,
     node: NodeNs,
     agent_pod: Pod,
@@ -84,6 +85,7 @@ impl Bed {
             _pki: pki,
             tls,
             _server: server,
+            server_host: "127.0.0.1",
             server_port,
             node,
             agent_pod,
@@ -102,6 +104,7 @@ impl Bed {
             tls: &self.tls,
             node: &self.node,
             node_name: NODE,
+            server_host: self.server_host,
             server_port: self.server_port,
             agent_pod: &self.agent_pod,
         }
@@ -387,11 +390,9 @@ async fn a_failed_server_replica_is_retried_on_another_within_the_request() {
     let _hosts = NetnsHosts(dir.clone());
     std::fs::write(dir.join("hosts"), "127.0.0.1 replicas.imdsgate.test\n127.0.0.2 replicas.imdsgate.test\n")
         .unwrap();
-    let server = format!("--server=https://replicas.imdsgate.test:{}", bed.server_port);
+    bed.server_host = "replicas.imdsgate.test";
     let agent = bed.agent.take().unwrap();
-    bed.agent = Some(
-        agent.restart(&bed.setup(), &[&server, "--server-name=localhost"]).await.expect("agent restarts"),
-    );
+    bed.agent = Some(agent.restart(&bed.setup(), &[]).await.expect("agent restarts"));
 
     // Each pod's first request calls the server; calls alternate between the replicas.
     let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";

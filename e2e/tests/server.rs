@@ -157,32 +157,33 @@ async fn serves_annotated_permitted_pods_and_refuses_everything_else() {
     let intruder = bed.uid("locked", "intruder").await;
     let greedy = bed.uid("team-a", "greedy").await;
     use tonic::Code::*;
-    assert_eq!(denied(bed.ask("10.1.0.99", &web, "app-reader").await), (NotFound, Some(Reason::PodNotFound)));
-    assert_eq!(denied(bed.ask("10.1.0.11", &plain, "app-reader").await), (NotFound, Some(Reason::NoRole)));
-    assert_eq!(
-        denied(bed.ask("10.1.0.10", &web, "admin").await),
-        (PermissionDenied, Some(Reason::RoleMismatch))
-    );
-    assert_eq!(
-        denied(bed.ask("10.1.0.13", &intruder, "app-reader").await),
-        (PermissionDenied, Some(Reason::NamespaceForbids))
-    );
-    assert_eq!(
-        denied(bed.ask("10.1.0.14", &greedy, "admin").await),
-        (PermissionDenied, Some(Reason::NamespaceForbids))
-    );
-    assert_eq!(
-        denied(bed.ask("10.1.0.12", &elsewhere, "app-reader").await),
-        (PermissionDenied, Some(Reason::WrongNode))
-    );
-    assert_eq!(
-        denied(bed.ask("10.1.0.10", &plain, "app-reader").await),
-        (FailedPrecondition, Some(Reason::PodUidMismatch))
-    );
-    assert_eq!(
-        denied(bed.ask("10.1.0.x", &web, "app-reader").await),
-        (InvalidArgument, Some(Reason::InvalidArgument))
-    );
+    let cases = [
+        ("no pod at the IP", "10.1.0.99", &web, "app-reader", NotFound, Reason::PodNotFound),
+        ("pod without a role", "10.1.0.11", &plain, "app-reader", NotFound, Reason::NoRole),
+        ("another role than annotated", "10.1.0.10", &web, "admin", PermissionDenied, Reason::RoleMismatch),
+        (
+            "namespace permits nothing",
+            "10.1.0.13",
+            &intruder,
+            "app-reader",
+            PermissionDenied,
+            Reason::NamespaceForbids,
+        ),
+        (
+            "namespace does not permit it",
+            "10.1.0.14",
+            &greedy,
+            "admin",
+            PermissionDenied,
+            Reason::NamespaceForbids,
+        ),
+        ("pod on another node", "10.1.0.12", &elsewhere, "app-reader", PermissionDenied, Reason::WrongNode),
+        ("UID of another pod", "10.1.0.10", &plain, "app-reader", FailedPrecondition, Reason::PodUidMismatch),
+        ("malformed IP", "10.1.0.x", &web, "app-reader", InvalidArgument, Reason::InvalidArgument),
+    ];
+    for (case, ip, uid, role, code, reason) in cases {
+        assert_eq!(denied(bed.ask(ip, uid, role).await), (code, Some(reason)), "{case}");
+    }
 
     // Only the agent ServiceAccount's node-bound token is accepted.
     let app_token = bed.cluster.service_account_token("team-a", "web", &["imdsgate"], None).await.unwrap();

@@ -337,25 +337,35 @@ fn required_terms(affinity: Option<&Affinity>) -> Vec<k8s_openapi::api::core::v1
         .unwrap_or_default()
 }
 
+/// Whether there are required node-affinity terms and each has an expression on a server label
+/// (key, wanted value) that `matches`.
+fn every_required_term(
+    affinity: Option<&Affinity>,
+    labels: &BTreeMap<String, String>,
+    matches: impl Fn(&k8s_openapi::api::core::v1::NodeSelectorRequirement, &str) -> bool,
+) -> bool {
+    let terms = required_terms(affinity);
+    !terms.is_empty()
+        && terms.iter().all(|term| {
+            term.match_expressions
+                .iter()
+                .flatten()
+                .any(|e| labels.get(&e.key).is_some_and(|want| matches(e, want)))
+        })
+}
+
 /// Every required term demands the server labels: the pod can only land on server nodes.
 pub fn affinity_requires_server_nodes(
     affinity: Option<&Affinity>,
     labels: &BTreeMap<String, String>,
 ) -> bool {
-    let terms = required_terms(affinity);
-    !terms.is_empty()
-        && terms.iter().all(|term| {
-            term.match_expressions.iter().flatten().any(|e| {
-                labels.get(&e.key).is_some_and(|want| match e.operator.as_str() {
-                    "In" => {
-                        let values = e.values.clone().unwrap_or_default();
-                        !values.is_empty() && values.iter().all(|v| v == want)
-                    }
-                    "Exists" => true,
-                    _ => false,
-                })
-            })
-        })
+    every_required_term(affinity, labels, |e, want| match e.operator.as_str() {
+        "In" => {
+            e.values.as_ref().is_some_and(|values| !values.is_empty() && values.iter().all(|v| v == want))
+        }
+        "Exists" => true,
+        _ => false,
+    })
 }
 
 /// Every required term rules server nodes out: a toleration of their taint is then harmless.
@@ -363,21 +373,14 @@ pub fn affinity_excludes_server_nodes(
     affinity: Option<&Affinity>,
     labels: &BTreeMap<String, String>,
 ) -> bool {
-    let terms = required_terms(affinity);
-    !terms.is_empty()
-        && terms.iter().all(|term| {
-            term.match_expressions.iter().flatten().any(|e| {
-                labels.get(&e.key).is_some_and(|want| match e.operator.as_str() {
-                    "NotIn" => e.values.iter().flatten().any(|v| v == want),
-                    "DoesNotExist" => true,
-                    "In" => e
-                        .values
-                        .as_ref()
-                        .is_some_and(|values| !values.is_empty() && values.iter().all(|v| v != want)),
-                    _ => false,
-                })
-            })
-        })
+    every_required_term(affinity, labels, |e, want| match e.operator.as_str() {
+        "NotIn" => e.values.iter().flatten().any(|v| v == want),
+        "DoesNotExist" => true,
+        "In" => {
+            e.values.as_ref().is_some_and(|values| !values.is_empty() && values.iter().all(|v| v != want))
+        }
+        _ => false,
+    })
 }
 
 fn show_labels(labels: &BTreeMap<String, String>) -> String {

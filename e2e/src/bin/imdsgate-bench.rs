@@ -186,6 +186,7 @@ async fn bed() -> Result<Bed> {
         tls: &tls,
         node: &node,
         node_name: NODE,
+        server_host: "127.0.0.1",
         server_port: server.grpc.port(),
         agent_pod: &agent_pod,
     };
