@@ -103,6 +103,19 @@ impl Bed {
         self.client().await.get_credentials(request).await.map(|r| r.into_inner())
     }
 
+    /// Who STS says the holder of `creds` is.
+    async fn caller_arn(&self, creds: &GetCredentialsResponse) -> String {
+        let credentials = aws_credential_types::Credentials::new(
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(creds.session_token.clone()),
+            None,
+            "pod",
+        );
+        let identity = self.sts.client(credentials).get_caller_identity().send().await.unwrap();
+        identity.arn().unwrap_or_default().to_string()
+    }
+
     async fn wait_metric_at_least(&self, sample: &str, value: f64) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.server.metric(sample).await.unwrap() < value {
@@ -136,20 +149,7 @@ async fn serves_annotated_permitted_pods_and_refuses_everything_else() {
     let expiration = creds.expiration.unwrap().seconds;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!(expiration - now > 45 * 60, "a fresh one-hour session, not {}s", expiration - now);
-    let identity = bed
-        .sts
-        .client(aws_credential_types::Credentials::new(
-            &creds.access_key_id,
-            &creds.secret_access_key,
-            Some(creds.session_token.clone()),
-            None,
-            "pod",
-        ))
-        .get_caller_identity()
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(identity.arn(), Some("arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web"));
+    assert_eq!(bed.caller_arn(&creds).await, "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web");
 
     // Every refusal, with its code and stable reason.
     let plain = bed.uid("team-a", "plain").await;
@@ -349,20 +349,7 @@ async fn autodetected_base_arn_intermediate_role_and_session_tags() {
     let creds =
         bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials through the intermediate role");
     assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
-    let identity = bed
-        .sts
-        .client(aws_credential_types::Credentials::new(
-            &creds.access_key_id,
-            &creds.secret_access_key,
-            Some(creds.session_token.clone()),
-            None,
-            "pod",
-        ))
-        .get_caller_identity()
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(identity.arn(), Some("arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web"));
+    assert_eq!(bed.caller_arn(&creds).await, "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web");
 }
 
 #[tokio::test]
