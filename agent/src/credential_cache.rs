@@ -1,7 +1,9 @@
 //! The agent's credential cache: per pod, the credentials the server last gave, served until they
 //! come within the server's refresh margin. Concurrent requests of one pod share one server call;
 //! when the server cannot be reached, credentials that are still valid keep being served. A pod
-//! that is deleted or whose role annotation changes loses its entry at once.
+//! that is deleted, starts terminating, or whose annotations change loses its entry at once, and
+//! so does one the server revokes. An entry is bound to the pod UID and the source IP it was
+//! fetched for: it is never served to another pod, nor to the same UID at another address.
 
 use crate::metrics::Metrics;
 use dashmap::DashMap;
@@ -80,6 +82,7 @@ pub trait CredentialSource: Send + Sync + 'static {
 
 struct Slot {
     role: String,
+    ip: IpAddr,
     current: RwLock<Option<Arc<CachedCreds>>>,
     fetching: tokio::sync::Mutex<()>,
 }
@@ -104,7 +107,7 @@ impl CredentialCache {
         pod_uid: &str,
         role: &str,
     ) -> Result<Arc<CachedCreds>, ServerError> {
-        let slot = self.slot(pod_uid, role);
+        let slot = self.slot(pod_uid, pod_ip, role);
         if let Some(creds) = self.fresh(&slot) {
             self.metrics.cache_hits.inc();
             return Ok(creds);
@@ -136,9 +139,15 @@ impl CredentialCache {
         }
     }
 
-    /// Drops what is cached for a pod (deleted, or its role changed).
-    pub fn forget(&self, pod_uid: &str) {
-        self.slots.remove(pod_uid);
+    /// Drops what is cached for a pod (deleted, terminating, annotations changed, or revoked);
+    /// returns whether there was anything.
+    pub fn forget(&self, pod_uid: &str) -> bool {
+        self.slots.remove(pod_uid).is_some()
+    }
+
+    /// The pods (UID) and role names that credentials are held for.
+    pub fn held(&self) -> Vec<(String, String)> {
+        self.slots.iter().map(|e| (e.key().clone(), e.value().role.clone())).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -149,19 +158,21 @@ impl CredentialCache {
         self.slots.is_empty()
     }
 
-    fn slot(&self, pod_uid: &str, role: &str) -> Arc<Slot> {
-        if let Some(slot) = self.slots.get(pod_uid).filter(|s| s.role == role) {
+    fn slot(&self, pod_uid: &str, ip: IpAddr, role: &str) -> Arc<Slot> {
+        let matches = |s: &Slot| s.role == role && s.ip == ip;
+        if let Some(slot) = self.slots.get(pod_uid).filter(|s| matches(s)) {
             return slot.clone();
         }
         let slot = Arc::new(Slot {
             role: role.to_string(),
+            ip,
             current: RwLock::new(None),
             fetching: Default::default(),
         });
         self.slots
             .entry(pod_uid.to_string())
             .and_modify(|existing| {
-                if existing.role != role {
+                if !matches(existing) {
                     *existing = slot.clone();
                 }
             })
@@ -298,9 +309,20 @@ pub(crate) mod tests {
         let b = cache.get(ip(), "uid-a", "other").await.unwrap();
         assert_ne!(a.access_key_id, b.access_key_id);
         assert!(b.role_arn.ends_with("/other"));
-        cache.forget("uid-a");
+        assert_eq!(cache.held(), [("uid-a".to_string(), "other".to_string())]);
+        assert!(cache.forget("uid-a"));
         assert!(cache.is_empty());
         cache.get(ip(), "uid-a", "other").await.unwrap();
         assert_eq!(server.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_entry_is_served_only_to_the_address_it_was_fetched_for() {
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(server.clone(), Metrics::new());
+        let first = cache.get(ip(), "uid-a", "app").await.unwrap();
+        let elsewhere = cache.get("10.0.0.2".parse().unwrap(), "uid-a", "app").await.unwrap();
+        assert_ne!(first.access_key_id, elsewhere.access_key_id, "another address asks the server again");
+        assert_eq!(server.calls.load(Ordering::SeqCst), 2);
     }
 }

@@ -9,6 +9,7 @@ pub mod imds;
 pub mod interception;
 pub mod listener;
 pub mod metrics;
+pub mod revocation;
 pub mod server_client;
 pub mod token;
 pub mod upstream;
@@ -331,7 +332,7 @@ impl Validated {
         }
 
         let pods = Arc::new(PodIndex::new());
-        let credentials = CredentialCache::new(Arc::new(server_client.clone()), metrics.clone());
+        let credentials = Arc::new(CredentialCache::new(Arc::new(server_client.clone()), metrics.clone()));
         let upstream: Option<Arc<dyn Upstream>> =
             upstream.map(|u| Arc::new(HttpUpstream::new(&u)) as Arc<dyn Upstream>);
         let node_ips = args.host_ip.into_iter().chain(args.host_ipv6).collect();
@@ -341,7 +342,7 @@ impl Validated {
             pod_wait: args.pod_wait,
             tokens,
             require_imdsv2: args.require_imdsv2,
-            credentials,
+            credentials: credentials.clone(),
             upstream,
             allow,
             metrics: metrics.clone(),
@@ -357,6 +358,8 @@ impl Validated {
         ));
         server_client.refresh().await;
         let refresh_task = server_client.spawn_refresh(SERVER_REFRESH_EVERY);
+        let revocation_task =
+            tokio::spawn(revocation::follow(server_client.clone(), credentials, metrics.clone()));
         let server_up = Arc::new(AtomicBool::new(false));
         let health_task = {
             let (client, up) = (server_client.clone(), server_up.clone());
@@ -399,6 +402,7 @@ impl Validated {
         let critical = vec![
             ("pod watch", watch_task),
             ("server resolver", refresh_task),
+            ("revocation feed", revocation_task),
             ("server health check", health_task),
             ("admin server", admin_task),
         ];
@@ -418,8 +422,17 @@ async fn watch_pods(client: kube::Client, node: String, imds: Arc<Imds>, synced:
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher(kube::Api::<Pod>::all(client), config).default_backoff();
     let forget = |change: Change| match change {
-        Change::Updated { pod, role_changed: true } | Change::Removed(pod) => {
-            imds.credentials.forget(&pod.uid)
+        Change::Updated { pod, identity_changed: true } | Change::Removed(pod) => {
+            imds.credentials.forget(&pod.uid);
+        }
+        Change::Added(pod) => {
+            // Its IP was someone else's: whatever is cached for the previous owner is never served
+            // again (both stay unserved, as ambiguous, until the old pod's deletion arrives).
+            for ip in &pod.ips {
+                for previous in imds.pods.by_ip(ip).iter().filter(|p| p.uid != pod.uid) {
+                    imds.credentials.forget(&previous.uid);
+                }
+            }
         }
         _ => {}
     };

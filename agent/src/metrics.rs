@@ -61,6 +61,12 @@ pub struct CodeLabels {
 }
 
 /// All of the agent's metrics; cheap to clone.
+/// A revocation's reason: one of the contract's stable reason strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevocationLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -72,6 +78,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub watch_restarts: Counter,
+    pub revocations: Family<RevocationLabels, Counter>,
+    pub revocation_streams: Gauge,
 }
 
 fn sub_millisecond_histogram() -> Histogram {
@@ -96,6 +104,8 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             watch_restarts: Counter::default(),
+            revocations: Family::default(),
+            revocation_streams: Gauge::default(),
         }
     }
 
@@ -128,6 +138,16 @@ impl Metrics {
         );
         r.register("cache_misses", "Credential requests that called the server", self.cache_misses.clone());
         r.register("watch_restarts", "Pod watch errors (each is retried)", self.watch_restarts.clone());
+        r.register(
+            "revocations",
+            "Pods whose cached credentials the server revoked, by reason",
+            self.revocations.clone(),
+        );
+        r.register(
+            "revocation_streams",
+            "Open revocation streams to server replicas",
+            self.revocation_streams.clone(),
+        );
         Arc::new(root)
     }
 }

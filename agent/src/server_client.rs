@@ -8,8 +8,8 @@ use crate::metrics::{CodeLabels, Metrics};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use imdsgate_core::tls::{Reloading, TlsError};
-use imdsgate_proto::v1::GetCredentialsRequest;
 use imdsgate_proto::v1::credentials_client::CredentialsClient;
+use imdsgate_proto::v1::{GetCredentialsRequest, HeldCredentials, Revocation, WatchRevocationsRequest};
 use imdsgate_proto::{AUTHORIZATION_METADATA_KEY, Reason};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -149,6 +149,44 @@ impl ServerClient {
         false
     }
 
+    /// The replicas' addresses as last resolved.
+    pub fn replica_addrs(&self) -> Vec<SocketAddr> {
+        self.current().addrs.clone()
+    }
+
+    /// Opens the revocation stream of the replica at `addr`, telling it what the agent holds.
+    pub async fn watch_revocations(
+        &self,
+        addr: SocketAddr,
+        held: Vec<(String, String)>,
+    ) -> Result<tonic::Streaming<Revocation>, tonic::Status> {
+        let channel = self
+            .current()
+            .list
+            .iter()
+            .find(|r| r.addr == addr)
+            .map(|r| r.channel.clone())
+            .ok_or_else(|| tonic::Status::unavailable(format!("{addr} is no longer a server replica")))?;
+        let token = self.token().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let held = held.into_iter().map(|(pod_uid, role)| HeldCredentials { pod_uid, role }).collect();
+        let mut request = tonic::Request::new(WatchRevocationsRequest { held });
+        self.authorize(&mut request, token.as_deref());
+        let mut client = CredentialsClient::new(channel);
+        let opened = tokio::time::timeout(self.config.call_timeout, client.watch_revocations(request)).await;
+        match opened {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer in time")),
+        }
+    }
+
+    fn authorize<T>(&self, request: &mut tonic::Request<T>, token: Option<&str>) {
+        if let Some(token) = token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert(AUTHORIZATION_METADATA_KEY, value);
+        }
+    }
+
     fn current(&self) -> Arc<Replicas> {
         self.replicas.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -194,11 +232,7 @@ impl ServerClient {
                 role: role.clone(),
             });
             request.set_timeout(self.config.call_timeout);
-            if let Some(token) = &token
-                && let Ok(value) = format!("Bearer {token}").parse()
-            {
-                request.metadata_mut().insert(AUTHORIZATION_METADATA_KEY, value);
-            }
+            self.authorize(&mut request, token.as_deref());
             let mut client = CredentialsClient::new(replica.channel.clone());
             let outcome =
                 tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;

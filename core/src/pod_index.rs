@@ -34,12 +34,14 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// What the index keeps of `pod`, or `None` if the pod must not be indexed: no UID or IP,
-    /// `hostNetwork` (its traffic is the node's), or finished (phase Succeeded or Failed).
+    /// `hostNetwork` (its traffic is the node's), terminating (`metadata.deletionTimestamp` set:
+    /// its IP may be handed to another pod before the deletion completes), or finished (phase
+    /// Succeeded or Failed).
     pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref()?;
         let status = pod.status.as_ref()?;
-        if spec.host_network == Some(true) {
+        if spec.host_network == Some(true) || meta.deletion_timestamp.is_some() {
             return None;
         }
         if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
@@ -79,13 +81,23 @@ impl PodInfo {
     }
 }
 
+impl PodInfo {
+    /// Whether `other` asks for the same credentials: role, ExternalId and session name.
+    pub fn same_identity(&self, other: &PodInfo) -> bool {
+        self.role == other.role
+            && self.external_id == other.external_id
+            && self.session_name == other.session_name
+    }
+}
+
 /// What an [`PodIndex::apply`] did, so callers can react (prefetch, drop cached credentials).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// The pod was not indexed before and is now.
     Added(Arc<PodInfo>),
-    /// The pod was indexed and changed; `role_changed` says whether its role annotation did.
-    Updated { pod: Arc<PodInfo>, role_changed: bool },
+    /// The pod was indexed and changed; `identity_changed` says whether what its credentials
+    /// depend on did (the role, external-id or session-name annotation).
+    Updated { pod: Arc<PodInfo>, identity_changed: bool },
     /// The pod was indexed and no longer is (finished, lost its IP, deleted).
     Removed(Arc<PodInfo>),
     /// Nothing the index keeps changed.
@@ -148,6 +160,11 @@ impl PodIndex {
     /// The pod with this UID, if live.
     pub fn by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.by_uid.get(uid).map(|p| p.clone())
+    }
+
+    /// Every indexed pod (a snapshot).
+    pub fn pods(&self) -> Vec<Arc<PodInfo>> {
+        self.by_uid.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Number of indexed pods.
@@ -218,7 +235,7 @@ impl PodIndex {
         let change = match previous {
             None => Change::Added(info),
             Some(old) if *old == *info => Change::Unchanged,
-            Some(old) => Change::Updated { role_changed: old.role != info.role, pod: info },
+            Some(old) => Change::Updated { identity_changed: !old.same_identity(&info), pod: info },
         };
         if !matches!(change, Change::Unchanged) {
             let pod = match &change {
@@ -310,6 +327,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_terminating_pod_leaves_the_index_at_once() {
+        let index = PodIndex::new();
+        index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("app")));
+        // Deleted with a finalizer pending (or within its grace period): still Running, but going.
+        let mut going = mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("app"));
+        going.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        assert!(matches!(index.apply(&going), Change::Removed(p) if p.uid == "u1"));
+        assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
+        assert!(index.by_uid("u1").is_none());
+        // A relist that still shows it terminating does not bring it back.
+        index.reset([&going]);
+        assert!(index.is_empty());
+    }
+
+    #[test]
     fn a_pod_that_finishes_leaves_the_index() {
         let index = PodIndex::new();
         index.apply(&mk_pod("u1", "job", &["10.0.0.1"], "Running", None));
@@ -330,17 +363,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn role_change_is_reported() {
+    fn identity_changes_are_reported() {
         let index = PodIndex::new();
         index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("a")));
         match index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("b"))) {
-            Change::Updated { role_changed, pod } => {
-                assert!(role_changed);
+            Change::Updated { identity_changed, pod } => {
+                assert!(identity_changed);
                 assert_eq!(pod.role.as_deref(), Some("b"));
             }
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("b"))), Change::Unchanged);
+        let mut renamed = mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("b"));
+        renamed.metadata.annotations.as_mut().unwrap().insert(SESSION_NAME_ANNOTATION.into(), "x".into());
+        assert!(matches!(index.apply(&renamed), Change::Updated { identity_changed: true, .. }));
+        let mut other_phase = renamed.clone();
+        other_phase.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert!(matches!(index.apply(&other_phase), Change::Updated { identity_changed: false, .. }));
     }
 
     #[test]

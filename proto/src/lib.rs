@@ -122,10 +122,12 @@ pub enum Reason {
     StsUnavailable,
     StsDenied,
     Internal,
+    /// Only in revocations: the pod's role, session-name or external-id annotation changed.
+    SessionChanged,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::PodNotFound,
         Reason::NoRole,
         Reason::RoleMismatch,
@@ -138,6 +140,7 @@ impl Reason {
         Reason::StsUnavailable,
         Reason::StsDenied,
         Reason::Internal,
+        Reason::SessionChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -154,6 +157,7 @@ impl Reason {
             Reason::StsUnavailable => "STS_UNAVAILABLE",
             Reason::StsDenied => "STS_DENIED",
             Reason::Internal => "INTERNAL",
+            Reason::SessionChanged => "SESSION_CHANGED",
         }
     }
 
@@ -171,7 +175,7 @@ impl Reason {
             | Reason::WrongNode
             | Reason::StsDenied => tonic::Code::PermissionDenied,
             Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
-            Reason::PodUidMismatch => tonic::Code::FailedPrecondition,
+            Reason::PodUidMismatch | Reason::SessionChanged => tonic::Code::FailedPrecondition,
             Reason::InvalidArgument => tonic::Code::InvalidArgument,
             Reason::StsUnavailable => tonic::Code::Unavailable,
             Reason::Internal => tonic::Code::Internal,

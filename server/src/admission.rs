@@ -1,10 +1,13 @@
-//! The admission webhook (`POST /validate/pods`, AdmissionReview v1): keeps pods off the server
-//! nodes — whose instance role may assume every pod role — and refuses, at creation, roles a
-//! namespace does not permit, with the same resolution and policy code the server uses at request
-//! time. Every denial says exactly what to change.
+//! The admission webhook (`POST /validate/pods`, AdmissionReview v1, for pods and their
+//! `pods/binding` subresource): keeps pods off the server nodes — whose instance role may assume
+//! every pod role — and off nodes it cannot vouch for (unknown yet, or unreadable); refuses
+//! hostNetwork pods (they bypass the agent and reach the node's own role) outside the exemptions;
+//! refuses, at creation, roles a namespace does not permit, with the same resolution and policy
+//! code the server uses at request time, and session-name overrides that STS would not take as
+//! written. Every denial says exactly what to change.
 
 use crate::authorizer::Authorizer;
-use k8s_openapi::api::core::v1::{Affinity, Namespace, Node, Pod, Toleration};
+use k8s_openapi::api::core::v1::{Affinity, Binding, Namespace, Node, Pod, Toleration};
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use std::collections::{BTreeMap, HashSet};
@@ -14,24 +17,30 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DenyReason {
     ServerNodeName,
+    UnknownNode,
+    ServerNodeBinding,
     ServerNodeSelector,
     ServerNodeAffinity,
     ServerTaintToleration,
     HostNetworkWithRole,
     HostNetwork,
     RoleNotPermitted,
+    SessionNameInvalid,
 }
 
 impl DenyReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::ServerNodeName => "server_node_name",
+            DenyReason::UnknownNode => "unknown_node",
+            DenyReason::ServerNodeBinding => "server_node_binding",
             DenyReason::ServerNodeSelector => "server_node_selector",
             DenyReason::ServerNodeAffinity => "server_node_affinity",
             DenyReason::ServerTaintToleration => "server_taint_toleration",
             DenyReason::HostNetworkWithRole => "host_network_with_role",
             DenyReason::HostNetwork => "host_network",
             DenyReason::RoleNotPermitted => "role_not_permitted",
+            DenyReason::SessionNameInvalid => "session_name_invalid",
         }
     }
 }
@@ -104,10 +113,23 @@ pub struct AdmissionConfig {
     pub server_node_labels: BTreeMap<String, String>,
     /// The taint server nodes carry.
     pub server_taint: Taint,
-    /// Refuse every hostNetwork pod, not only those with a role.
-    pub deny_host_network: bool,
+    /// Admit hostNetwork pods without a role (they can read the node's own role).
+    pub allow_host_network: bool,
+    /// A pod label (key, value) that admits a hostNetwork pod without a role anyway.
+    pub host_network_exempt_label: Option<(String, String)>,
     /// Namespaces let through unchecked.
     pub exempt_namespaces: HashSet<String>,
+}
+
+/// What the webhook knows of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    Server,
+    Ordinary,
+    /// No such node (yet): it may still join as a server node.
+    Unknown,
+    /// The node could not be read.
+    Unreadable(String),
 }
 
 /// Decides pod admissions.
@@ -127,6 +149,18 @@ impl Admission {
         let request: AdmissionRequest<DynamicObject> =
             review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())?;
         let response = AdmissionResponse::from(&request);
+        if request.kind.kind == "Binding" && request.kind.group.is_empty() {
+            let namespace = request.namespace.clone().unwrap_or_default();
+            let verdict = match request
+                .object
+                .as_ref()
+                .map(|o| serde_json::to_value(o).and_then(serde_json::from_value::<Binding>))
+            {
+                Some(Ok(binding)) => self.decide_binding(&namespace, &binding).await,
+                _ => Verdict::Deny(DenyReason::ServerNodeBinding, "imdsgate cannot read this binding".into()),
+            };
+            return Ok(self.answer(response, &namespace, &request.name, &request.operation, verdict));
+        }
         if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
             tracing::warn!(kind = %request.kind.kind, "admission request for an unexpected kind; allowed");
             let mut response = response;
@@ -148,6 +182,18 @@ impl Admission {
         let name =
             pod.metadata.name.clone().or_else(|| pod.metadata.generate_name.clone()).unwrap_or_default();
         let verdict = self.decide(&namespace, &pod).await;
+        Ok(self.answer(response, &namespace, &name, &request.operation, verdict))
+    }
+
+    /// Counts, logs and encodes a verdict.
+    fn answer(
+        &self,
+        response: AdmissionResponse,
+        namespace: &str,
+        name: &str,
+        operation: &Operation,
+        verdict: Verdict,
+    ) -> AdmissionReview<DynamicObject> {
         let (decision, reason) = match &verdict {
             Verdict::Allow => ("allowed", "permitted"),
             Verdict::Exempt => ("allowed", "exempt_namespace"),
@@ -160,11 +206,35 @@ impl Admission {
                 reason: reason.into(),
             })
             .inc();
-        tracing::info!(namespace, pod = name, operation = ?request.operation, decision, reason, "admission");
-        Ok(match verdict {
+        tracing::info!(namespace, pod = name, ?operation, decision, reason, "admission");
+        match verdict {
             Verdict::Allow | Verdict::Exempt => response.into_review(),
             Verdict::Deny(_, message) => response.deny(format!("imdsgate: {message}")).into_review(),
-        })
+        }
+    }
+
+    /// The decision for binding a pod of `namespace` to a node (the scheduler's step, or anyone
+    /// with `pods/binding`): never to a server node, nor to a node that cannot be vouched for.
+    pub async fn decide_binding(&self, namespace: &str, binding: &Binding) -> Verdict {
+        if self.config.exempt_namespaces.contains(namespace) {
+            return Verdict::Exempt;
+        }
+        let node = binding.target.name.as_deref().unwrap_or_default();
+        match self.node_kind(node).await {
+            NodeKind::Ordinary => Verdict::Allow,
+            NodeKind::Server => Verdict::Deny(
+                DenyReason::ServerNodeBinding,
+                format!(
+                    "binding pod {:?} to {node:?}, an imdsgate server node (labels {}), is refused; server nodes run only the imdsgate server.",
+                    binding.metadata.name.as_deref().unwrap_or_default(),
+                    show_labels(&self.config.server_node_labels)
+                ),
+            ),
+            other => Verdict::Deny(
+                DenyReason::ServerNodeBinding,
+                unknown_node_message("the binding target", node, &other),
+            ),
+        }
     }
 
     /// The decision for `pod` in `namespace`.
@@ -176,14 +246,33 @@ impl Admission {
             return verdict;
         }
         let spec = pod.spec.clone().unwrap_or_default();
-        if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty())
-            && self.node_is_server(node).await
+        if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
+            match self.node_kind(node).await {
+                NodeKind::Ordinary => {}
+                NodeKind::Server => {
+                    return Verdict::Deny(
+                        DenyReason::ServerNodeName,
+                        format!(
+                            "spec.nodeName {node:?} is an imdsgate server node (labels {}); server nodes run only the imdsgate server. Remove spec.nodeName or name another node.",
+                            show_labels(&self.config.server_node_labels)
+                        ),
+                    );
+                }
+                other => {
+                    return Verdict::Deny(
+                        DenyReason::UnknownNode,
+                        unknown_node_message("spec.nodeName", node, &other),
+                    );
+                }
+            }
+        }
+        if let Some(chosen) = annotation(pod, imdsgate_core::pod_index::SESSION_NAME_ANNOTATION)
+            && let Err(why) = crate::session::check_override(namespace, chosen)
         {
             return Verdict::Deny(
-                DenyReason::ServerNodeName,
+                DenyReason::SessionNameInvalid,
                 format!(
-                    "spec.nodeName {node:?} is an imdsgate server node (labels {}); server nodes run only the imdsgate server. Remove spec.nodeName or name another node.",
-                    show_labels(&self.config.server_node_labels)
+                    "annotation iam.amazonaws.com/session-name {chosen:?} {why}. The session name is always {namespace}@<name>: it can add to the pod's identity, never name another pod or namespace."
                 ),
             );
         }
@@ -230,32 +319,52 @@ impl Admission {
         self.authorizer.namespaces.policy(namespace)
     }
 
-    async fn node_is_server(&self, node: &str) -> bool {
-        let Some(client) = &self.client else { return false };
+    async fn node_kind(&self, node: &str) -> NodeKind {
+        let Some(client) = &self.client else { return NodeKind::Unreadable("no Kubernetes client".into()) };
         match kube::Api::<Node>::all(client.clone()).get_opt(node).await {
             Ok(Some(node)) => {
                 let labels = node.metadata.labels.unwrap_or_default();
-                self.config.server_node_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                if is_server_node(&self.config.server_node_labels, &labels) {
+                    NodeKind::Server
+                } else {
+                    NodeKind::Ordinary
+                }
             }
-            Ok(None) => false,
+            Ok(None) => NodeKind::Unknown,
             Err(error) => {
-                // Fail closed: if we cannot tell, treat the node as a server node.
-                tracing::warn!(node, %error, "cannot read node labels; refusing the pinned pod");
-                true
+                // Fail closed: if we cannot tell, the node could be a server node.
+                tracing::warn!(node, %error, "cannot read node labels; refusing");
+                NodeKind::Unreadable(error.to_string())
             }
         }
     }
 }
 
+/// Whether a node with `labels` is a server node.
+pub fn is_server_node(server_labels: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    server_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn unknown_node_message(field: &str, node: &str, kind: &NodeKind) -> String {
+    match kind {
+        NodeKind::Unreadable(error) => format!(
+            "{field} {node:?}: imdsgate cannot read the node to check that it is not a server node ({error}); try again."
+        ),
+        _ => format!(
+            "{field} {node:?} names a node that does not exist (yet); it could join as an imdsgate server node. Name an existing node, or leave placement to the scheduler."
+        ),
+    }
+}
+
+/// A non-empty annotation of `pod`.
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim()).filter(|v| !v.is_empty())
+}
+
 /// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations.
 pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
     let spec = pod.spec.clone().unwrap_or_default();
-    let has_role = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(imdsgate_core::pod_index::ROLE_ANNOTATION))
-        .is_some_and(|r| !r.trim().is_empty());
+    let has_role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION).is_some();
     if spec.host_network == Some(true) {
         if has_role {
             return Some(Verdict::Deny(
@@ -263,10 +372,22 @@ pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
                 "a hostNetwork pod's traffic never passes the imdsgate agent, so it cannot have an iam.amazonaws.com/role. Remove hostNetwork: true or the annotation.".into(),
             ));
         }
-        if config.deny_host_network {
+        let labelled = config
+            .host_network_exempt_label
+            .as_ref()
+            .is_some_and(|(k, v)| pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
+        if !config.allow_host_network && !labelled {
+            let label_hint = match &config.host_network_exempt_label {
+                Some((k, v)) => format!(
+                    ", or label the pod {k}={v} if it must run on the host network knowing it can read the node's role"
+                ),
+                None => String::new(),
+            };
             return Some(Verdict::Deny(
                 DenyReason::HostNetwork,
-                "hostNetwork pods are not allowed here (--deny-host-network): their traffic never passes the imdsgate agent. Remove hostNetwork: true or run the pod in an exempt namespace.".into(),
+                format!(
+                    "a hostNetwork pod shares the node's network: its requests to 169.254.169.254 never pass the imdsgate agent and reach the node's own IAM role. Remove hostNetwork: true, or run the pod in an exempt namespace{label_hint}."
+                ),
             ));
         }
     }
@@ -396,7 +517,8 @@ mod tests {
         AdmissionConfig {
             server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
             server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
-            deny_host_network: false,
+            allow_host_network: false,
+            host_network_exempt_label: None,
             exempt_namespaces: ["imdsgate".to_string(), "kube-system".to_string()].into(),
         }
     }
@@ -521,17 +643,39 @@ mod tests {
     }
 
     #[test]
-    fn host_network() {
+    fn host_network_is_refused_by_default() {
         let mut c = config();
+        let host = |labels: serde_json::Value| {
+            let mut p = pod(json!({ "hostNetwork": true }), None);
+            p.metadata.labels = serde_json::from_value(labels).unwrap();
+            p
+        };
         assert_eq!(
             reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), Some("app")))),
             Some(DenyReason::HostNetworkWithRole)
         );
-        assert_eq!(reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), None))), None);
-        c.deny_host_network = true;
+        assert_eq!(reason(check_placement(&c, &host(json!({})))), Some(DenyReason::HostNetwork));
+        c.host_network_exempt_label = Some(("imdsgate.io/host-network".into(), "allowed".into()));
+        let Some(Verdict::Deny(_, message)) = check_placement(&c, &host(json!({}))) else { panic!("denied") };
+        assert!(
+            message.contains("imdsgate.io/host-network=allowed") && message.contains("node's own IAM role"),
+            "{message}"
+        );
         assert_eq!(
-            reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), None))),
-            Some(DenyReason::HostNetwork)
+            reason(check_placement(&c, &host(json!({ "imdsgate.io/host-network": "allowed" })))),
+            None
+        );
+        assert_eq!(
+            reason(check_placement(&c, &host(json!({ "imdsgate.io/host-network": "yes" })))),
+            Some(DenyReason::HostNetwork),
+            "only the exact label"
+        );
+        c.allow_host_network = true;
+        assert_eq!(reason(check_placement(&c, &host(json!({})))), None, "explicit opt-out");
+        assert_eq!(
+            reason(check_placement(&c, &pod(json!({ "hostNetwork": true }), Some("app")))),
+            Some(DenyReason::HostNetworkWithRole),
+            "never with a role"
         );
     }
 
@@ -565,7 +709,8 @@ mod review_tests {
             config: AdmissionConfig {
                 server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
                 server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
-                deny_host_network: false,
+                allow_host_network: false,
+                host_network_exempt_label: None,
                 exempt_namespaces: ["kube-system".to_string()].into(),
             },
             authorizer: Arc::new(Authorizer {
@@ -640,5 +785,41 @@ mod review_tests {
         let unknown_ns =
             response(&a.review(&review_body("Pod", "elsewhere", pod("app-reader"))).await.unwrap());
         assert_eq!(unknown_ns["allowed"], false, "a namespace nobody can read permits nothing");
+    }
+
+    #[tokio::test]
+    async fn session_name_overrides_that_would_not_reach_cloudtrail_as_written_are_refused() {
+        let a = admission();
+        let pod = |name: &str| {
+            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p", "annotations": {
+                        "iam.amazonaws.com/role": "app-reader", "iam.amazonaws.com/session-name": name } },
+                    "spec": { "containers": [{ "name": "c", "image": "i" }] } })
+        };
+        let ok = response(&a.review(&review_body("Pod", "team", pod("batch"))).await.unwrap());
+        assert_eq!(ok["allowed"], true);
+        for bad in ["victim\nINFO credentials issued", "a b", &"x".repeat(60)] {
+            let denied = response(&a.review(&review_body("Pod", "team", pod(bad))).await.unwrap());
+            assert_eq!(denied["allowed"], false, "{bad:?}");
+            let message = denied["status"]["message"].as_str().unwrap();
+            assert!(message.contains("session-name") && message.contains("team@<name>"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_pods_and_bindings_fail_closed_when_the_node_cannot_be_vouched_for() {
+        // No apiserver to ask (client: None): the node cannot be read, so it could be a server node.
+        let a = admission();
+        let pinned = json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p" },
+                             "spec": { "nodeName": "node-x", "containers": [{ "name": "c", "image": "i" }] } });
+        let r = response(&a.review(&review_body("Pod", "team", pinned)).await.unwrap());
+        assert_eq!(r["allowed"], false);
+        assert!(r["status"]["message"].as_str().unwrap().contains("node-x"), "{r}");
+        let binding = json!({ "apiVersion": "v1", "kind": "Binding", "metadata": { "name": "p", "namespace": "team" },
+                              "target": { "kind": "Node", "name": "node-x" } });
+        let r = response(&a.review(&review_body("Binding", "team", binding.clone())).await.unwrap());
+        assert_eq!(r["allowed"], false);
+        assert!(r["status"]["message"].as_str().unwrap().contains("binding target"), "{r}");
+        let r = response(&a.review(&review_body("Binding", "kube-system", binding)).await.unwrap());
+        assert_eq!(r["allowed"], true, "exempt namespaces bind anywhere");
     }
 }

@@ -50,7 +50,7 @@ impl Denial {
             Denial::RoleMismatch { .. } => Reason::RoleMismatch,
             Denial::NamespaceForbids { .. } => Reason::NamespaceForbids,
             Denial::Sts(StsError::Denied(_)) => Reason::StsDenied,
-            Denial::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
+            Denial::Sts(StsError::Unavailable(_) | StsError::Deferred) => Reason::StsUnavailable,
         }
     }
 

@@ -3,7 +3,14 @@
 //! refreshed in the background ahead of expiry, and never handed out with less than the minimum
 //! remaining lifetime (SDKs refresh within 15 minutes of expiry and would otherwise call on every
 //! request). When STS fails, still-valid credentials keep being served (static stability) and
-//! retries back off with jitter. Sessions of deleted pods are dropped.
+//! retries back off with jitter. Every session belongs to one pod (its UID is part of the
+//! [`SessionKey`]); a pod holds at most one session, and it is dropped when the pod is deleted,
+//! changes its annotations or loses its namespace's permission.
+//!
+//! STS is a shared budget (`--sts-max-rps`, the account's quota): calls a pod is waiting on go
+//! first, and background calls (prefetches, refreshes) only use what is left ([`Urgency`]). Each
+//! pod may start only a few new sessions in a row ([`SESSION_BURST`], then one per
+//! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget.
 
 use crate::metrics::Metrics;
 use crate::session::SessionKey;
@@ -25,6 +32,51 @@ pub enum StsError {
     /// STS refused (AccessDenied, bad trust policy, bad ExternalId).
     #[error("STS refused AssumeRole: {0}")]
     Denied(String),
+    /// A background call gave way to calls pods are waiting on; nothing failed.
+    #[error("STS call deferred: the STS budget is in use by requests pods are waiting on")]
+    Deferred,
+}
+
+/// A pod may start this many new sessions at once (its first, and a few annotation changes)...
+pub const SESSION_BURST: f64 = 4.0;
+/// ...and then one more per this long.
+pub const SESSION_REFILL: Duration = Duration::from_secs(5 * 60);
+
+/// Whether a pod is waiting on an STS call. A background call becomes urgent the moment a
+/// request joins it.
+#[derive(Debug, Default)]
+pub struct Urgency {
+    urgent: std::sync::atomic::AtomicBool,
+    raised: tokio::sync::Notify,
+}
+
+impl Urgency {
+    pub fn new(urgent: bool) -> Arc<Urgency> {
+        Arc::new(Urgency { urgent: urgent.into(), raised: tokio::sync::Notify::new() })
+    }
+
+    pub fn is_urgent(&self) -> bool {
+        self.urgent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn raise(&self) {
+        if !self.urgent.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.raised.notify_waiters();
+        }
+    }
+
+    /// Resolves once the call is urgent.
+    pub async fn raised(&self) {
+        loop {
+            let notified = self.raised.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_urgent() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Something that turns a session into credentials: STS itself, or a fake in tests.
@@ -33,6 +85,7 @@ pub trait AssumeRole: Send + Sync + 'static {
         &self,
         key: SessionKey,
         duration: Duration,
+        urgency: Arc<Urgency>,
     ) -> BoxFuture<'static, Result<Issued, StsError>>;
 }
 
@@ -76,7 +129,7 @@ type Fetch = Shared<BoxFuture<'static, Result<Arc<Issued>, StsError>>>;
 #[derive(Default)]
 struct Entry {
     current: Option<Arc<Issued>>,
-    inflight: Option<Fetch>,
+    inflight: Option<(Fetch, Arc<Urgency>)>,
     failures: u32,
     retry_at: Option<SystemTime>,
     last_error: Option<StsError>,
@@ -88,7 +141,10 @@ struct Inner {
     clock: Clock,
     metrics: Metrics,
     entries: Mutex<HashMap<SessionKey, Entry>>,
+    /// The session each pod (by UID) holds.
     owners: Mutex<HashMap<String, SessionKey>>,
+    /// Each live pod's allowance of new sessions: (tokens, when last counted).
+    budgets: Mutex<HashMap<String, (f64, SystemTime)>>,
 }
 
 /// How a request was answered (for metrics and tests).
@@ -119,6 +175,7 @@ impl CredentialCache {
                 metrics,
                 entries: Mutex::new(HashMap::new()),
                 owners: Mutex::new(HashMap::new()),
+                budgets: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -127,9 +184,13 @@ impl CredentialCache {
         &self.inner.config
     }
 
-    /// Credentials for `key`, on behalf of the pod `owner` (its UID).
-    pub async fn get(&self, owner: &str, key: &SessionKey) -> Result<(Arc<Issued>, Served), StsError> {
-        self.register(owner, key);
+    /// Credentials for `key`, on behalf of the pod `key.pod_uid`, which is waiting for them.
+    pub async fn get(&self, key: &SessionKey) -> Result<(Arc<Issued>, Served), StsError> {
+        self.get_with(key, true).await
+    }
+
+    async fn get_with(&self, key: &SessionKey, urgent: bool) -> Result<(Arc<Issued>, Served), StsError> {
+        self.register(key);
         let now = (self.inner.clock)();
         let min_remaining = self.inner.config.min_remaining();
         let (fetch, fallback) = {
@@ -141,7 +202,7 @@ impl CredentialCache {
                     let current = current.clone();
                     if left < self.inner.config.refresh_remaining() && self.may_fetch(entry, now) {
                         // The fetch runs in its own task; nobody needs to wait for it here.
-                        drop(self.start_fetch(entry, key.clone()));
+                        drop(self.start_fetch(entry, key.clone(), false));
                     }
                     drop(entries);
                     self.inner.metrics.cache_hits.inc();
@@ -156,8 +217,27 @@ impl CredentialCache {
                 return self.fall_back(fallback, error);
             }
             let fetch = match &entry.inflight {
-                Some(fetch) => fetch.clone(),
-                None => self.start_fetch(entry, key.clone()),
+                Some((fetch, urgency)) => {
+                    if urgent {
+                        urgency.raise();
+                    }
+                    fetch.clone()
+                }
+                None => {
+                    if entry.current.is_none() && !self.take_session_budget(&key.pod_uid, now) {
+                        entries.remove(key);
+                        drop(entries);
+                        return Err(if urgent {
+                            StsError::Unavailable(format!(
+                                "this pod started {SESSION_BURST} new sessions recently (annotation changes); the next is possible within {} s",
+                                SESSION_REFILL.as_secs()
+                            ))
+                        } else {
+                            StsError::Deferred
+                        });
+                    }
+                    self.start_fetch(entry, key.clone(), urgent)
+                }
             };
             (fetch, fallback)
         };
@@ -169,22 +249,53 @@ impl CredentialCache {
     }
 
     /// Starts fetching credentials for a pod that just appeared, so its first request is a hit.
-    pub fn prefetch(&self, owner: &str, key: SessionKey) {
+    /// A background call: it spends only STS budget that no waiting pod needs, and only the
+    /// pod's own allowance of new sessions.
+    pub fn prefetch(&self, key: SessionKey) {
         let cache = self.clone();
-        let owner = owner.to_string();
         tokio::spawn(async move {
-            if let Err(error) = cache.get(&owner, &key).await {
-                tracing::debug!(role = %key.role_arn, %error, "prefetch failed");
+            match cache.get_with(&key, false).await {
+                Err(StsError::Deferred) => {
+                    cache.inner.metrics.prefetches_skipped.inc();
+                }
+                Err(error) => tracing::debug!(role = %key.role_arn, %error, "prefetch failed"),
+                Ok(_) => {}
             }
         });
     }
 
-    /// Forgets the pod `owner`; its session goes when no other pod shares it.
-    pub fn release(&self, owner: &str) {
-        let old = self.lock_owners().remove(owner);
-        if let Some(old) = old {
-            self.drop_if_unowned(&old);
+    /// Forgets a pod that is gone for good: its session and its allowance.
+    pub fn pod_gone(&self, pod_uid: &str) {
+        self.release(pod_uid);
+        self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).remove(pod_uid);
+    }
+
+    /// Takes one new session from the pod's allowance, if it has one.
+    fn take_session_budget(&self, pod_uid: &str, now: SystemTime) -> bool {
+        let mut budgets = self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = budgets.entry(pod_uid.to_string()).or_insert((SESSION_BURST, now));
+        let earned = now.duration_since(*at).unwrap_or_default().as_secs_f64() / SESSION_REFILL.as_secs_f64();
+        *tokens = (*tokens + earned).min(SESSION_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
+    }
+
+    /// Forgets the pod `pod_uid` and drops its session.
+    pub fn release(&self, pod_uid: &str) {
+        let old = self.lock_owners().remove(pod_uid);
+        if let Some(old) = old {
+            self.drop_session(&old);
+        }
+    }
+
+    /// Whether the pod `pod_uid` holds a session.
+    pub fn holds(&self, pod_uid: &str) -> bool {
+        self.lock_owners().contains_key(pod_uid)
     }
 
     /// Starts background refreshes for sessions close to expiry; returns how many it started.
@@ -200,7 +311,7 @@ impl CredentialCache {
                 .as_ref()
                 .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
             if due && self.may_fetch(entry, now) {
-                drop(self.start_fetch(entry, key));
+                drop(self.start_fetch(entry, key, false));
                 started += 1;
             }
         }
@@ -248,17 +359,21 @@ impl CredentialCache {
         entry.inflight.is_none() && entry.retry_at.is_none_or(|at| now >= at)
     }
 
-    fn start_fetch(&self, entry: &mut Entry, key: SessionKey) -> Fetch {
+    fn start_fetch(&self, entry: &mut Entry, key: SessionKey, urgent: bool) -> Fetch {
         let inner = self.inner.clone();
         let duration = inner.config.session_duration;
+        let urgency = Urgency::new(urgent);
+        let call_urgency = urgency.clone();
         let task = tokio::spawn(async move {
-            let result = inner.sts.assume_role(key.clone(), duration).await.map(Arc::new);
+            let result = inner.sts.assume_role(key.clone(), duration, call_urgency).await.map(Arc::new);
             let now = (inner.clock)();
             let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
             // The session may have been dropped (pod deleted) while STS answered.
             if let Some(entry) = entries.get_mut(&key) {
                 entry.inflight = None;
                 match &result {
+                    // Gave way to waiting pods: not a failure, nothing to back off from.
+                    Err(StsError::Deferred) => {}
                     Ok(issued) => {
                         entry.current = Some(issued.clone());
                         entry.failures = 0;
@@ -281,24 +396,23 @@ impl CredentialCache {
         }
         .boxed()
         .shared();
-        entry.inflight = Some(fetch.clone());
+        entry.inflight = Some((fetch.clone(), urgency));
         fetch
     }
 
-    fn register(&self, owner: &str, key: &SessionKey) {
-        let previous = self.lock_owners().insert(owner.to_string(), key.clone());
+    /// Records that `key.pod_uid` now holds `key`; the session it held before (another role,
+    /// session name or ExternalId) is dropped.
+    fn register(&self, key: &SessionKey) {
+        let previous = self.lock_owners().insert(key.pod_uid.clone(), key.clone());
         if let Some(previous) = previous.filter(|p| p != key) {
-            self.drop_if_unowned(&previous);
+            self.drop_session(&previous);
         }
     }
 
-    fn drop_if_unowned(&self, key: &SessionKey) {
-        let owned = self.lock_owners().values().any(|k| k == key);
-        if !owned {
-            let mut entries = self.lock_entries();
-            entries.remove(key);
-            self.inner.metrics.cached_sessions.set(entries.len() as i64);
-        }
+    fn drop_session(&self, key: &SessionKey) {
+        let mut entries = self.lock_entries();
+        entries.remove(key);
+        self.inner.metrics.cached_sessions.set(entries.len() as i64);
     }
 
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Entry>> {
@@ -335,6 +449,7 @@ mod tests {
         fail: Mutex<Option<StsError>>,
         gate: Arc<Semaphore>,
         clock: Clock,
+        urgencies: Mutex<Vec<Arc<Urgency>>>,
     }
 
     impl AssumeRole for FakeSts {
@@ -342,7 +457,9 @@ mod tests {
             &self,
             key: SessionKey,
             duration: Duration,
+            urgency: Arc<Urgency>,
         ) -> BoxFuture<'static, Result<Issued, StsError>> {
+            self.urgencies.lock().unwrap().push(urgency);
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let fail = self.fail.lock().unwrap().clone();
             let gate = self.gate.clone();
@@ -384,6 +501,7 @@ mod tests {
             fail: Mutex::new(None),
             gate: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             clock: clock.clone(),
+            urgencies: Mutex::new(Vec::new()),
         });
         let cache = CredentialCache::with_clock(
             sts.clone(),
@@ -406,8 +524,9 @@ mod tests {
         }
     }
 
-    fn key(name: &str) -> SessionKey {
+    fn key(pod_uid: &str, name: &str) -> SessionKey {
         SessionKey {
+            pod_uid: pod_uid.into(),
             role_arn: resolve(&format!("arn:aws:iam::123456789012:role/{name}"), None).unwrap(),
             session_name: format!("ns.{name}"),
             external_id: None,
@@ -434,10 +553,10 @@ mod tests {
     #[tokio::test]
     async fn one_sts_call_per_session_then_hits() {
         let b = bed();
-        let (first, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (first, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Miss);
         for _ in 0..100 {
-            let (again, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+            let (again, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
             assert_eq!(served, Served::Hit);
             assert_eq!(again.access_key_id, first.access_key_id);
         }
@@ -453,7 +572,7 @@ mod tests {
         let waiters: Vec<_> = (0..20)
             .map(|_| {
                 let cache = b.cache.clone();
-                tokio::spawn(async move { cache.get("pod-1", &key("app")).await })
+                tokio::spawn(async move { cache.get(&key("pod-1", "app")).await })
             })
             .collect();
         settle().await;
@@ -470,13 +589,13 @@ mod tests {
         let gate = b.sts.gate.clone();
         gate.forget_permits(gate.available_permits());
         let cache = b.cache.clone();
-        let impatient = tokio::spawn(async move { cache.get("pod-1", &key("app")).await });
+        let impatient = tokio::spawn(async move { cache.get(&key("pod-1", "app")).await });
         settle().await;
         impatient.abort();
         settle().await;
         gate.add_permits(1);
         settle().await;
-        let (_, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Hit, "the abandoned fetch completed and filled the cache");
         assert_eq!(b.calls(), 1);
     }
@@ -484,13 +603,13 @@ mod tests {
     #[tokio::test]
     async fn refreshes_ahead_of_expiry_in_the_background() {
         let b = bed();
-        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         b.advance(30 * 60);
         assert_eq!(b.cache.refresh_due(), 0, "30 minutes left: not due");
         b.advance(11 * 60);
         assert_eq!(b.cache.refresh_due(), 1, "19 minutes left: due");
         settle().await;
-        let (second, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (second, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Hit);
         assert_ne!(second.access_key_id, first.access_key_id);
         assert_eq!(b.calls(), 2);
@@ -499,9 +618,9 @@ mod tests {
     #[tokio::test]
     async fn never_hands_out_credentials_with_less_than_the_minimum_left() {
         let b = bed();
-        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         b.advance(50 * 60); // 10 minutes left, no refresher ran
-        let (second, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (second, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Miss);
         assert_ne!(second.access_key_id, first.access_key_id);
         assert!(second.expiration.duration_since(first.expiration).unwrap() >= Duration::from_secs(50 * 60));
@@ -510,14 +629,14 @@ mod tests {
     #[tokio::test]
     async fn sts_outage_serves_still_valid_credentials() {
         let b = bed();
-        let (first, _) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         b.fail_with(Some(StsError::Unavailable("connection refused".into())));
         b.advance(50 * 60);
-        let (served_creds, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (served_creds, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Stale);
         assert_eq!(served_creds.access_key_id, first.access_key_id);
         b.advance(11 * 60); // expired now
-        let err = b.cache.get("pod-1", &key("app")).await.unwrap_err();
+        let err = b.cache.get(&key("pod-1", "app")).await.unwrap_err();
         assert!(matches!(err, StsError::Unavailable(_)));
     }
 
@@ -525,15 +644,15 @@ mod tests {
     async fn failures_back_off_instead_of_calling_sts_per_request() {
         let b = bed();
         b.fail_with(Some(StsError::Denied("AccessDenied".into())));
-        assert!(b.cache.get("pod-1", &key("app")).await.is_err());
+        assert!(b.cache.get(&key("pod-1", "app")).await.is_err());
         for _ in 0..50 {
-            let err = b.cache.get("pod-1", &key("app")).await.unwrap_err();
+            let err = b.cache.get(&key("pod-1", "app")).await.unwrap_err();
             assert_eq!(err, StsError::Denied("AccessDenied".into()), "the last error is repeated");
         }
         assert_eq!(b.calls(), 1, "no STS call while backing off");
         b.fail_with(None);
         b.advance(2);
-        assert!(b.cache.get("pod-1", &key("app")).await.is_ok());
+        assert!(b.cache.get(&key("pod-1", "app")).await.is_ok());
         assert_eq!(b.calls(), 2);
     }
 
@@ -550,22 +669,93 @@ mod tests {
     #[tokio::test]
     async fn released_pods_drop_their_sessions() {
         let b = bed();
-        b.cache.get("pod-1", &key("app")).await.unwrap();
-        b.cache.get("pod-2", &key("other")).await.unwrap();
+        b.cache.get(&key("pod-1", "app")).await.unwrap();
+        b.cache.get(&key("pod-2", "other")).await.unwrap();
         assert_eq!(b.cache.len(), 2);
         b.cache.release("pod-1");
         assert_eq!(b.cache.len(), 1);
         // A pod whose role changes leaves its old session behind.
-        b.cache.get("pod-2", &key("third")).await.unwrap();
+        b.cache.get(&key("pod-2", "third")).await.unwrap();
         assert_eq!(b.cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn two_pods_with_equal_sessions_get_different_credentials() {
+        let b = bed();
+        // Same role and session name (an override naming another pod's session): two pods.
+        let (victim, _) = b.cache.get(&key("victim", "app")).await.unwrap();
+        let (attacker, served) = b.cache.get(&key("attacker", "app")).await.unwrap();
+        assert_eq!(served, Served::Miss, "the attacker's request is no hit on the victim's session");
+        assert_ne!(attacker.access_key_id, victim.access_key_id);
+        assert_eq!(b.calls(), 2);
+    }
+
+    fn renamed(pod_uid: &str, n: usize) -> SessionKey {
+        let mut k = key(pod_uid, "app");
+        k.session_name = format!("ns@name-{n}");
+        k
+    }
+
+    #[tokio::test]
+    async fn annotation_changes_in_a_loop_cannot_spend_the_sts_budget() {
+        let b = bed();
+        // The pod's session-name annotation changes 50 times; each change prefetches.
+        for n in 0..50 {
+            b.cache.prefetch(renamed("pod-1", n));
+            settle().await;
+        }
+        assert_eq!(b.calls(), SESSION_BURST as u32, "only the pod's allowance of new sessions");
+        // Asking while the allowance is spent: refused with a reason, no STS call.
+        let error = b.cache.get(&renamed("pod-1", 99)).await.unwrap_err();
+        assert!(error.to_string().contains("new sessions recently"), "{error}");
+        assert_eq!(b.calls(), SESSION_BURST as u32);
+        // Other pods are untouched, and the allowance refills with time.
+        b.cache.get(&key("pod-2", "app")).await.unwrap();
+        b.advance(SESSION_REFILL.as_secs());
+        b.cache.get(&renamed("pod-1", 100)).await.unwrap();
+        assert_eq!(b.calls(), SESSION_BURST as u32 + 2);
+        // A refresh of a session the pod already holds never counts against it.
+        b.advance(41 * 60);
+        assert_eq!(b.cache.refresh_due(), 2);
+        settle().await;
+        assert_eq!(b.calls(), SESSION_BURST as u32 + 4);
+    }
+
+    #[tokio::test]
+    async fn a_request_joining_a_background_call_makes_it_urgent() {
+        let b = bed();
+        let gate = b.sts.gate.clone();
+        gate.forget_permits(gate.available_permits());
+        b.cache.prefetch(key("pod-1", "app"));
+        settle().await;
+        let background = b.sts.urgencies.lock().unwrap()[0].clone();
+        assert!(!background.is_urgent(), "a prefetch is background work");
+        let cache = b.cache.clone();
+        let waiting = tokio::spawn(async move { cache.get(&key("pod-1", "app")).await });
+        settle().await;
+        assert!(background.is_urgent(), "a pod now waits on it");
+        gate.add_permits(1);
+        assert!(waiting.await.unwrap().is_ok());
+        assert_eq!(b.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_background_call_is_no_failure() {
+        let b = bed();
+        b.fail_with(Some(StsError::Deferred));
+        b.cache.prefetch(key("pod-1", "app"));
+        settle().await;
+        b.fail_with(None);
+        let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+        assert_eq!(served, Served::Miss, "no backing off after a deferral");
     }
 
     #[tokio::test]
     async fn prefetch_makes_the_first_request_a_hit() {
         let b = bed();
-        b.cache.prefetch("pod-1", key("app"));
+        b.cache.prefetch(key("pod-1", "app"));
         settle().await;
-        let (_, served) = b.cache.get("pod-1", &key("app")).await.unwrap();
+        let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Hit);
         assert_eq!(b.calls(), 1);
     }

@@ -1,5 +1,6 @@
-//! Kubernetes Events for denials: a Warning on the pod (reason `ImdsgateRoleDenied`) saying why, at
-//! most once per pod and reason per ten minutes, so a retrying pod does not flood the apiserver.
+//! Kubernetes Events on pods: a Warning for each denial (reason `ImdsgateRoleDenied`) saying why,
+//! and one for a pod found running on a server node (`ImdsgatePodOnServerNode`); at most once per
+//! pod and reason per ten minutes, so a retrying pod does not flood the apiserver.
 
 use imdsgate_core::PodInfo;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -9,10 +10,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const DENIED_REASON: &str = "ImdsgateRoleDenied";
+pub const ON_SERVER_NODE_REASON: &str = "ImdsgatePodOnServerNode";
 const WINDOW: Duration = Duration::from_secs(600);
 const MAX_REMEMBERED: usize = 50_000;
 
-/// Publishes denial Events, deduplicated.
+/// The pod an Event is about.
+#[derive(Clone, Copy, Debug)]
+pub struct PodRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+}
+
+/// Publishes Events, deduplicated.
 pub struct DenialEvents {
     recorder: Option<Recorder>,
     recent: Mutex<HashMap<(String, &'static str), Instant>>,
@@ -27,23 +37,40 @@ impl DenialEvents {
 
     /// Records that `pod` was denied for `reason`; returns whether an Event is sent.
     pub fn denied(&self, pod: &PodInfo, reason: &'static str, message: &str) -> bool {
-        if !self.first_in_window(&pod.uid, reason) {
+        let pod = PodRef { namespace: &pod.namespace, name: &pod.name, uid: &pod.uid };
+        self.warn(pod, DENIED_REASON, "GetCredentials", reason, message)
+    }
+
+    /// Records that a pod runs on a server node; returns whether an Event is sent.
+    pub fn on_server_node(&self, pod: PodRef<'_>, message: &str) -> bool {
+        self.warn(pod, ON_SERVER_NODE_REASON, "Scan", "POD_ON_SERVER_NODE", message)
+    }
+
+    fn warn(
+        &self,
+        pod: PodRef<'_>,
+        event_reason: &'static str,
+        action: &'static str,
+        reason: &'static str,
+        message: &str,
+    ) -> bool {
+        if !self.first_in_window(pod.uid, reason) {
             return false;
         }
         let Some(recorder) = self.recorder.clone() else { return true };
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
+            name: Some(pod.name.to_string()),
+            namespace: Some(pod.namespace.to_string()),
+            uid: Some(pod.uid.to_string()),
             ..Default::default()
         };
         let event = Event {
             type_: EventType::Warning,
-            reason: DENIED_REASON.into(),
+            reason: event_reason.into(),
             note: Some(format!("{reason}: {message}").chars().take(1024).collect()),
-            action: "GetCredentials".into(),
+            action: action.into(),
             secondary: None,
         };
         tokio::spawn(async move {

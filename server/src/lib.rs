@@ -11,7 +11,9 @@ pub mod events;
 pub mod metrics;
 pub mod namespace_index;
 pub mod policy;
+pub mod revocation;
 pub mod role;
+pub mod server_nodes;
 pub mod service;
 pub mod session;
 pub mod sts;
@@ -27,7 +29,7 @@ use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, pa
 use imdsgate_core::watch::{self, Synced, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::v1::credentials_server::CredentialsServer;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::runtime::{WatchStreamExt, watcher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +42,7 @@ use crate::authorizer::Authorizer;
 use crate::credential_cache::{CacheConfig, CredentialCache};
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
 use crate::namespace_index::NamespaceIndex;
+use crate::revocation::Revocations;
 use crate::role::BaseArn;
 use crate::service::CredentialsService;
 use crate::session::TagConfig;
@@ -157,9 +160,17 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_SERVER_NODE_TAINT", default_value = "imdsgate.io/server-node:NoSchedule")]
     pub server_node_taint: String,
 
-    /// Refuse every hostNetwork pod (by default only those with a role annotation).
-    #[arg(long, env = "IMDSGATE_DENY_HOST_NETWORK")]
-    pub deny_host_network: bool,
+    /// Admit hostNetwork pods without a role annotation outside the exempt namespaces. Unsafe:
+    /// such a pod's requests to 169.254.169.254 never pass the agent and reach the node's own
+    /// IAM role. By default they are refused.
+    #[arg(long, env = "IMDSGATE_ALLOW_HOST_NETWORK")]
+    pub allow_host_network: bool,
+
+    /// A pod label, key=value, that admits a hostNetwork pod (without a role) anyway, for node
+    /// agents such as node-exporter. Whoever may set it on a pod may read the node's role: pair it
+    /// with a policy on who sets it, or prefer exempt namespaces. Off by default.
+    #[arg(long, env = "IMDSGATE_HOST_NETWORK_EXEMPT_LABEL")]
+    pub host_network_exempt_label: Option<String>,
 
     /// Namespaces the webhook lets through unchecked (comma-separated).
     #[arg(
@@ -179,6 +190,7 @@ pub struct Args {
 struct Validated {
     args: Args,
     base_arn: Option<BaseArn>,
+    server_node_labels: std::collections::BTreeMap<String, String>,
     tls: Arc<imdsgate_core::tls::Reloading<rustls::ServerConfig>>,
     webhook: Option<(Arc<imdsgate_core::tls::Reloading<rustls::ServerConfig>>, admission::AdmissionConfig)>,
 }
@@ -221,6 +233,8 @@ impl Args {
         }
         let base_arn =
             self.role_base_arn.as_deref().map(BaseArn::parse).transpose().context("--role-base-arn")?;
+        let server_node_labels = admission::parse_selector(&self.server_node_selector)
+            .map_err(|e| anyhow!("--server-node-selector: {e}"))?;
         let tls = tls_server::reloading_config(
             self.tls_cert.clone(),
             self.tls_key.clone(),
@@ -232,30 +246,44 @@ impl Args {
                 let tls = webhook_server::reloading_config(cert.clone(), key.clone())
                     .context("webhook TLS files")?;
                 let config = admission::AdmissionConfig {
-                    server_node_labels: admission::parse_selector(&self.server_node_selector)
-                        .map_err(|e| anyhow!("--server-node-selector: {e}"))?,
+                    server_node_labels: server_node_labels.clone(),
                     server_taint: self
                         .server_node_taint
                         .parse()
                         .map_err(|e| anyhow!("--server-node-taint: {e}"))?,
-                    deny_host_network: self.deny_host_network,
-                    exempt_namespaces: self
-                        .webhook_exempt_namespaces
-                        .iter()
-                        .map(|n| n.trim().to_string())
-                        .collect(),
+                    allow_host_network: self.allow_host_network,
+                    host_network_exempt_label: match &self.host_network_exempt_label {
+                        Some(label) => {
+                            let parsed = admission::parse_selector(label)
+                                .map_err(|e| anyhow!("--host-network-exempt-label: {e}"))?;
+                            match parsed.into_iter().collect::<Vec<_>>().as_slice() {
+                                [one] => Some(one.clone()),
+                                _ => return Err(anyhow!("--host-network-exempt-label takes one key=value")),
+                            }
+                        }
+                        None => None,
+                    },
+                    exempt_namespaces: self.exempt_namespaces(),
                 };
                 Some((tls, config))
             }
             _ => None,
         };
-        Ok(Validated { args: self, base_arn, tls, webhook })
+        Ok(Validated { args: self, base_arn, server_node_labels, tls, webhook })
+    }
+
+    fn exempt_namespaces(&self) -> std::collections::HashSet<String> {
+        self.webhook_exempt_namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
     }
 }
 
 impl Validated {
     async fn serve(self) -> anyhow::Result<ExitCode> {
-        let Validated { args, mut base_arn, tls, webhook } = self;
+        let Validated { args, mut base_arn, server_node_labels, tls, webhook } = self;
         let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
@@ -311,12 +339,14 @@ impl Validated {
             args.allow_unbound_agents,
         ));
         let events = Arc::new(events::DenialEvents::new(Some(client.clone()), args.pod_name.clone()));
+        let revocations = Revocations::new(authorizer.clone(), cache.clone(), metrics.clone());
 
         let ns_synced = Synced::default();
         let pods_synced = Synced::default();
         let ns_task = tokio::spawn(watch_namespaces(
             client.clone(),
             namespaces.clone(),
+            revocations.clone(),
             ns_synced.clone(),
             metrics.clone(),
         ));
@@ -326,12 +356,22 @@ impl Validated {
                 pods: pods.clone(),
                 authorizer: authorizer.clone(),
                 cache: cache.clone(),
+                revocations: revocations.clone(),
                 metrics: metrics.clone(),
             },
             ns_synced.clone(),
             pods_synced.clone(),
         ));
         let refresher = cache.spawn_refresher(REFRESH_EVERY);
+        let server_nodes = Arc::new(server_nodes::ServerNodes::new(server_node_labels));
+        let node_task = tokio::spawn(watch_nodes(client.clone(), server_nodes.clone(), metrics.clone()));
+        let intruder_task = tokio::spawn(server_nodes::report(
+            client.clone(),
+            server_nodes,
+            args.exempt_namespaces(),
+            events.clone(),
+            metrics.clone(),
+        ));
 
         let ready = {
             let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
@@ -369,8 +409,20 @@ impl Validated {
             }
             _ => tokio::spawn(std::future::pending::<()>()),
         };
-        let service =
-            CredentialsService { pod_wait: args.pod_wait, authn, authorizer, cache, events, metrics };
+        let synced = {
+            let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
+            Arc::new(move || ns.get() && pods.get())
+        };
+        let service = CredentialsService {
+            pod_wait: args.pod_wait,
+            authn,
+            authorizer,
+            cache,
+            events,
+            revocations,
+            synced,
+            metrics,
+        };
         let incoming = tls_server::incoming(grpc_listener, tls);
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -383,6 +435,8 @@ impl Validated {
             ("namespace watch", ns_task),
             ("pod watch", pod_task),
             ("credential refresher", refresher),
+            ("node watch", node_task),
+            ("server node scan", intruder_task),
             ("admin server", admin_task),
             ("webhook server", webhook_task),
         ];
@@ -405,6 +459,7 @@ impl Validated {
 async fn watch_namespaces(
     client: kube::Client,
     index: Arc<NamespaceIndex>,
+    revocations: Revocations,
     synced: Synced,
     metrics: Metrics,
 ) {
@@ -419,12 +474,33 @@ async fn watch_namespaces(
             restarts.inc();
         },
         |update| {
-            match update {
-                Update::Apply(ns) => index.apply(&ns),
-                Update::Delete(ns) => index.delete(&ns),
+            let changed: Vec<String> = match update {
+                Update::Apply(ns) => index.apply(&ns).into_iter().collect(),
+                Update::Delete(ns) => index.delete(&ns).into_iter().collect(),
                 Update::Reset(all) => index.reset(&all),
-            }
+            };
+            // A policy that changed may no longer permit roles that pods hold credentials for.
+            revocations.recheck_namespaces(&changed);
             metrics.namespaces_indexed.set(index.len() as i64);
+        },
+    )
+    .await;
+}
+
+async fn watch_nodes(client: kube::Client, nodes: Arc<server_nodes::ServerNodes>, metrics: Metrics) {
+    let stream = watcher(kube::Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    let restarts = metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Nodes }).clone();
+    watch::drive(
+        "nodes",
+        stream,
+        Synced::default(),
+        |_| {
+            restarts.inc();
+        },
+        |update| match update {
+            Update::Apply(node) => nodes.apply(&node),
+            Update::Delete(node) => nodes.delete(&node),
+            Update::Reset(all) => nodes.reset(&all),
         },
     )
     .await;
@@ -435,6 +511,7 @@ struct PodWatch {
     pods: Arc<PodIndex>,
     authorizer: Arc<Authorizer>,
     cache: CredentialCache,
+    revocations: Revocations,
     metrics: Metrics,
 }
 
@@ -442,13 +519,19 @@ impl PodWatch {
     fn changed(&self, change: Change) {
         match change {
             Change::Added(pod) => self.prefetch(&pod),
-            Change::Updated { pod, role_changed } => {
-                if role_changed {
-                    self.cache.release(&pod.uid);
+            Change::Updated { pod, identity_changed } => {
+                if identity_changed {
+                    self.revocations.revoke(&pod, imdsgate_proto::Reason::SessionChanged);
                 }
                 self.prefetch(&pod);
             }
-            Change::Removed(pod) => self.cache.release(&pod.uid),
+            // Deleted, terminating, finished or without an IP: nothing more for it.
+            Change::Removed(pod) => {
+                if pod.role.is_some() {
+                    self.revocations.revoke(&pod, imdsgate_proto::Reason::PodNotFound);
+                }
+                self.cache.pod_gone(&pod.uid);
+            }
             Change::Unchanged => {}
         }
     }
@@ -459,7 +542,7 @@ impl PodWatch {
             return;
         }
         if let Ok(key) = self.authorizer.session_for(pod) {
-            self.cache.prefetch(&pod.uid, key);
+            self.cache.prefetch(key);
         }
     }
 }

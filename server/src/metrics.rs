@@ -51,6 +51,7 @@ pub struct WatchLabels {
 pub enum WatchKind {
     Pods,
     Namespaces,
+    Nodes,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +77,10 @@ pub struct Metrics {
     pub watch_restarts: Family<WatchLabels, Counter>,
     pub admissions: Family<AdmissionLabels, Counter>,
     pub admission_duration: Histogram,
+    pub revocations: Family<ReasonLabels, Counter>,
+    pub revocation_streams: Gauge,
+    pub prefetches_skipped: Counter,
+    pub pods_on_server_nodes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -101,6 +106,10 @@ impl Metrics {
             watch_restarts: Family::default(),
             admissions: Family::default(),
             admission_duration: latency_histogram(),
+            revocations: Family::default(),
+            revocation_streams: Gauge::default(),
+            prefetches_skipped: Counter::default(),
+            pods_on_server_nodes: Gauge::default(),
         }
     }
 
@@ -133,6 +142,26 @@ impl Metrics {
             "admission_duration_seconds",
             "Admission webhook latency",
             self.admission_duration.clone(),
+        );
+        r.register(
+            "revocations",
+            "Pods whose credentials were withdrawn (sent to their agent), by reason",
+            self.revocations.clone(),
+        );
+        r.register(
+            "revocation_streams",
+            "Agents' open WatchRevocations streams",
+            self.revocation_streams.clone(),
+        );
+        r.register(
+            "prefetches_skipped",
+            "Prefetches not made: the pod's prefetch budget or the STS rate's share for background calls was spent",
+            self.prefetches_skipped.clone(),
+        );
+        r.register(
+            "pods_on_server_nodes",
+            "Pods outside the exempt namespaces running on server nodes (should be 0)",
+            self.pods_on_server_nodes.clone(),
         );
         Arc::new(root)
     }

@@ -16,27 +16,43 @@ impl NamespaceIndex {
         Self::default()
     }
 
-    pub fn apply(&self, ns: &Namespace) {
-        let Some(name) = ns.metadata.name.clone() else { return };
+    /// Takes a namespace as the watch last saw it; returns its name when its policy changed (so
+    /// the credentials it no longer permits can be revoked).
+    pub fn apply(&self, ns: &Namespace) -> Option<String> {
+        let name = ns.metadata.name.clone()?;
         let policy = policy_of(ns);
         if let Some(why) = policy.invalid_reason() {
             tracing::warn!(namespace = %name, reason = why, "namespace role policy is invalid; every role is denied");
         }
-        self.write().insert(name, Arc::new(policy));
+        let previous = self.write().insert(name.clone(), Arc::new(policy.clone()));
+        let unchanged = match previous {
+            Some(previous) => *previous == policy,
+            None => policy == NamespacePolicy::Nothing,
+        };
+        (!unchanged).then_some(name)
     }
 
-    pub fn delete(&self, ns: &Namespace) {
-        if let Some(name) = &ns.metadata.name {
-            self.write().remove(name);
-        }
+    /// Forgets a deleted namespace (it then permits nothing); returns its name.
+    pub fn delete(&self, ns: &Namespace) -> Option<String> {
+        let name = ns.metadata.name.as_ref()?;
+        self.write().remove(name).map(|_| name.clone())
     }
 
-    pub fn reset(&self, namespaces: &[Namespace]) {
+    /// Replaces every policy (a relist); returns the namespaces whose policy changed or that left.
+    pub fn reset(&self, namespaces: &[Namespace]) -> Vec<String> {
         let fresh: HashMap<_, _> = namespaces
             .iter()
             .filter_map(|ns| Some((ns.metadata.name.clone()?, Arc::new(policy_of(ns)))))
             .collect();
-        *self.write() = fresh;
+        let mut policies = self.write();
+        let mut changed: Vec<String> = policies
+            .iter()
+            .filter(|(name, old)| fresh.get(*name).is_none_or(|new| new != *old))
+            .map(|(name, _)| name.clone())
+            .collect();
+        changed.extend(fresh.keys().filter(|name| !policies.contains_key(*name)).cloned());
+        *policies = fresh;
+        changed
     }
 
     /// The namespace's policy; a namespace not (yet) seen permits nothing.
@@ -103,5 +119,26 @@ mod tests {
         assert!(index.policy("a").check(&role, None).is_err());
         assert!(index.policy("b").check(&role, None).is_ok());
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn policy_changes_are_reported() {
+        let index = NamespaceIndex::new();
+        assert_eq!(index.apply(&mk_ns("team", Some("arn:.*"))).as_deref(), Some("team"), "new policy");
+        assert_eq!(index.apply(&mk_ns("team", Some("arn:.*"))), None, "same policy (labels changed, say)");
+        assert_eq!(index.apply(&mk_ns("team", Some("arn:.*:role/app"))).as_deref(), Some("team"), "narrowed");
+        assert_eq!(index.apply(&mk_ns("team", None)).as_deref(), Some("team"), "removed");
+        assert_eq!(
+            index.apply(&mk_ns("quiet", None)),
+            None,
+            "a new namespace without a policy changes nothing"
+        );
+        assert_eq!(index.delete(&mk_ns("team", None)).as_deref(), Some("team"));
+        index.apply(&mk_ns("a", Some(".*")));
+        index.apply(&mk_ns("b", Some(".*")));
+        let mut changed =
+            index.reset(&[mk_ns("b", Some(".*")), mk_ns("c", Some(".*")), mk_ns("quiet", None)]);
+        changed.sort();
+        assert_eq!(changed, ["a", "c"].map(String::from), "a left, c is new; b and quiet are unchanged");
     }
 }

@@ -24,6 +24,19 @@ pub enum NamespacePolicy {
     Invalid(String),
 }
 
+impl PartialEq for NamespacePolicy {
+    fn eq(&self, other: &Self) -> bool {
+        use NamespacePolicy::*;
+        match (self, other) {
+            (Nothing, Nothing) => true,
+            (Permitted(a), Permitted(b)) => a.as_str() == b.as_str(),
+            (AllowedRoles(a), AllowedRoles(b)) => a == b,
+            (Invalid(a), Invalid(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 impl NamespacePolicy {
     /// The policy a namespace's annotations describe.
     pub fn from_annotations(get: impl Fn(&str) -> Option<String>) -> NamespacePolicy {

@@ -1,14 +1,17 @@
 //! The `imdsgate.v1.Credentials` gRPC service: authenticate the agent, authorize the pod, serve
-//! from the credential cache, audit every issuance and count every outcome.
+//! from the credential cache, audit every issuance and count every outcome; and stream each
+//! agent the revocations for its node.
 
 use crate::agent_auth::AgentAuthenticator;
 use crate::authorizer::{self, Ask, Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use crate::events::DenialEvents;
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
+use crate::revocation::{MAX_HELD, RevocationStream, Revocations};
+use futures::StreamExt;
 use imdsgate_proto::AUTHORIZATION_METADATA_KEY;
 use imdsgate_proto::v1::credentials_server::Credentials;
-use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
+use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse, WatchRevocationsRequest};
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
@@ -21,11 +24,49 @@ pub struct CredentialsService {
     pub authorizer: Arc<Authorizer>,
     pub cache: CredentialCache,
     pub events: Arc<DenialEvents>,
+    pub revocations: Revocations,
+    /// Whether the pod and namespace watches have synced (before that, nothing can be judged).
+    pub synced: Arc<dyn Fn() -> bool + Send + Sync>,
     pub metrics: Metrics,
+}
+
+/// Counts an open revocation stream while it lives.
+struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[tonic::async_trait]
 impl Credentials for CredentialsService {
+    type WatchRevocationsStream = RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<WatchRevocationsRequest>,
+    ) -> Result<Response<RevocationStream>, Status> {
+        let authorization = request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
+        let agent = self.authn.authenticate(authorization).await.map_err(|e| Denial::from(e).to_status())?;
+        if !(self.synced)() {
+            return Err(Status::unavailable("the server's watches have not synced yet"));
+        }
+        let held = &request.get_ref().held;
+        if held.len() > MAX_HELD {
+            return Err(Denial::InvalidArgument(format!("at most {MAX_HELD} held entries")).to_status());
+        }
+        let gauge = self.metrics.revocation_streams.clone();
+        gauge.inc();
+        let guard = StreamGauge(gauge);
+        tracing::debug!(agent_node = ?agent.node, held = held.len(), "revocation stream opened");
+        let stream = self.revocations.stream(held, agent.node).map(move |item| {
+            let _alive = &guard;
+            item
+        });
+        Ok(Response::new(stream.boxed()))
+    }
+
     async fn get_credentials(
         &self,
         request: Request<GetCredentialsRequest>,
@@ -71,7 +112,7 @@ impl CredentialsService {
                 return Err(denial);
             }
         };
-        let (issued, served) = match self.cache.get(&pod.uid, &key).await {
+        let (issued, served) = match self.cache.get(&key).await {
             Ok(ok) => ok,
             Err(error) => {
                 let denial = Denial::Sts(error);

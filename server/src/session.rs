@@ -1,6 +1,11 @@
-//! What one STS session is for: the role, the session name CloudTrail shows (`<namespace>.<pod>`,
-//! sanitized, at most 64 characters), the ExternalId and the session tags. Two pods share cached
-//! credentials only when all of these are equal.
+//! What one STS session is for: the pod (its UID), the role, the session name CloudTrail shows,
+//! the ExternalId and the session tags. A session belongs to exactly one live pod: two pods never
+//! share credentials, whatever their annotations say.
+//!
+//! The session name is `<namespace>.<pod>`. The `iam.amazonaws.com/session-name` annotation can
+//! only add to the pod's own identity: it gives `<namespace>@<override>`, always under the pod's
+//! own namespace, and the `@` (which no namespace or pod name can contain) keeps a chosen name
+//! from ever reading as another pod's.
 
 use crate::role::RoleArn;
 use imdsgate_core::PodInfo;
@@ -9,9 +14,14 @@ use sha2::{Digest, Sha256};
 /// STS's longest role session name.
 pub const MAX_SESSION_NAME: usize = 64;
 
+/// Separates the namespace from a session name the pod chose.
+pub const OVERRIDE_SEPARATOR: char = '@';
+
 /// The identity of one STS session; the credential cache's key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey {
+    /// The pod the session was made for; part of the key, so no two pods share one.
+    pub pod_uid: String,
     pub role_arn: RoleArn,
     pub session_name: String,
     pub external_id: Option<String>,
@@ -30,10 +40,7 @@ pub struct TagConfig {
 impl SessionKey {
     /// The session for `pod` assuming `role`.
     pub fn for_pod(pod: &PodInfo, role: RoleArn, tags: &TagConfig) -> SessionKey {
-        let session_name = match &pod.session_name {
-            Some(name) => sanitize(name),
-            None => sanitize(&format!("{}.{}", pod.namespace, pod.name)),
-        };
+        let session_name = session_name(&pod.namespace, &pod.name, pod.session_name.as_deref());
         let mut tag_list = Vec::new();
         if tags.enabled {
             tag_list.push(("kubernetes-namespace".to_string(), pod.namespace.clone()));
@@ -47,21 +54,56 @@ impl SessionKey {
                 tag_list.push(("eks-cluster-name".to_string(), cluster.clone()));
             }
         }
-        SessionKey { role_arn: role, session_name, external_id: pod.external_id.clone(), tags: tag_list }
+        SessionKey {
+            pod_uid: pod.uid.clone(),
+            role_arn: role,
+            session_name,
+            external_id: pod.external_id.clone(),
+            tags: tag_list,
+        }
     }
 }
 
+/// The session name for pod `namespace/pod`, with the pod's `session-name` override if any:
+/// `<namespace>.<pod>` or `<namespace>@<override>`, sanitized for STS.
+pub fn session_name(namespace: &str, pod: &str, override_name: Option<&str>) -> String {
+    match override_name {
+        Some(chosen) => sanitize(&format!("{namespace}{OVERRIDE_SEPARATOR}{chosen}")),
+        None => sanitize(&format!("{namespace}.{pod}")),
+    }
+}
+
+/// Why an override is refused at admission: it would not reach CloudTrail as written.
+pub fn check_override(namespace: &str, chosen: &str) -> Result<(), String> {
+    let room = MAX_SESSION_NAME.saturating_sub(namespace.len() + 1);
+    if chosen.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(bad) = chosen.chars().find(|c| !session_char(*c)) {
+        return Err(format!("contains {bad:?}; session names use letters, digits and _+=,.@- only"));
+    }
+    if chosen.len() > room {
+        return Err(format!(
+            "is {} characters; in namespace {namespace} at most {room} fit (the session name is \
+             {namespace}{OVERRIDE_SEPARATOR}<name>, at most {MAX_SESSION_NAME} characters)",
+            chosen.len()
+        ));
+    }
+    Ok(())
+}
+
+fn session_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)
+}
+
 /// A valid role session name: characters outside `[\w+=,.@-]` become `-`; longer than 64
-/// characters is cut and suffixed with a short hash of the whole so distinct names stay distinct;
-/// shorter than 2 is padded.
+/// characters is cut and suffixed with a hash of the whole (48 bits, so distinct names stay
+/// distinct even against a deliberate search); shorter than 2 is padded.
 pub fn sanitize(raw: &str) -> String {
-    let mut name: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' })
-        .collect();
+    let mut name: String = raw.chars().map(|c| if session_char(c) { c } else { '-' }).collect();
     if name.len() > MAX_SESSION_NAME {
         let digest = Sha256::digest(raw.as_bytes());
-        let suffix = hex::encode(&digest[..4]);
+        let suffix = hex::encode(&digest[..6]);
         name.truncate(MAX_SESSION_NAME - suffix.len() - 1);
         name.push('-');
         name.push_str(&suffix);
@@ -104,11 +146,54 @@ mod tests {
     }
 
     #[test]
-    fn annotation_overrides_and_is_sanitized() {
+    fn an_override_stays_under_the_pods_own_namespace() {
         let mut p = pod("team-a", "web");
+        p.session_name = Some("batch".into());
+        let key = SessionKey::for_pod(&p, arn(), &TagConfig::default());
+        assert_eq!(key.session_name, "team-a@batch");
         p.session_name = Some("my session/name!".into());
         let key = SessionKey::for_pod(&p, arn(), &TagConfig::default());
-        assert_eq!(key.session_name, "my-session-name-");
+        assert_eq!(key.session_name, "team-a@my-session-name-");
+    }
+
+    #[test]
+    fn an_override_never_reads_as_another_pod_or_namespace() {
+        // Pod b/attacker names its session after a/victim, or after b/victim.
+        let victim = SessionKey::for_pod(&pod("a", "victim"), arn(), &TagConfig::default());
+        let neighbour = SessionKey::for_pod(&pod("b", "victim"), arn(), &TagConfig::default());
+        for chosen in ["a.victim", "victim", "b.victim", "a@victim", "../a.victim"] {
+            let mut attacker = pod("b", "attacker");
+            attacker.uid = "uid-attacker".into();
+            attacker.session_name = Some(chosen.into());
+            let key = SessionKey::for_pod(&attacker, arn(), &TagConfig::default());
+            assert!(key.session_name.starts_with("b@"), "{chosen}: {}", key.session_name);
+            assert_ne!(key.session_name, victim.session_name, "{chosen}");
+            assert_ne!(key.session_name, neighbour.session_name, "{chosen}");
+            assert_ne!(key, victim, "{chosen}: never the victim's session");
+        }
+    }
+
+    #[test]
+    fn two_pods_never_share_a_session_even_with_equal_names() {
+        // Same namespace, name, role and tags (a pod recreated under the same name): new UID, new key.
+        let first = pod("team-a", "web");
+        let mut second = pod("team-a", "web");
+        second.uid = "uid-2".into();
+        let a = SessionKey::for_pod(&first, arn(), &TagConfig::default());
+        let b = SessionKey::for_pod(&second, arn(), &TagConfig::default());
+        assert_eq!(a.session_name, b.session_name);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn overrides_are_checked_for_admission() {
+        assert_eq!(check_override("team-a", "batch"), Ok(()));
+        assert!(check_override("team-a", "").is_err());
+        assert!(check_override("team-a", "has space").unwrap_err().contains("' '"));
+        assert!(check_override("team-a", "new\nline").is_err());
+        assert!(check_override("team-a", &"x".repeat(57)).is_ok(), "6 + 1 + 57 = 64 fits");
+        let too_long = check_override("team-a", &"x".repeat(58)).unwrap_err();
+        assert!(too_long.contains("at most 57"), "{too_long}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! STS through aws-sdk-sts: AssumeRole for pods (optionally through an intermediate role), the
 //! server's own identity for `--role-base-arn-autodetect`, error classification (refused versus
-//! unreachable), a cap on the call rate, and metrics per call.
+//! unreachable), a cap on the call rate that serves calls pods wait on first, and metrics per call.
 
-use crate::credential_cache::{AssumeRole, Issued, StsError};
+use crate::credential_cache::{AssumeRole, Issued, StsError, Urgency};
 use crate::metrics::{Metrics, StsLabels, StsResult};
 use crate::session::SessionKey;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
@@ -37,7 +37,7 @@ pub struct StsConfig {
 /// AssumeRole against real STS (or anything speaking its API).
 pub struct Sts {
     client: aws_sdk_sts::Client,
-    limiter: RateLimiter,
+    limiter: StsLimiter,
     metrics: Metrics,
 }
 
@@ -65,7 +65,7 @@ impl Sts {
                 ))
                 .build();
         }
-        Sts { client: aws_sdk_sts::Client::new(&sdk), limiter: RateLimiter::new(config.max_rps), metrics }
+        Sts { client: aws_sdk_sts::Client::new(&sdk), limiter: StsLimiter::new(config.max_rps), metrics }
     }
 
     /// The server's own identity ARN (GetCallerIdentity).
@@ -76,8 +76,13 @@ impl Sts {
             .ok_or_else(|| StsError::Unavailable("GetCallerIdentity returned no ARN".into()))
     }
 
-    async fn call(&self, key: SessionKey, duration: Duration) -> Result<Issued, StsError> {
-        self.limiter.acquire().await;
+    async fn call(
+        &self,
+        key: SessionKey,
+        duration: Duration,
+        urgency: Arc<Urgency>,
+    ) -> Result<Issued, StsError> {
+        self.limiter.acquire(&urgency).await?;
         let started = Instant::now();
         let tags = (!key.tags.is_empty()).then(|| {
             key.tags
@@ -115,7 +120,7 @@ impl Sts {
         let outcome = match &result {
             Ok(_) => StsResult::Success,
             Err(StsError::Denied(_)) => StsResult::Denied,
-            Err(StsError::Unavailable(_)) => StsResult::Unavailable,
+            Err(StsError::Unavailable(_) | StsError::Deferred) => StsResult::Unavailable,
         };
         let labels = StsLabels { result: outcome };
         self.metrics.sts_calls.get_or_create(&labels).inc();
@@ -129,9 +134,10 @@ impl AssumeRole for Arc<Sts> {
         &self,
         key: SessionKey,
         duration: Duration,
+        urgency: Arc<Urgency>,
     ) -> BoxFuture<'static, Result<Issued, StsError>> {
         let sts = self.clone();
-        async move { sts.call(key, duration).await }.boxed()
+        async move { sts.call(key, duration, urgency).await }.boxed()
     }
 }
 
@@ -150,33 +156,68 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
     }
 }
 
-/// Caps the STS call rate (GCRA: bursts up to one second's worth, then an even pace).
-struct RateLimiter {
-    interval: Option<Duration>,
-    burst: u32,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
+type Gcra = governor::DefaultDirectRateLimiter;
+
+/// How long a background call waits for spare STS budget before it gives way.
+const BACKGROUND_PATIENCE: Duration = Duration::from_secs(30);
+/// How often a waiting background call looks for spare budget.
+const BACKGROUND_POLL: Duration = Duration::from_millis(100);
+
+/// Caps the STS call rate (GCRA, bursts up to one second's worth). Calls a pod waits on queue for
+/// the full rate; background calls (prefetch, refresh) run only while the rate has room right
+/// now, and at most at half of it, so a flood of background work never delays a waiting pod. A
+/// background call that a pod joins becomes urgent and queues like one.
+pub struct StsLimiter {
+    all: Option<Gcra>,
+    background: Option<Gcra>,
 }
 
-impl RateLimiter {
-    fn new(max_rps: f64) -> Self {
-        let interval = (max_rps > 0.0).then(|| Duration::from_secs_f64(1.0 / max_rps));
-        RateLimiter {
-            interval,
-            burst: (max_rps.floor() as u32).max(1),
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+impl StsLimiter {
+    /// `max_rps` 0: no limit.
+    pub fn new(max_rps: f64) -> StsLimiter {
+        let quota = |rps: f64| {
+            let burst =
+                std::num::NonZeroU32::new((rps.floor() as u32).max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+            governor::Quota::with_period(Duration::from_secs_f64(1.0 / rps)).map(|q| q.allow_burst(burst))
+        };
+        if max_rps <= 0.0 || !max_rps.is_finite() {
+            return StsLimiter { all: None, background: None };
+        }
+        StsLimiter {
+            all: quota(max_rps).map(governor::RateLimiter::direct),
+            background: quota(max_rps / 2.0).map(governor::RateLimiter::direct),
         }
     }
 
-    async fn acquire(&self) {
-        let Some(interval) = self.interval else { return };
-        let mut tat = self.next.lock().await;
-        let now = tokio::time::Instant::now();
-        let start = (*tat).max(now);
-        let allowed_at = start.checked_sub(interval * (self.burst - 1)).unwrap_or(now);
-        if allowed_at > now {
-            tokio::time::sleep_until(allowed_at).await;
+    /// Waits for a turn: at once if urgent and within the rate; `Deferred` if a background call
+    /// found no room for [`BACKGROUND_PATIENCE`].
+    pub async fn acquire(&self, urgency: &Urgency) -> Result<(), StsError> {
+        let Some(all) = &self.all else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + BACKGROUND_PATIENCE;
+        while !urgency.is_urgent() {
+            if self.background.as_ref().is_none_or(|b| b.check().is_ok()) && all.check().is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StsError::Deferred);
+            }
+            let jitter = BACKGROUND_POLL.mul_f64(rand::random::<f64>());
+            tokio::select! {
+                _ = tokio::time::sleep(BACKGROUND_POLL + jitter) => {}
+                _ = urgency.raised() => {}
+            }
         }
-        *tat = start + interval;
+        loop {
+            match all.check() {
+                Ok(()) => return Ok(()),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
+                    tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+                }
+            }
+        }
     }
 }
 
@@ -184,31 +225,74 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn rate_limiter_allows_a_burst_then_paces() {
-        let limiter = RateLimiter::new(5.0);
-        let start = tokio::time::Instant::now();
-        for _ in 0..5 {
-            limiter.acquire().await;
+    #[tokio::test]
+    async fn urgent_calls_take_the_burst_then_are_paced() {
+        let limiter = StsLimiter::new(20.0);
+        let urgent = Urgency::new(true);
+        let start = std::time::Instant::now();
+        for _ in 0..25 {
+            limiter.acquire(&urgent).await.unwrap();
         }
-        assert!(start.elapsed() < Duration::from_millis(1), "a burst of 5 passes at once");
+        // 20 at once, then 5 more at 20 per second: at least 200 ms (a floor, not a speed claim).
+        assert!(start.elapsed() >= Duration::from_millis(200), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn background_calls_never_take_what_waiting_pods_need() {
+        let limiter = StsLimiter::new(20.0);
+        let background = Urgency::new(false);
+        // At most half the burst goes to background work...
+        let mut granted = 0;
+        for _ in 0..20 {
+            if tokio::time::timeout(Duration::from_millis(1), limiter.acquire(&background)).await.is_ok() {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 10, "background work gets half the burst");
+        // ...so waiting pods still find the other half at once.
+        let urgent = Urgency::new(true);
         for _ in 0..10 {
-            limiter.acquire().await;
+            tokio::time::timeout(Duration::from_millis(50), limiter.acquire(&urgent))
+                .await
+                .expect("a waiting pod is not queued behind background work")
+                .unwrap();
         }
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_millis(1990) && elapsed <= Duration::from_millis(2010),
-            "{elapsed:?}"
-        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_background_call_made_urgent_queues_like_one() {
+        let limiter = Arc::new(StsLimiter::new(2.0));
+        let urgent = Urgency::new(true);
+        limiter.acquire(&urgent).await.unwrap();
+        limiter.acquire(&urgent).await.unwrap(); // the burst is spent
+        let background = Urgency::new(false);
+        let call = {
+            let (limiter, background) = (limiter.clone(), background.clone());
+            tokio::spawn(async move { limiter.acquire(&background).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!call.is_finished(), "no room: the background call waits");
+        background.raise();
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("served at the pace")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_background_call_that_finds_no_room_gives_way() {
+        let limiter = StsLimiter::new(1.0);
+        limiter.acquire(&Urgency::new(true)).await.unwrap();
+        // Real time does not pass under a paused clock, so the rate never refills.
+        assert_eq!(limiter.acquire(&Urgency::new(false)).await, Err(StsError::Deferred));
+    }
+
+    #[tokio::test]
     async fn zero_means_unlimited() {
-        let limiter = RateLimiter::new(0.0);
-        let start = tokio::time::Instant::now();
+        let limiter = StsLimiter::new(0.0);
         for _ in 0..1000 {
-            limiter.acquire().await;
+            limiter.acquire(&Urgency::new(false)).await.unwrap();
         }
-        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -708,6 +708,7 @@ async fn sts_economy() -> (f64, usize, u64) {
             &self,
             key: SessionKey,
             duration: Duration,
+            _urgency: Arc<imdsgate_server::credential_cache::Urgency>,
         ) -> futures::future::BoxFuture<'static, Result<Issued, StsError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(self.now.load(Ordering::SeqCst));
@@ -738,6 +739,7 @@ async fn sts_economy() -> (f64, usize, u64) {
     let hours = 3u64;
     let keys: Vec<SessionKey> = (0..pods)
         .map(|i| SessionKey {
+            pod_uid: format!("uid-{i}"),
             role_arn: imdsgate_server::role::resolve("arn:aws:iam::123456789012:role/app", None)
                 .expect("valid"),
             session_name: format!("ns.pod-{i}"),
@@ -751,8 +753,8 @@ async fn sts_economy() -> (f64, usize, u64) {
             cache.refresh_due();
         }
         if second % 10 == 0 {
-            for (i, key) in keys.iter().enumerate() {
-                let _ = cache.get(&format!("uid-{i}"), key).await;
+            for key in &keys {
+                let _ = cache.get(key).await;
             }
         }
         tokio::task::yield_now().await;
