@@ -200,6 +200,7 @@ impl Cluster {
                 "name": spec.name,
                 "namespace": spec.namespace,
                 "annotations": to_map(&spec.annotations),
+                "finalizers": spec.finalizers,
             },
             "spec": {
                 "nodeName": spec.node,
@@ -300,11 +301,26 @@ pub struct PodSpec<'a> {
     pub service_account: Option<&'a str>,
     pub host_network: bool,
     pub annotations: Vec<(&'a str, &'a str)>,
+    pub finalizers: Vec<&'a str>,
 }
 
 impl<'a> PodSpec<'a> {
     pub fn new(namespace: &'a str, name: &'a str, node: &'a str) -> Self {
-        PodSpec { namespace, name, node, service_account: None, host_network: false, annotations: Vec::new() }
+        PodSpec {
+            namespace,
+            name,
+            node,
+            service_account: None,
+            host_network: false,
+            annotations: Vec::new(),
+            finalizers: Vec::new(),
+        }
+    }
+
+    /// A finalizer that holds the pod in Terminating after a delete until it is removed.
+    pub fn finalizer(mut self, name: &'a str) -> Self {
+        self.finalizers.push(name);
+        self
     }
 
     pub fn annotation(mut self, key: &'a str, value: &'a str) -> Self {

@@ -3,6 +3,7 @@
 //! free loopback ports, is private to one test and is torn down on drop, even when the test fails.
 #![forbid(unsafe_code)]
 
+pub mod bed;
 pub mod cluster;
 pub mod components;
 pub mod demo;
