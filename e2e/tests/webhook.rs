@@ -30,30 +30,31 @@ fn rejected(result: Result<Pod, String>, needle: &str) {
     }
 }
 
-#[tokio::test]
-async fn the_apiserver_rejects_what_the_webhook_denies() {
-    if !e2e_enabled("the_apiserver_rejects_what_the_webhook_denies") {
-        return;
-    }
+/// The apiserver, the server with its webhook, a server node and a worker, and the webhook
+/// configured for pods and pods/binding (as deploy/base/webhook.yaml does), in effect.
+struct WebhookBed {
+    cluster: Cluster,
+    server: ServerProcess,
+    _sts: Sts,
+    _pki: Pki,
+}
+
+async fn start(extra_server_args: &[&str]) -> WebhookBed {
     let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
     let (cluster, sts) = (cluster.unwrap(), sts.unwrap());
     install_rbac(&cluster).unwrap();
     let pki = Pki::new().unwrap();
     let tls = pki.files();
     let port = free_port().unwrap();
-    let server = ServerProcess::start(
-        &cluster,
-        &sts,
-        &tls,
-        &[
-            "--role-base-arn=arn:aws:iam::123456789012:role/",
-            &format!("--webhook-listen=127.0.0.1:{port}"),
-            &format!("--webhook-tls-cert={}", tls.server_cert.display()),
-            &format!("--webhook-tls-key={}", tls.server_key.display()),
-        ],
-    )
-    .await
-    .expect("server with webhook starts");
+    let mut args = vec![
+        "--role-base-arn=arn:aws:iam::123456789012:role/".to_string(),
+        format!("--webhook-listen=127.0.0.1:{port}"),
+        format!("--webhook-tls-cert={}", tls.server_cert.display()),
+        format!("--webhook-tls-key={}", tls.server_key.display()),
+    ];
+    args.extend(extra_server_args.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = ServerProcess::start(&cluster, &sts, &tls, &args).await.expect("server with webhook starts");
 
     let server_node: Node = serde_json::from_value(
         json!({ "metadata": { "name": "server-1", "labels": { "imdsgate.io/server-node": "true" } } }),
@@ -75,8 +76,12 @@ async fn the_apiserver_rejects_what_the_webhook_denies() {
                 "url": format!("https://127.0.0.1:{port}/validate/pods"),
                 "caBundle": base64::engine::general_purpose::STANDARD.encode(pki.ca.cert_pem()),
             },
-            "rules": [{ "operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                        "resources": ["pods"], "scope": "Namespaced" }],
+            "rules": [
+                { "operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                  "resources": ["pods"], "scope": "Namespaced" },
+                { "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                  "resources": ["pods/binding"], "scope": "Namespaced" }
+            ],
             "namespaceSelector": { "matchExpressions": [{ "key": "kubernetes.io/metadata.name", "operator": "NotIn",
                                                           "values": ["imdsgate", "kube-system"] }] }
         }]
@@ -86,7 +91,6 @@ async fn the_apiserver_rejects_what_the_webhook_denies() {
         .create(&PostParams::default(), &vwc)
         .await
         .unwrap();
-
     cluster
         .create_namespace("team", &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")])
         .await
@@ -116,6 +120,15 @@ async fn the_apiserver_rejects_what_the_webhook_denies() {
         assert!(Instant::now() < deadline, "the webhook never took effect; server log:\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    WebhookBed { cluster, server, _sts: sts, _pki: pki }
+}
+
+#[tokio::test]
+async fn the_apiserver_rejects_what_the_webhook_denies() {
+    if !e2e_enabled("the_apiserver_rejects_what_the_webhook_denies") {
+        return;
+    }
+    let WebhookBed { cluster, server, .. } = start(&[]).await;
 
     rejected(
         create(
@@ -207,4 +220,129 @@ async fn the_apiserver_rejects_what_the_webhook_denies() {
         "imdsgate_server_admissions_total{decision=\"denied\",reason=\"role_not_permitted\"}",
     );
     assert!(denied >= 2.0, "denials counted by reason: {denied}");
+}
+
+#[tokio::test]
+async fn host_network_unknown_nodes_bindings_overrides_and_pods_on_server_nodes() {
+    if !e2e_enabled("host_network_unknown_nodes_bindings_overrides_and_pods_on_server_nodes") {
+        return;
+    }
+    let WebhookBed { cluster, server, .. } =
+        start(&["--host-network-exempt-label=imdsgate.io/host-network=allowed"]).await;
+    let pods = Api::<Pod>::namespaced(cluster.client(), "team");
+
+    // A hostNetwork pod without a role reads the node's own role: refused by default...
+    rejected(
+        create(
+            &cluster,
+            "team",
+            json!({ "metadata": { "name": "exporter" }, "spec": { "hostNetwork": true } }),
+        )
+        .await,
+        "node's own IAM role",
+    );
+    // ...unless it carries the label the operator named, knowingly.
+    create(
+        &cluster,
+        "team",
+        json!({ "metadata": { "name": "exporter", "labels": { "imdsgate.io/host-network": "allowed" } },
+                "spec": { "hostNetwork": true } }),
+    )
+    .await
+    .expect("a labelled node agent is admitted");
+
+    // A node that does not exist yet could join as a server node.
+    rejected(
+        create(
+            &cluster,
+            "team",
+            json!({ "metadata": { "name": "early" }, "spec": { "nodeName": "future-1" } }),
+        )
+        .await,
+        "does not exist",
+    );
+
+    // Binding (the scheduler's step, or anyone allowed pods/binding) goes through the webhook too.
+    create(&cluster, "team", json!({ "metadata": { "name": "floating" }, "spec": {} }))
+        .await
+        .expect("unscheduled");
+    let binding = |node: &str| {
+        json!({ "apiVersion": "v1", "kind": "Binding", "metadata": { "name": "floating", "namespace": "team" },
+                "target": { "apiVersion": "v1", "kind": "Node", "name": node } })
+    };
+    let refused = pods
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            "floating",
+            &PostParams::default(),
+            &binding("server-1"),
+        )
+        .await
+        .expect_err("binding to a server node is refused")
+        .to_string();
+    assert!(refused.contains("imdsgate:") && refused.contains("server node"), "{refused}");
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        "floating",
+        &PostParams::default(),
+        &binding("worker-1"),
+    )
+    .await
+    .expect("binding to a worker is allowed");
+    assert_eq!(pods.get("floating").await.unwrap().spec.unwrap().node_name.as_deref(), Some("worker-1"));
+
+    // A session name that names another namespace's pod is refused with what to do instead.
+    rejected(
+        create(
+            &cluster,
+            "team",
+            json!({ "metadata": { "name": "sneaky", "annotations": {
+                "iam.amazonaws.com/role": "app-reader", "iam.amazonaws.com/session-name": "other ns/victim" } },
+                    "spec": {} }),
+        )
+        .await,
+        "team@<name>",
+    );
+
+    // A worker running an ordinary pod becomes a server node: the pod is reported.
+    cluster.create_node("worker-2").await.unwrap();
+    create(
+        &cluster,
+        "team",
+        json!({ "metadata": { "name": "resident" }, "spec": { "nodeName": "worker-2" } }),
+    )
+    .await
+    .expect("an ordinary node");
+    assert_eq!(server.metric("imdsgate_server_pods_on_server_nodes").await.unwrap(), 0.0);
+    let label = json!({ "metadata": { "labels": { "imdsgate.io/server-node": "true" } } });
+    Api::<Node>::all(cluster.client())
+        .patch("worker-2", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("imdsgate_server_pods_on_server_nodes").await.unwrap() < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pod on the new server node was never reported:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client(), "team");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        let found = list.items.iter().find(|e| {
+            e.reason.as_deref() == Some("ImdsgatePodOnServerNode")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("resident")
+        });
+        if let Some(event) = found {
+            assert_eq!(event.type_.as_deref(), Some("Warning"));
+            assert!(event.note.as_deref().unwrap_or_default().contains("worker-2"), "{event:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Warning Event on the pod:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.log().contains("a pod runs on a server node"), "{}", server.log());
 }
