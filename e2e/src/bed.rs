@@ -69,6 +69,8 @@ pub struct AgentBed {
     pub node: NodeNs,
     pub agent_pod: Pod,
     pub agent: Option<AgentProcess>,
+    /// The server's host as the agent resolves it in the node namespace.
+    pub server_host: &'static str,
     /// Pod namespaces by `namespace/name` of the Pod object first created at their IP.
     pods: BTreeMap<String, PodNs>,
     _pki: Pki,
@@ -108,7 +110,18 @@ impl AgentBed {
             ServerProcess::start(&cluster, &sts, &tls, &server_args).await.context("server starts")?;
         node.forward_to_host(cluster.port()).await?;
         node.forward_to_host(server.grpc.port()).await?;
-        let mut bed = AgentBed { cluster, sts, tls, server, node, agent_pod, agent: None, pods, _pki: pki };
+        let mut bed = AgentBed {
+            cluster,
+            sts,
+            tls,
+            server,
+            node,
+            agent_pod,
+            agent: None,
+            server_host: "127.0.0.1",
+            pods,
+            _pki: pki,
+        };
         let agent_args: Vec<&str> = plan.agent_args.iter().map(String::as_str).collect();
         bed.agent = Some(AgentProcess::start(&bed.setup(), &agent_args).await.context("agent starts")?);
         Ok(bed)
@@ -120,7 +133,7 @@ impl AgentBed {
             tls: &self.tls,
             node: &self.node,
             node_name: NODE,
-            server_host: "127.0.0.1",
+            server_host: self.server_host,
             server_port: self.server.grpc.port(),
             agent_pod: &self.agent_pod,
         }
@@ -159,10 +172,10 @@ impl AgentBed {
         doc["AccessKeyId"].as_str().map(str::to_string).ok_or(0)
     }
 
-    /// `aws sts get-caller-identity` in a pod namespace with a clean AWS environment (no
-    /// credentials, no config, IMDS at 169.254.169.254, STS at the emulator): the ARN, or stderr.
-    pub fn caller_arn(&self, pod: &PodNs) -> Result<String, String> {
-        let mut cmd = pod.command(venv_bin("aws").expect("aws CLI in the venv"));
+    /// `program` in a pod namespace with a clean AWS environment: no credentials, no config
+    /// files, no IMDS endpoint override, STS at the emulator.
+    pub fn aws_env(&self, pod: &PodNs, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = pod.command(program);
         let home = self.agent.as_ref().map(|a| a.state_dir().display().to_string()).unwrap_or("/tmp".into());
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -172,9 +185,13 @@ impl AgentBed {
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .env("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{}", self.sts.port()))
-            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2")
-            .args(["sts", "get-caller-identity", "--query", "Arn", "--output", "text"]);
-        let out: Output = cmd.output().map_err(|e| e.to_string())?;
+            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2");
+        cmd
+    }
+
+    /// `aws sts get-caller-identity` (botocore) in a pod namespace: the ARN, or stderr.
+    pub fn caller_arn(&self, pod: &PodNs) -> Result<String, String> {
+        let out = self.aws_cli(pod);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -182,14 +199,17 @@ impl AgentBed {
         }
     }
 
+    /// The raw output of `aws sts get-caller-identity --query Arn --output text` in a pod.
+    pub fn aws_cli(&self, pod: &PodNs) -> Output {
+        self.aws_env(pod, venv_bin("aws").expect("aws CLI in the venv"))
+            .args(["sts", "get-caller-identity", "--query", "Arn", "--output", "text"])
+            .output()
+            .expect("aws CLI runs")
+    }
+
     /// Creates another Pod object at the IP of an existing pod namespace (IP reuse).
     pub async fn create_pod_object(&self, pod: &BedPod) -> Result<()> {
         create_pod_object(&self.cluster, pod).await
-    }
-
-    /// Runs `program` in the node namespace.
-    pub fn node_command(&self, program: &str) -> Command {
-        self.node.command(program)
     }
 }
 

@@ -3,148 +3,35 @@
 //! node-scoped watch of the real apiserver and gets credentials from the real server, which
 //! assumes the role in moto. Real clients: the aws CLI (botocore) and aws-sdk-rust's IMDS provider.
 
-use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, install_rbac};
-use imdsgate_e2e::netns::{NodeNs, PodNs};
+use imdsgate_e2e::bed::{AgentBed, BedPlan, BedPod};
+use imdsgate_e2e::e2e_enabled;
+use imdsgate_e2e::netns::NodeNs;
 use imdsgate_e2e::process::run;
-use imdsgate_e2e::tools::{venv_bin, workspace_bin};
-use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
-use k8s_openapi::api::core::v1::Pod;
-use std::process::{Command, Output};
+use imdsgate_e2e::tools::workspace_bin;
+use std::process::Output;
 use std::time::Duration;
 
-const NODE: &str = "node-a";
 const ASSUMED_WEB: &str = "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web";
 
-struct Bed {
-    cluster: Cluster,
-    sts: Sts,
-    _pki: Pki,
-    tls: TlsFiles,
-    _server: ServerProcess,
-    server_host: &'static str,
-    server_port: u16,
-    node: NodeNs,
-    agent_pod: Pod,
-    web: PodNs,
-    plain: PodNs,
-    other: PodNs,
-    agent: Option<AgentProcess>,
+/// The node with three pods of team-a: web and other carry the role, plain does not.
+async fn start() -> AgentBed {
+    AgentBed::start(BedPlan {
+        namespaces: vec![("team-a", "arn:aws:iam::123456789012:role/app-.*")],
+        roles: vec!["app-reader"],
+        pods: vec![
+            BedPod::new("team-a", "web", "10.200.1.10").role("app-reader"),
+            BedPod::new("team-a", "plain", "10.200.1.11"),
+            BedPod::new("team-a", "other", "10.200.1.12").role("app-reader"),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("bed")
 }
 
-impl Bed {
-    async fn start() -> Bed {
-        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
-        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
-        install_rbac(&cluster).unwrap();
-        sts.create_role("app-reader").unwrap();
-        cluster.create_node(NODE).await.unwrap();
-        let agent_pod = cluster
-            .create_pod(
-                &PodSpec::new("imdsgate", "agent-a", NODE).service_account("imdsgate-agent").host_network(),
-            )
-            .await
-            .unwrap();
-        cluster
-            .create_namespace(
-                "team-a",
-                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
-            )
-            .await
-            .unwrap();
-
-        let node = NodeNs::create("10.200.0.1".parse().unwrap()).unwrap();
-        let mut pods = Vec::new();
-        for (name, ip, role) in
-            [("web", "10.200.1.10", true), ("plain", "10.200.1.11", false), ("other", "10.200.1.12", true)]
-        {
-            let mut spec = PodSpec::new("team-a", name, NODE);
-            if role {
-                spec = spec.annotation("iam.amazonaws.com/role", "app-reader");
-            }
-            cluster.create_pod(&spec).await.unwrap();
-            cluster.set_pod_status("team-a", name, &[ip], "Running").await.unwrap();
-            let pod = node.add_pod(ip.parse().unwrap()).unwrap();
-            node.forward_to_host_from_pod(&pod, sts.port()).await.unwrap();
-            pods.push(pod);
-        }
-        let pki = Pki::new().unwrap();
-        let tls = pki.files();
-        let server =
-            ServerProcess::start(&cluster, &sts, &tls, &["--role-base-arn=arn:aws:iam::123456789012:role/"])
-                .await
-                .expect("server starts");
-        let server_port = server.grpc.port();
-        node.forward_to_host(cluster.port()).await.unwrap();
-        node.forward_to_host(server_port).await.unwrap();
-        let other = pods.pop().unwrap();
-        let plain = pods.pop().unwrap();
-        let web = pods.pop().unwrap();
-        let mut bed = Bed {
-            cluster,
-            sts,
-            _pki: pki,
-            tls,
-            _server: server,
-            server_host: "127.0.0.1",
-            server_port,
-            node,
-            agent_pod,
-            web,
-            plain,
-            other,
-            agent: None,
-        };
-        bed.agent = Some(AgentProcess::start(&bed.setup(), &[]).await.expect("agent starts"));
-        bed
-    }
-
-    fn setup(&self) -> AgentSetup<'_> {
-        AgentSetup {
-            cluster: &self.cluster,
-            tls: &self.tls,
-            node: &self.node,
-            node_name: NODE,
-            server_host: self.server_host,
-            server_port: self.server_port,
-            agent_pod: &self.agent_pod,
-        }
-    }
-
-    fn agent_log(&self) -> String {
-        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-    }
-
-    /// A command in a pod namespace with a clean AWS environment: no credentials, no config files,
-    /// no IMDS endpoint override, STS at the emulator.
-    fn aws_env(&self, pod: &PodNs, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = pod.command(program);
-        cmd.env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", self.node_dir())
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{}", self.sts.port()))
-            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2");
-        cmd
-    }
-
-    fn node_dir(&self) -> String {
-        self.agent.as_ref().map(|a| a.state_dir().display().to_string()).unwrap_or_else(|| "/tmp".into())
-    }
-
-    fn aws_cli(&self, pod: &PodNs) -> Output {
-        self.aws_env(pod, venv_bin("aws").unwrap())
-            .args(["sts", "get-caller-identity", "--query", "Arn", "--output", "text"])
-            .output()
-            .unwrap()
-    }
-
-    fn curl(&self, pod: &PodNs, args: &[&str]) -> Output {
-        pod.command("curl").args(["-s", "-m", "5"]).args(args).output().unwrap()
-    }
-}
+const WEB: &str = "team-a/web";
+const PLAIN: &str = "team-a/plain";
+const OTHER: &str = "team-a/other";
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
@@ -159,24 +46,24 @@ async fn real_sdks_in_a_pod_get_the_pods_role_and_nothing_else() {
     if !e2e_enabled("real_sdks_in_a_pod_get_the_pods_role_and_nothing_else") {
         return;
     }
-    let bed = Bed::start().await;
+    let bed = start().await;
 
     // botocore (aws CLI): IMDSv2 through 169.254.169.254, no endpoint override.
-    let out = bed.aws_cli(&bed.web);
+    let out = bed.aws_cli(bed.pod(WEB));
     assert!(out.status.success(), "aws CLI failed: {}\nagent log:\n{}", stderr(&out), bed.agent_log());
     assert_eq!(stdout(&out), ASSUMED_WEB);
 
     // aws-sdk-rust's IMDS credentials provider.
-    let out = bed.aws_env(&bed.web, workspace_bin("imds-whoami").unwrap()).output().unwrap();
+    let out = bed.aws_env(bed.pod(WEB), workspace_bin("imds-whoami").unwrap()).output().unwrap();
     assert!(out.status.success(), "aws-sdk-rust failed: {}\nagent log:\n{}", stderr(&out), bed.agent_log());
     assert_eq!(stdout(&out), ASSUMED_WEB);
 
     // A pod without a role gets no credentials, and is told why.
-    let out = bed.aws_cli(&bed.plain);
+    let out = bed.aws_cli(bed.pod(PLAIN));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Unable to locate credentials"), "{}", stderr(&out));
     let out = bed.curl(
-        &bed.plain,
+        bed.pod(PLAIN),
         &["-w", "\n%{http_code}", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"],
     );
     let text = stdout(&out);
@@ -184,7 +71,7 @@ async fn real_sdks_in_a_pod_get_the_pods_role_and_nothing_else() {
 
     // A token is bound to the pod that asked for it.
     let token = stdout(&bed.curl(
-        &bed.web,
+        bed.pod(WEB),
         &[
             "-X",
             "PUT",
@@ -196,28 +83,28 @@ async fn real_sdks_in_a_pod_get_the_pods_role_and_nothing_else() {
     assert!(!token.is_empty());
     let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";
     let own = bed.curl(
-        &bed.web,
+        bed.pod(WEB),
         &["-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("X-aws-ec2-metadata-token: {token}"), path],
     );
     assert_eq!(stdout(&own), "200");
     let stolen = bed.curl(
-        &bed.other,
+        bed.pod(OTHER),
         &["-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("X-aws-ec2-metadata-token: {token}"), path],
     );
     assert_eq!(stdout(&stolen), "401", "another pod cannot use the first pod's token");
 
     // Hard limits: an oversized header is refused, not served.
     let big = format!("X-Big: {}", "a".repeat(20_000));
-    let out = bed.curl(&bed.web, &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, path]);
+    let out = bed.curl(bed.pod(WEB), &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, path]);
     assert_eq!(stdout(&out), "431", "oversized headers get 431");
 
     // Region facts pass through; the node's secrets and role never do.
-    let region = bed.curl(&bed.web, &["http://169.254.169.254/latest/meta-data/placement/region"]);
+    let region = bed.curl(bed.pod(WEB), &["http://169.254.169.254/latest/meta-data/placement/region"]);
     assert_eq!(stdout(&region), "us-east-1");
     for (pod, path) in [
-        (&bed.web, "/latest/user-data"),
-        (&bed.plain, "/latest/meta-data/iam/security-credentials/node-role"),
-        (&bed.web, "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
+        (bed.pod(WEB), "/latest/user-data"),
+        (bed.pod(PLAIN), "/latest/meta-data/iam/security-credentials/node-role"),
+        (bed.pod(WEB), "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
     ] {
         let out = bed.curl(pod, &["-w", "\n%{http_code}", &format!("http://169.254.169.254{path}")]);
         let text = stdout(&out);
@@ -238,7 +125,7 @@ async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_unin
     if !e2e_enabled("the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_uninstall") {
         return;
     }
-    let mut bed = Bed::start().await;
+    let mut bed = start().await;
     let nat = bed.node.nat_rules().unwrap();
     assert_eq!(
         rules_in(&nat, "IMDSGATE"),
@@ -273,7 +160,7 @@ async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_unin
         "exactly one jump, in first place"
     );
     assert_eq!(rules_in(&nat, "IMDSGATE").len(), 1);
-    assert_eq!(stdout(&bed.aws_cli(&bed.web)), ASSUMED_WEB, "served after the restart");
+    assert_eq!(stdout(&bed.aws_cli(bed.pod(WEB))), ASSUMED_WEB, "served after the restart");
 
     // The agent exits: the rule stays, so pods get "connection refused", never the node's role.
     let mut agent = bed.agent.take().unwrap();
@@ -281,7 +168,7 @@ async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_unin
     let nat = bed.node.nat_rules().unwrap();
     assert_eq!(rules_in(&nat, "IMDSGATE").len(), 1, "rule left in place on exit");
     let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/node-role";
-    let out = bed.curl(&bed.plain, &[path]);
+    let out = bed.curl(bed.pod(PLAIN), &[path]);
     assert_eq!(out.status.code(), Some(7), "connection refused while the agent is down: {}", stdout(&out));
     assert!(!stdout(&out).contains("NODEROLEKEY"));
 
@@ -289,7 +176,7 @@ async fn the_rule_is_first_survives_restarts_stays_on_exit_and_goes_only_on_unin
     run(bed.node.command(workspace_bin("imdsgate-agent").unwrap()).args(["iptables", "uninstall"])).unwrap();
     let nat = bed.node.nat_rules().unwrap();
     assert!(!nat.contains("IMDSGATE"), "{nat}");
-    let out = bed.curl(&bed.plain, &[path]);
+    let out = bed.curl(bed.pod(PLAIN), &[path]);
     assert!(
         stdout(&out).contains("NODEROLEKEY"),
         "the stand-in proves what the rule protected: {}",
@@ -382,7 +269,7 @@ async fn a_failed_server_replica_is_retried_on_another_within_the_request() {
     if !e2e_enabled("a_failed_server_replica_is_retried_on_another_within_the_request") {
         return;
     }
-    let mut bed = Bed::start().await;
+    let mut bed = start().await;
     // `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts for processes in that namespace
     // only: there the server's name resolves to two replicas, one of which refuses connections.
     let dir = std::path::Path::new("/etc/netns").join(bed.node.name());
@@ -396,7 +283,7 @@ async fn a_failed_server_replica_is_retried_on_another_within_the_request() {
 
     // Each pod's first request calls the server; calls alternate between the replicas.
     let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";
-    for pod in [&bed.web, &bed.other] {
+    for pod in [bed.pod(WEB), bed.pod(OTHER)] {
         let out = bed.curl(pod, &["-o", "/dev/null", "-w", "%{http_code}", path]);
         assert_eq!(stdout(&out), "200", "served despite a dead replica; agent log:\n{}", bed.agent_log());
     }
