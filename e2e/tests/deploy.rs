@@ -86,6 +86,7 @@ async fn service_accounts_have_exactly_the_rights_they_need() {
         ("create", "events.events.k8s.io"),
         ("patch", "events"),
         ("get", "nodes"),
+        ("watch", "nodes"),
     ] {
         assert!(can("imdsgate-server", verb, resource), "server must be able to {verb} {resource}");
     }
@@ -94,6 +95,8 @@ async fn service_accounts_have_exactly_the_rights_they_need() {
         ("create", "pods"),
         ("delete", "pods"),
         ("patch", "namespaces"),
+        ("patch", "nodes"),
+        ("create", "pods/binding"),
         ("create", "serviceaccounts/token"),
     ] {
         assert!(!can("imdsgate-server", verb, resource), "server must not {verb} {resource}");
