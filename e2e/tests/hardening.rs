@@ -17,7 +17,10 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
 /// The revocation promise: a withdrawn pod is no longer served within this.
 const REVOCATION_BOUND: Duration = Duration::from_secs(2);
 
-async fn patch_pod(bed: &AgentBed, namespace: &str, name: &str, patch: serde_json::Value) {
+/// `kubectl annotate` (`None`: remove the annotation).
+async fn annotate(bed: &AgentBed, pod: &str, key: &str, value: Option<&str>) {
+    let (namespace, name) = pod.split_once('/').expect("namespace/name");
+    let patch = json!({ "metadata": { "annotations": { key: value } } });
     Api::<Pod>::namespaced(bed.cluster.client(), namespace)
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -159,25 +162,13 @@ async fn revocations_reach_the_agent_within_two_seconds() {
 
     // The role annotation changes.
     let at = Instant::now();
-    patch_pod(
-        &bed,
-        "team",
-        "changed",
-        json!({ "metadata": { "annotations": { "iam.amazonaws.com/role": "app-writer" } } }),
-    )
-    .await;
+    annotate(&bed, "team/changed", "iam.amazonaws.com/role", Some("app-writer")).await;
     let took = time_until(&bed, bed.pod("team/changed"), at, "role changed", |status, _| status == 404);
     figures.push(("role annotation changed", took));
 
     // The role annotation is removed.
     let at = Instant::now();
-    patch_pod(
-        &bed,
-        "team",
-        "removed",
-        json!({ "metadata": { "annotations": { "iam.amazonaws.com/role": null } } }),
-    )
-    .await;
+    annotate(&bed, "team/removed", "iam.amazonaws.com/role", None).await;
     let took = time_until(&bed, bed.pod("team/removed"), at, "role removed", |status, _| status == 404);
     figures.push(("role annotation removed", took));
 
@@ -193,13 +184,7 @@ async fn revocations_reach_the_agent_within_two_seconds() {
     // The session name changes: the old credentials are dropped and new ones issued.
     let old = keys[4].clone();
     let at = Instant::now();
-    patch_pod(
-        &bed,
-        "team",
-        "renamed",
-        json!({ "metadata": { "annotations": { "iam.amazonaws.com/session-name": "batch" } } }),
-    )
-    .await;
+    annotate(&bed, "team/renamed", "iam.amazonaws.com/session-name", Some("batch")).await;
     let took = time_until(&bed, bed.pod("team/renamed"), at, "session renamed", |status, body| {
         status == 200 && !body.contains(&old)
     });
@@ -247,13 +232,7 @@ async fn annotation_changes_in_a_loop_cannot_burn_the_sts_budget() {
     // kubectl annotate in a loop: each change used to cost one AssumeRole.
     for n in 0..20 {
         let name = format!("burn-{n}");
-        patch_pod(
-            &bed,
-            "team",
-            "burner",
-            json!({ "metadata": { "annotations": { "iam.amazonaws.com/session-name": name } } }),
-        )
-        .await;
+        annotate(&bed, "team/burner", "iam.amazonaws.com/session-name", Some(&name)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = bed.server.metric(success).await.unwrap();

@@ -153,13 +153,13 @@ impl Authorizer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::PERMITTED_ANNOTATION;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use serde_json::json;
 
-    fn mk_pod(uid: &str, ns: &str, name: &str, node: &str, ip: &str, role: Option<&str>) -> Pod {
+    pub(crate) fn mk_pod(uid: &str, ns: &str, name: &str, node: &str, ip: &str, role: Option<&str>) -> Pod {
         serde_json::from_value(json!({
             "metadata": { "uid": uid, "name": name, "namespace": ns,
                           "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
@@ -169,14 +169,16 @@ mod tests {
         .unwrap()
     }
 
-    fn mk_ns(name: &str, permitted: &str) -> Namespace {
+    pub(crate) fn mk_ns(name: &str, permitted: &str) -> Namespace {
         serde_json::from_value(
             json!({ "metadata": { "name": name, "annotations": { PERMITTED_ANNOTATION: permitted } } }),
         )
         .unwrap()
     }
 
-    fn authorizer() -> Authorizer {
+    /// Pods u-app (team, node-a, role app), u-none (team, node-a, no role), u-b (team, node-b,
+    /// app) and u-evil (locked, node-a, admin); both namespaces permit only app.
+    pub(crate) fn authorizer() -> Authorizer {
         let pods = Arc::new(PodIndex::new());
         let namespaces = Arc::new(NamespaceIndex::new());
         pods.apply(&mk_pod("u-app", "team", "app", "node-a", "10.0.0.1", Some("app")));

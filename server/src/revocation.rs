@@ -145,15 +145,11 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authorizer::tests::{authorizer, mk_ns};
     use crate::credential_cache::{AssumeRole, CacheConfig, Issued, StsError, Urgency};
-    use crate::namespace_index::NamespaceIndex;
-    use crate::policy::PERMITTED_ANNOTATION;
-    use crate::role::BaseArn;
-    use crate::session::{SessionKey, TagConfig};
+    use crate::session::SessionKey;
     use futures::FutureExt;
     use futures::future::BoxFuture;
-    use k8s_openapi::api::core::v1::{Namespace, Pod};
-    use serde_json::json;
     use std::time::{Duration, SystemTime};
 
     struct FakeSts;
@@ -181,44 +177,14 @@ mod tests {
         }
     }
 
-    fn mk_pod(uid: &str, ns: &str, node: &str, ip: &str, role: &str) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": { "uid": uid, "name": uid, "namespace": ns,
-                          "annotations": { "iam.amazonaws.com/role": role } },
-            "spec": { "nodeName": node, "containers": [] },
-            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-        }))
-        .unwrap()
-    }
-
-    fn mk_ns(name: &str, permitted: &str) -> Namespace {
-        serde_json::from_value(
-            json!({ "metadata": { "name": name, "annotations": { PERMITTED_ANNOTATION: permitted } } }),
-        )
-        .unwrap()
-    }
-
     fn revocations() -> Revocations {
-        let pods = Arc::new(PodIndex::new());
-        let namespaces = Arc::new(NamespaceIndex::new());
-        pods.apply(&mk_pod("u-app", "team", "node-a", "10.0.0.1", "app"));
-        pods.apply(&mk_pod("u-admin", "team", "node-b", "10.0.0.2", "admin"));
-        pods.apply(&mk_pod("u-other", "other", "node-a", "10.0.0.3", "app"));
-        namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/.*"));
-        namespaces.apply(&mk_ns("other", "arn:aws:iam::123456789012:role/.*"));
-        let authorizer = Arc::new(Authorizer {
-            pods,
-            namespaces,
-            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
-            tags: TagConfig::default(),
-        });
         let metrics = crate::metrics::Metrics::new();
         let cache = CredentialCache::new(
             Arc::new(FakeSts),
             CacheConfig::new(Duration::from_secs(3600)),
             metrics.clone(),
         );
-        Revocations::new(authorizer, cache, metrics)
+        Revocations::new(Arc::new(authorizer()), cache, metrics)
     }
 
     fn held(uid: &str, role: &str) -> HeldCredentials {
@@ -234,22 +200,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_narrowed_namespace_revokes_exactly_the_pods_it_no_longer_permits() {
+    async fn a_narrowed_namespace_revokes_its_pods_and_tells_only_their_nodes() {
         let r = revocations();
         let app = r.pods.by_uid("u-app").unwrap();
         r.cache.get(&r.authorizer.session_for(&app).unwrap()).await.unwrap();
         assert!(r.cache.holds("u-app"));
         let mut node_a = r.stream(&[], Some("node-a".into()));
         let mut node_b = r.stream(&[], Some("node-b".into()));
-        let changed = r.authorizer.namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/admin"));
+        let changed = r.authorizer.namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/other"));
         r.recheck_namespaces(&changed.into_iter().collect::<Vec<_>>());
         let got = next(&mut node_a).await.expect("node-a's agent is told");
         assert_eq!((got.pod_uid.as_str(), got.reason.as_str()), ("u-app", "NAMESPACE_FORBIDS"));
-        assert!(next(&mut node_a).await.is_none(), "u-other (another namespace) is untouched");
         assert!(
-            next(&mut node_b).await.is_none(),
-            "u-admin is still permitted, and node-b hears nothing of node-a"
+            next(&mut node_a).await.is_none(),
+            "u-evil (another namespace) and u-b (node-b) are not node-a's news"
         );
+        assert_eq!(next(&mut node_b).await.expect("node-b's agent is told").pod_uid, "u-b");
         assert!(!r.cache.holds("u-app"), "the server's own session is gone too");
     }
 
@@ -257,26 +223,30 @@ mod tests {
     async fn a_subscription_first_revokes_what_the_agent_holds_and_may_no_longer() {
         let r = revocations();
         let held = [
-            held("u-app", "app"),     // still fine
-            held("u-gone", "app"),    // deleted while the agent was disconnected
-            held("u-other", "admin"), // its role changed to app since
-            held("u-admin", "admin"), // on node-b, not the caller's node
+            held("u-app", "app"),    // still fine
+            held("u-gone", "app"),   // deleted while the agent was disconnected
+            held("u-app", "admin"),  // not (or no longer) the pod's role
+            held("u-evil", "admin"), // its namespace does not permit it
+            held("u-b", "app"),      // on node-b, not the caller's node
         ];
         let mut stream = r.stream(&held, Some("node-a".into()));
         let mut got = Vec::new();
         while let Some(rev) = next(&mut stream).await {
             got.push(format!("{}:{}", rev.pod_uid, rev.reason));
         }
-        assert_eq!(got, ["u-gone:POD_NOT_FOUND", "u-other:ROLE_MISMATCH", "u-admin:WRONG_NODE"]);
+        assert_eq!(
+            got,
+            ["u-gone:POD_NOT_FOUND", "u-app:ROLE_MISMATCH", "u-evil:NAMESPACE_FORBIDS", "u-b:WRONG_NODE"]
+        );
     }
 
     #[tokio::test]
     async fn an_unbound_agent_hears_every_node_and_a_lagging_stream_is_cut_off() {
         let r = revocations();
         let mut all = r.stream(&[], None);
-        let pod = r.pods.by_uid("u-admin").unwrap();
+        let pod = r.pods.by_uid("u-b").unwrap();
         r.revoke(&pod, Reason::PodNotFound);
-        assert_eq!(next(&mut all).await.unwrap().pod_uid, "u-admin");
+        assert_eq!(next(&mut all).await.unwrap().pod_uid, "u-b");
         for _ in 0..BUFFER + 10 {
             r.revoke(&pod, Reason::PodNotFound);
         }
