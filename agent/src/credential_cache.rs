@@ -4,14 +4,26 @@
 //! that is deleted, starts terminating, or whose annotations change loses its entry at once, and
 //! so does one the server revokes. An entry is bound to the pod UID and the source IP it was
 //! fetched for: it is never served to another pod, nor to the same UID at another address.
+//!
+//! A revocation from the server leaves a tombstone for [`TOMBSTONE`]: while it stands, the pod's
+//! credentials are asked of every server replica and served only if all agree, so a replica whose
+//! watch lags behind the one that revoked cannot hand the revoked credentials straight back.
 
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use imdsgate_proto::Reason;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long after a server revocation every replica must agree before a pod is served again: far
+/// longer than a watch normally lags, short enough that a replica restored in the meantime is
+/// trusted again.
+pub const TOMBSTONE: Duration = Duration::from_secs(60);
+/// Tombstones kept at most (older ones are swept first).
+const MAX_TOMBSTONES: usize = 10_000;
 
 /// Credentials for one pod, as the server issued them.
 pub use imdsgate_proto::Credentials as Creds;
@@ -70,6 +82,14 @@ impl ServerError {
     }
 }
 
+/// Whether an answer must come from one replica or from all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quorum {
+    Any,
+    /// Every replica that answers must grant, and one refusal refuses.
+    All,
+}
+
 /// Where credentials come from: the server, or a fake in tests.
 pub trait CredentialSource: Send + Sync + 'static {
     fn fetch(
@@ -77,12 +97,17 @@ pub trait CredentialSource: Send + Sync + 'static {
         pod_ip: IpAddr,
         pod_uid: &str,
         role: &str,
+        quorum: Quorum,
     ) -> BoxFuture<'static, Result<Creds, ServerError>>;
 }
 
 struct Slot {
     role: String,
-    ip: IpAddr,
+    /// Every IP of the pod (a dual-stack pod asks from either).
+    ips: Vec<IpAddr>,
+    /// Set when the slot is dropped: a request that took it before then must not be answered
+    /// from it.
+    revoked: AtomicBool,
     current: RwLock<Option<Arc<CachedCreds>>>,
     fetching: tokio::sync::Mutex<()>,
 }
@@ -91,35 +116,69 @@ struct Slot {
 pub struct CredentialCache {
     source: Arc<dyn CredentialSource>,
     slots: DashMap<String, Arc<Slot>>,
+    tombstones: DashMap<String, Instant>,
     metrics: Metrics,
     clock: fn() -> SystemTime,
 }
 
 impl CredentialCache {
     pub fn new(source: Arc<dyn CredentialSource>, metrics: Metrics) -> Self {
-        CredentialCache { source, slots: DashMap::new(), metrics, clock: SystemTime::now }
+        CredentialCache {
+            source,
+            slots: DashMap::new(),
+            tombstones: DashMap::new(),
+            metrics,
+            clock: SystemTime::now,
+        }
     }
 
-    /// Credentials of `role` for the pod `pod_uid` at `pod_ip`.
+    /// Credentials of `role` for the pod `pod_uid` (whose IPs are `pod_ips`), asked from `peer`.
     pub async fn get(
         &self,
-        pod_ip: IpAddr,
+        peer: IpAddr,
+        pod_uid: &str,
+        pod_ips: &[IpAddr],
+        role: &str,
+    ) -> Result<Arc<CachedCreds>, ServerError> {
+        // A second round only when the first one's slot was revoked while it waited.
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let slot = self.slot(pod_uid, pod_ips, role);
+            let answer = self.get_from(&slot, peer, pod_uid, role).await;
+            if !slot.revoked.load(Ordering::Acquire) {
+                return answer;
+            }
+            if rounds >= 2 {
+                return Err(ServerError::Refused {
+                    code: tonic::Code::Unavailable,
+                    reason: None,
+                    message: "the pod's credentials were revoked while this request waited; retry".into(),
+                });
+            }
+        }
+    }
+
+    async fn get_from(
+        &self,
+        slot: &Slot,
+        peer: IpAddr,
         pod_uid: &str,
         role: &str,
     ) -> Result<Arc<CachedCreds>, ServerError> {
-        let slot = self.slot(pod_uid, pod_ip, role);
-        if let Some(creds) = self.fresh(&slot) {
+        if let Some(creds) = self.fresh(slot) {
             self.metrics.cache_hits.inc();
             return Ok(creds);
         }
         let _turn = slot.fetching.lock().await;
         // Whoever fetched while this request waited may have filled the slot.
-        if let Some(creds) = self.fresh(&slot) {
+        if let Some(creds) = self.fresh(slot) {
             self.metrics.cache_hits.inc();
             return Ok(creds);
         }
         self.metrics.cache_misses.inc();
-        match self.source.fetch(pod_ip, pod_uid, role).await {
+        let quorum = if self.tombstoned(pod_uid) { Quorum::All } else { Quorum::Any };
+        match self.source.fetch(peer, pod_uid, role, quorum).await {
             Ok(creds) => {
                 let creds = Arc::new(CachedCreds::new(creds));
                 *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
@@ -139,10 +198,34 @@ impl CredentialCache {
         }
     }
 
-    /// Drops what is cached for a pod (deleted, terminating, annotations changed, or revoked);
-    /// returns whether there was anything.
+    /// Drops what is cached for a pod (deleted, terminating, annotations changed); returns
+    /// whether there was anything.
     pub fn forget(&self, pod_uid: &str) -> bool {
-        self.slots.remove(pod_uid).is_some()
+        match self.slots.remove(pod_uid) {
+            Some((_, slot)) => {
+                slot.revoked.store(true, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops what is cached for a pod because a server replica revoked it, and leaves a
+    /// tombstone (see the module documentation).
+    pub fn revoke(&self, pod_uid: &str) -> bool {
+        if self.tombstones.len() >= MAX_TOMBSTONES {
+            self.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE);
+        }
+        self.tombstones.insert(pod_uid.to_string(), Instant::now());
+        self.forget(pod_uid)
+    }
+
+    fn tombstoned(&self, pod_uid: &str) -> bool {
+        let standing = self.tombstones.get(pod_uid).is_some_and(|at| at.elapsed() < TOMBSTONE);
+        if !standing {
+            self.tombstones.remove_if(pod_uid, |_, at| at.elapsed() >= TOMBSTONE);
+        }
+        standing
     }
 
     /// The pods (UID) and role names that credentials are held for.
@@ -158,14 +241,15 @@ impl CredentialCache {
         self.slots.is_empty()
     }
 
-    fn slot(&self, pod_uid: &str, ip: IpAddr, role: &str) -> Arc<Slot> {
-        let matches = |s: &Slot| s.role == role && s.ip == ip;
+    fn slot(&self, pod_uid: &str, ips: &[IpAddr], role: &str) -> Arc<Slot> {
+        let matches = |s: &Slot| s.role == role && s.ips == ips;
         if let Some(slot) = self.slots.get(pod_uid).filter(|s| matches(s)) {
             return slot.clone();
         }
         let slot = Arc::new(Slot {
             role: role.to_string(),
-            ip,
+            ips: ips.to_vec(),
+            revoked: AtomicBool::new(false),
             current: RwLock::new(None),
             fetching: Default::default(),
         });
@@ -173,6 +257,7 @@ impl CredentialCache {
             .entry(pod_uid.to_string())
             .and_modify(|existing| {
                 if !matches(existing) {
+                    existing.revoked.store(true, Ordering::Release);
                     *existing = slot.clone();
                 }
             })
@@ -202,6 +287,8 @@ pub(crate) mod tests {
         /// How long ago the issued credentials were minted (close to expiry when large).
         pub age: Mutex<Duration>,
         pub delay: Duration,
+        /// The quorum each call asked for.
+        pub quorums: Mutex<Vec<Quorum>>,
     }
 
     impl FakeServer {
@@ -211,6 +298,7 @@ pub(crate) mod tests {
                 answer: Mutex::new(Ok(lifetime)),
                 age: Mutex::new(Duration::ZERO),
                 delay: Duration::from_millis(20),
+                quorums: Mutex::new(Vec::new()),
             })
         }
     }
@@ -221,7 +309,9 @@ pub(crate) mod tests {
             _ip: IpAddr,
             uid: &str,
             role: &str,
+            quorum: Quorum,
         ) -> BoxFuture<'static, Result<Creds, ServerError>> {
+            self.quorums.lock().unwrap().push(quorum);
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let answer = self.answer.lock().unwrap().clone();
             let age = *self.age.lock().unwrap();
@@ -255,9 +345,9 @@ pub(crate) mod tests {
         let all: Vec<_> = (0..50)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(
-                    async move { cache.get(ip(), "uid-a", "app").await.unwrap().access_key_id.clone() },
-                )
+                tokio::spawn(async move {
+                    cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap().access_key_id.clone()
+                })
             })
             .collect();
         let mut keys = Vec::new();
@@ -275,8 +365,8 @@ pub(crate) mod tests {
         let server = FakeServer::new(Duration::from_secs(3600));
         *server.age.lock().unwrap() = Duration::from_secs(3000);
         let cache = CredentialCache::new(server.clone(), Metrics::new());
-        cache.get(ip(), "uid-a", "app").await.unwrap();
-        cache.get(ip(), "uid-a", "app").await.unwrap();
+        cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
+        cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
         assert_eq!(server.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -285,9 +375,12 @@ pub(crate) mod tests {
         let server = FakeServer::new(Duration::from_secs(3600));
         *server.age.lock().unwrap() = Duration::from_secs(3000);
         let cache = CredentialCache::new(server.clone(), Metrics::new());
-        let first = cache.get(ip(), "uid-a", "app").await.unwrap();
+        let first = cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
         *server.answer.lock().unwrap() = Err(ServerError::Unreachable("connection refused".into()));
-        assert_eq!(cache.get(ip(), "uid-a", "app").await.unwrap().access_key_id, first.access_key_id);
+        assert_eq!(
+            cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap().access_key_id,
+            first.access_key_id
+        );
         let refused = ServerError::Refused {
             code: tonic::Code::PermissionDenied,
             reason: Some(Reason::NamespaceForbids),
@@ -295,7 +388,7 @@ pub(crate) mod tests {
         };
         *server.answer.lock().unwrap() = Err(refused.clone());
         assert_eq!(
-            cache.get(ip(), "uid-a", "app").await.unwrap_err(),
+            cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap_err(),
             refused,
             "a refusal is never papered over"
         );
@@ -305,24 +398,55 @@ pub(crate) mod tests {
     async fn a_role_change_or_forget_drops_the_entry() {
         let server = FakeServer::new(Duration::from_secs(3600));
         let cache = CredentialCache::new(server.clone(), Metrics::new());
-        let a = cache.get(ip(), "uid-a", "app").await.unwrap();
-        let b = cache.get(ip(), "uid-a", "other").await.unwrap();
+        let a = cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
+        let b = cache.get(ip(), "uid-a", &[ip()], "other").await.unwrap();
         assert_ne!(a.access_key_id, b.access_key_id);
         assert!(b.role_arn.ends_with("/other"));
         assert_eq!(cache.held(), [("uid-a".to_string(), "other".to_string())]);
         assert!(cache.forget("uid-a"));
         assert!(cache.is_empty());
-        cache.get(ip(), "uid-a", "other").await.unwrap();
+        cache.get(ip(), "uid-a", &[ip()], "other").await.unwrap();
         assert_eq!(server.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
-    async fn an_entry_is_served_only_to_the_address_it_was_fetched_for() {
+    async fn an_entry_is_bound_to_the_pods_addresses() {
         let server = FakeServer::new(Duration::from_secs(3600));
         let cache = CredentialCache::new(server.clone(), Metrics::new());
-        let first = cache.get(ip(), "uid-a", "app").await.unwrap();
-        let elsewhere = cache.get("10.0.0.2".parse().unwrap(), "uid-a", "app").await.unwrap();
-        assert_ne!(first.access_key_id, elsewhere.access_key_id, "another address asks the server again");
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let first = cache.get(ip(), "uid-a", &[ip(), v6], "app").await.unwrap();
+        let same = cache.get(v6, "uid-a", &[ip(), v6], "app").await.unwrap();
+        assert_eq!(first.access_key_id, same.access_key_id, "a dual-stack pod asks from either address");
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let elsewhere = cache.get(other, "uid-a", &[other], "app").await.unwrap();
+        assert_ne!(first.access_key_id, elsewhere.access_key_id, "other addresses ask the server again");
         assert_eq!(server.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_server_revocation_every_replica_must_agree() {
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(server.clone(), Metrics::new());
+        cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
+        assert!(cache.revoke("uid-a"));
+        cache.get(ip(), "uid-a", &[ip()], "app").await.unwrap();
+        cache.forget("uid-b"); // a local forget leaves no tombstone
+        cache.get(ip(), "uid-b", &[ip()], "app").await.unwrap();
+        assert_eq!(*server.quorums.lock().unwrap(), [Quorum::Any, Quorum::All, Quorum::Any]);
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_on_a_revoked_entry_is_not_answered_from_it() {
+        let server = FakeServer::new(Duration::from_secs(3600));
+        let cache = Arc::new(CredentialCache::new(server.clone(), Metrics::new()));
+        let waiting = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(ip(), "uid-a", &[ip()], "app").await })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await; // the fetch is on its way
+        cache.revoke("uid-a");
+        let answered = waiting.await.unwrap().unwrap();
+        assert!(answered.access_key_id.starts_with("ASIA2"), "asked again after the revocation");
+        assert_eq!(*server.quorums.lock().unwrap(), [Quorum::Any, Quorum::All]);
     }
 }

@@ -283,7 +283,7 @@ impl Imds {
 
     async fn creds(&self, pod: &PodInfo, peer: IpAddr) -> Result<Arc<CachedCreds>, ImdsError> {
         let role = role_name(pod)?;
-        self.credentials.get(peer, &pod.uid, role).await.map_err(ImdsError::Server)
+        self.credentials.get(peer, &pod.uid, &pod.ips, role).await.map_err(ImdsError::Server)
     }
 
     async fn proxy(&self, path: &str) -> Result<Response<Full<Bytes>>, ImdsError> {

@@ -54,11 +54,11 @@ async fn follow_replica(
         match client.watch_revocations(addr, cache.held()).await {
             Ok(mut stream) => {
                 tracing::debug!(replica = %addr, "revocation stream open");
+                pause = RETRY_MIN;
                 metrics.revocation_streams.inc();
                 loop {
                     match stream.message().await {
                         Ok(Some(revocation)) => {
-                            pause = RETRY_MIN;
                             apply(&cache, &metrics, &revocation.pod_uid, &revocation.reason);
                         }
                         Ok(None) => break,
@@ -83,7 +83,7 @@ async fn follow_replica(
 pub fn apply(cache: &CredentialCache, metrics: &Metrics, pod_uid: &str, reason: &str) {
     let reason = Reason::parse(reason).map(Reason::as_str).unwrap_or("UNKNOWN");
     metrics.revocations.get_or_create(&RevocationLabels { reason }).inc();
-    if cache.forget(pod_uid) {
+    if cache.revoke(pod_uid) {
         tracing::info!(pod_uid, reason, "credentials revoked by the server");
     }
 }
@@ -100,12 +100,12 @@ mod tests {
         let metrics = Metrics::new();
         let cache = CredentialCache::new(server.clone(), metrics.clone());
         let ip = "10.0.0.1".parse().unwrap();
-        cache.get(ip, "uid-a", "app").await.unwrap();
-        cache.get(ip, "uid-b", "app").await.unwrap();
+        cache.get(ip, "uid-a", &[ip], "app").await.unwrap();
+        cache.get(ip, "uid-b", &[ip], "app").await.unwrap();
         apply(&cache, &metrics, "uid-a", "NAMESPACE_FORBIDS");
         apply(&cache, &metrics, "uid-unknown", "made-up reason\nwith newline");
         assert_eq!(cache.held(), [("uid-b".to_string(), "app".to_string())]);
-        cache.get(ip, "uid-a", "app").await.unwrap();
+        cache.get(ip, "uid-a", &[ip], "app").await.unwrap();
         assert_eq!(server.calls.load(Ordering::SeqCst), 3, "uid-a's next request went to the server");
         let labels = |reason| RevocationLabels { reason };
         assert_eq!(metrics.revocations.get_or_create(&labels("NAMESPACE_FORBIDS")).get(), 1);

@@ -3,7 +3,7 @@
 //! address the server's name resolves to (re-resolved periodically), and a failed replica retried
 //! on another within the same pod request.
 
-use crate::credential_cache::{CredentialSource, Creds, ServerError};
+use crate::credential_cache::{CredentialSource, Creds, Quorum, ServerError};
 use crate::metrics::{CodeLabels, Metrics};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -216,56 +216,92 @@ impl ServerClient {
         }
     }
 
-    async fn call(&self, pod_ip: IpAddr, pod_uid: String, role: String) -> Result<Creds, ServerError> {
+    async fn call(
+        &self,
+        pod_ip: IpAddr,
+        pod_uid: String,
+        role: String,
+        quorum: Quorum,
+    ) -> Result<Creds, ServerError> {
         let token = self.token()?;
         let mut replicas = self.current();
         if replicas.list.is_empty() {
             self.refresh().await;
             replicas = self.current();
         }
+        let token = token.as_deref();
+        if quorum == Quorum::All && replicas.list.len() > 1 {
+            let all = replicas.list.iter().map(|r| self.call_one(r, pod_ip, &pod_uid, &role, token));
+            return agree(futures::future::join_all(all).await);
+        }
         let mut last = ServerError::Unreachable(format!("no address for {}", self.config.host));
         for _ in 0..replicas.list.len() {
             let replica = &replicas.list[self.next.fetch_add(1, Ordering::Relaxed) % replicas.list.len()];
-            let mut request = tonic::Request::new(GetCredentialsRequest {
-                pod_ip: pod_ip.to_string(),
-                pod_uid: pod_uid.clone(),
-                role: role.clone(),
-            });
-            request.set_timeout(self.config.call_timeout);
-            self.authorize(&mut request, token.as_deref());
-            let mut client = CredentialsClient::new(replica.channel.clone());
-            let outcome =
-                tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;
-            let status = match outcome {
-                Ok(Ok(response)) => return Ok(Creds::from(response.into_inner())),
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
-            };
-            self.metrics
-                .server_errors
-                .get_or_create(&CodeLabels { code: format!("{:?}", status.code()) })
-                .inc();
-            let reason = Reason::of(&status);
-            let retry_elsewhere = reason.is_none()
-                && matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown
-                        | tonic::Code::Cancelled
-                );
-            if !retry_elsewhere {
-                return Err(ServerError::Refused {
-                    code: status.code(),
-                    reason,
-                    message: status.message().to_string(),
-                });
+            match self.call_one(replica, pod_ip, &pod_uid, &role, token).await {
+                Err(ServerError::Unreachable(why)) => {
+                    tracing::warn!(replica = %replica.addr, why, "server replica failed; trying another");
+                    last = ServerError::Unreachable(format!("{}: {why}", replica.addr));
+                }
+                answer => return answer,
             }
-            tracing::warn!(replica = %replica.addr, code = ?status.code(), message = status.message(), "server replica failed; trying another");
-            last = ServerError::Unreachable(format!("{}: {}", replica.addr, status.message()));
         }
         Err(last)
     }
+
+    /// One replica's answer; `Unreachable` when another replica may answer instead.
+    async fn call_one(
+        &self,
+        replica: &Replica,
+        pod_ip: IpAddr,
+        pod_uid: &str,
+        role: &str,
+        token: Option<&str>,
+    ) -> Result<Creds, ServerError> {
+        let mut request = tonic::Request::new(GetCredentialsRequest {
+            pod_ip: pod_ip.to_string(),
+            pod_uid: pod_uid.to_string(),
+            role: role.to_string(),
+        });
+        request.set_timeout(self.config.call_timeout);
+        self.authorize(&mut request, token);
+        let mut client = CredentialsClient::new(replica.channel.clone());
+        let outcome = tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;
+        let status = match outcome {
+            Ok(Ok(response)) => return Ok(Creds::from(response.into_inner())),
+            Ok(Err(status)) => status,
+            Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
+        };
+        self.metrics.server_errors.get_or_create(&CodeLabels { code: format!("{:?}", status.code()) }).inc();
+        let reason = Reason::of(&status);
+        let retry_elsewhere = reason.is_none()
+            && matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+            );
+        if retry_elsewhere {
+            Err(ServerError::Unreachable(status.message().to_string()))
+        } else {
+            Err(ServerError::Refused { code: status.code(), reason, message: status.message().to_string() })
+        }
+    }
+}
+
+/// Every replica's answer to one request, combined when all must agree: one refusal refuses;
+/// otherwise any grant grants; otherwise the last failure.
+pub fn agree(answers: Vec<Result<Creds, ServerError>>) -> Result<Creds, ServerError> {
+    let mut granted = None;
+    let mut failed = None;
+    for answer in answers {
+        match answer {
+            Ok(creds) => granted = granted.or(Some(creds)),
+            Err(error) if error.is_unavailable() => failed = Some(error),
+            Err(refusal) => return Err(refusal),
+        }
+    }
+    granted.ok_or_else(|| failed.unwrap_or_else(|| ServerError::Unreachable("no server replica".into())))
 }
 
 impl CredentialSource for Arc<ServerClient> {
@@ -274,9 +310,51 @@ impl CredentialSource for Arc<ServerClient> {
         pod_ip: IpAddr,
         pod_uid: &str,
         role: &str,
+        quorum: Quorum,
     ) -> BoxFuture<'static, Result<Creds, ServerError>> {
         let this = self.clone();
         let (uid, role) = (pod_uid.to_string(), role.to_string());
-        async move { this.call(pod_ip, uid, role).await }.boxed()
+        async move { this.call(pod_ip, uid, role, quorum).await }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(key: &str) -> Creds {
+        Creds {
+            access_key_id: key.into(),
+            secret_access_key: "s".into(),
+            session_token: "t".into(),
+            expiration: SystemTime::now(),
+            issued_at: SystemTime::now(),
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            account_id: "123456789012".into(),
+        }
+    }
+
+    fn refused() -> ServerError {
+        ServerError::Refused {
+            code: tonic::Code::PermissionDenied,
+            reason: Some(Reason::NamespaceForbids),
+            message: "no".into(),
+        }
+    }
+
+    #[test]
+    fn one_refusal_outweighs_every_grant() {
+        // A replica whose watch lags still grants what the up-to-date one refuses.
+        let stale = Ok(creds("ASIA-stale"));
+        assert_eq!(agree(vec![stale.clone(), Err(refused())]), Err(refused()));
+        assert_eq!(agree(vec![Err(refused()), stale]), Err(refused()));
+    }
+
+    #[test]
+    fn an_unreachable_replica_does_not_block_the_others() {
+        let down = Err(ServerError::Unreachable("refused".into()));
+        assert_eq!(agree(vec![down.clone(), Ok(creds("ASIA-1"))]).unwrap().access_key_id, "ASIA-1");
+        assert_eq!(agree(vec![down.clone(), down.clone()]), down);
+        assert!(agree(vec![]).is_err());
     }
 }

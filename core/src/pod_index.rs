@@ -47,6 +47,15 @@ impl PodInfo {
         if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
             return None;
         }
+        // A pod that never restarts and whose containers have all ended is finished, even before
+        // the kubelet reports its phase: its sandbox and IP may already be going.
+        let statuses = status.container_statuses.as_deref().unwrap_or_default();
+        if spec.restart_policy.as_deref() == Some("Never")
+            && !statuses.is_empty()
+            && statuses.iter().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+        {
+            return None;
+        }
         let mut ips: Vec<IpAddr> = status
             .pod_ips
             .iter()
@@ -340,6 +349,34 @@ pub(crate) mod tests {
         // A relist that still shows it terminating does not bring it back.
         index.reset([&going]);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_run_once_pod_whose_containers_all_ended_leaves_the_index_before_its_phase_says_so() {
+        let index = PodIndex::new();
+        let mut job = mk_pod("u1", "job", &["10.0.0.1"], "Running", Some("app"));
+        job.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+        index.apply(&job);
+        let ended = |state: serde_json::Value| -> k8s_openapi::api::core::v1::ContainerStatus {
+            serde_json::from_value(
+                serde_json::json!({ "name": "c", "image": "i", "imageID": "", "ready": false,
+                                                       "restartCount": 0, "state": state }),
+            )
+            .unwrap()
+        };
+        job.status.as_mut().unwrap().container_statuses = Some(vec![
+            ended(serde_json::json!({ "terminated": { "exitCode": 0 } })),
+            ended(serde_json::json!({ "running": {} })),
+        ]);
+        assert_eq!(index.apply(&job), Change::Unchanged, "one container still runs");
+        job.status.as_mut().unwrap().container_statuses =
+            Some(vec![ended(serde_json::json!({ "terminated": { "exitCode": 0 } }))]);
+        assert!(matches!(index.apply(&job), Change::Removed(_)));
+        // A pod that restarts its containers keeps its IP through a crash: it stays.
+        let mut service = mk_pod("u2", "svc", &["10.0.0.2"], "Running", Some("app"));
+        service.status.as_mut().unwrap().container_statuses =
+            Some(vec![ended(serde_json::json!({ "terminated": { "exitCode": 1 } }))]);
+        assert!(matches!(index.apply(&service), Change::Added(_)));
     }
 
     #[test]

@@ -80,7 +80,7 @@ async fn start(extra_server_args: &[&str]) -> WebhookBed {
                 { "operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
                   "resources": ["pods"], "scope": "Namespaced" },
                 { "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                  "resources": ["pods/binding"], "scope": "Namespaced" }
+                  "resources": ["pods/binding", "bindings"], "scope": "Namespaced" }
             ],
             "namespaceSelector": { "matchExpressions": [{ "key": "kubernetes.io/metadata.name", "operator": "NotIn",
                                                           "values": ["imdsgate", "kube-system"] }] }
@@ -279,6 +279,14 @@ async fn host_network_unknown_nodes_bindings_overrides_and_pods_on_server_nodes(
         )
         .await
         .expect_err("binding to a server node is refused")
+        .to_string();
+    assert!(refused.contains("imdsgate:") && refused.contains("server node"), "{refused}");
+    // The legacy bindings resource is the same door.
+    let legacy: k8s_openapi::api::core::v1::Binding = serde_json::from_value(binding("server-1")).unwrap();
+    let refused = Api::<k8s_openapi::api::core::v1::Binding>::namespaced(cluster.client(), "team")
+        .create(&PostParams::default(), &legacy)
+        .await
+        .expect_err("a legacy binding to a server node is refused")
         .to_string();
     assert!(refused.contains("imdsgate:") && refused.contains("server node"), "{refused}");
     pods.create_subresource::<_, serde_json::Value>(

@@ -124,10 +124,12 @@ pub enum Reason {
     Internal,
     /// Only in revocations: the pod's role, session-name or external-id annotation changed.
     SessionChanged,
+    /// The pod's session-name annotation cannot be used as written.
+    SessionNameInvalid,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::PodNotFound,
         Reason::NoRole,
         Reason::RoleMismatch,
@@ -141,6 +143,7 @@ impl Reason {
         Reason::StsDenied,
         Reason::Internal,
         Reason::SessionChanged,
+        Reason::SessionNameInvalid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -158,6 +161,7 @@ impl Reason {
             Reason::StsDenied => "STS_DENIED",
             Reason::Internal => "INTERNAL",
             Reason::SessionChanged => "SESSION_CHANGED",
+            Reason::SessionNameInvalid => "SESSION_NAME_INVALID",
         }
     }
 
@@ -173,6 +177,7 @@ impl Reason {
             | Reason::RoleInvalid
             | Reason::NamespaceForbids
             | Reason::WrongNode
+            | Reason::SessionNameInvalid
             | Reason::StsDenied => tonic::Code::PermissionDenied,
             Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
             Reason::PodUidMismatch | Reason::SessionChanged => tonic::Code::FailedPrecondition,

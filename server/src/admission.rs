@@ -181,7 +181,13 @@ impl Admission {
             request.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
         let name =
             pod.metadata.name.clone().or_else(|| pod.metadata.generate_name.clone()).unwrap_or_default();
-        let verdict = self.decide(&namespace, &pod).await;
+        // On UPDATE, what did not change was decided at creation: re-deciding it could only block
+        // the pod's updates (a finalizer's removal, say) after a node or namespace changed.
+        let old: Option<Pod> = request
+            .old_object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).and_then(serde_json::from_value).ok());
+        let verdict = self.decide_change(&namespace, &pod, old.as_ref()).await;
         Ok(self.answer(response, &namespace, &name, &request.operation, verdict))
     }
 
@@ -237,8 +243,14 @@ impl Admission {
         }
     }
 
-    /// The decision for `pod` in `namespace`.
+    /// The decision for a new `pod` in `namespace`.
     pub async fn decide(&self, namespace: &str, pod: &Pod) -> Verdict {
+        self.decide_change(namespace, pod, None).await
+    }
+
+    /// The decision for `pod` in `namespace`, created (`old`: None) or updated from `old`.
+    pub async fn decide_change(&self, namespace: &str, pod: &Pod, old: Option<&Pod>) -> Verdict {
+        let unchanged = |key: &str| old.is_some_and(|old| annotation(old, key) == annotation(pod, key));
         if self.config.exempt_namespaces.contains(namespace) {
             return Verdict::Exempt;
         }
@@ -246,7 +258,8 @@ impl Admission {
             return verdict;
         }
         let spec = pod.spec.clone().unwrap_or_default();
-        if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
+        let old_node = old.and_then(|o| o.spec.as_ref()).and_then(|s| s.node_name.as_deref());
+        if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty() && old_node != Some(*n)) {
             match self.node_kind(node).await {
                 NodeKind::Ordinary => {}
                 NodeKind::Server => {
@@ -267,6 +280,7 @@ impl Admission {
             }
         }
         if let Some(chosen) = annotation(pod, imdsgate_core::pod_index::SESSION_NAME_ANNOTATION)
+            && !unchanged(imdsgate_core::pod_index::SESSION_NAME_ANNOTATION)
             && let Err(why) = crate::session::check_override(namespace, chosen)
         {
             return Verdict::Deny(
@@ -276,13 +290,8 @@ impl Admission {
                 ),
             );
         }
-        let role = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(imdsgate_core::pod_index::ROLE_ANNOTATION))
-            .map(|r| r.trim())
-            .filter(|r| !r.is_empty());
+        let role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION)
+            .filter(|_| !unchanged(imdsgate_core::pod_index::ROLE_ANNOTATION));
         if let Some(annotation) = role {
             let resolved = match crate::role::resolve(annotation, self.authorizer.base_arn.as_ref()) {
                 Ok(arn) => arn,
@@ -803,6 +812,27 @@ mod review_tests {
             let message = denied["status"]["message"].as_str().unwrap();
             assert!(message.contains("session-name") && message.contains("team@<name>"), "{message}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_update_is_judged_on_what_it_changes() {
+        let a = admission();
+        let pod = |role: &str, node: &str| -> Pod {
+            serde_json::from_value(json!({ "metadata": { "name": "p", "annotations": { "iam.amazonaws.com/role": role } },
+                                           "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "i" }] } }))
+            .unwrap()
+        };
+        // The namespace no longer permits admin, and node-x cannot be read (no client): created
+        // like this, the pod is refused...
+        assert!(matches!(a.decide("team", &pod("admin", "node-x")).await, Verdict::Deny(..)));
+        // ...but a pod that already runs so can still be updated (its finalizer removed, say).
+        let old = pod("admin", "node-x");
+        assert_eq!(a.decide_change("team", &pod("admin", "node-x"), Some(&old)).await, Verdict::Allow);
+        // Changing the role is judged.
+        assert!(matches!(
+            a.decide_change("team", &pod("root", "node-x"), Some(&old)).await,
+            Verdict::Deny(DenyReason::RoleNotPermitted, _)
+        ));
     }
 
     #[tokio::test]

@@ -30,6 +30,8 @@ pub enum Denial {
     RoleInvalid(#[from] RoleError),
     #[error("requested role {requested:?} is not the pod's role {annotated:?}")]
     RoleMismatch { requested: String, annotated: String },
+    #[error("pod's iam.amazonaws.com/session-name {chosen:?} {why}")]
+    SessionNameInvalid { chosen: String, why: String },
     #[error("namespace {namespace} does not permit role {role}: {why}")]
     NamespaceForbids { namespace: String, role: String, why: String },
     #[error("{0}")]
@@ -49,6 +51,7 @@ impl Denial {
             Denial::RoleInvalid(_) => Reason::RoleInvalid,
             Denial::RoleMismatch { .. } => Reason::RoleMismatch,
             Denial::NamespaceForbids { .. } => Reason::NamespaceForbids,
+            Denial::SessionNameInvalid { .. } => Reason::SessionNameInvalid,
             Denial::Sts(StsError::Denied(_)) => Reason::StsDenied,
             Denial::Sts(StsError::Unavailable(_) | StsError::Deferred) => Reason::StsUnavailable,
         }
@@ -148,6 +151,11 @@ impl Authorizer {
         self.namespaces.policy(&pod.namespace).check(&role, self.base_arn.as_ref()).map_err(|why| {
             Denial::NamespaceForbids { namespace: pod.namespace.clone(), role: role.to_string(), why }
         })?;
+        // The webhook refuses such pods; pods it never saw (exempt, or older) are refused here.
+        if let Some(chosen) = &pod.session_name {
+            crate::session::check_override(&pod.namespace, chosen)
+                .map_err(|why| Denial::SessionNameInvalid { chosen: chosen.clone(), why })?;
+        }
         Ok(SessionKey::for_pod(pod, role, &self.tags))
     }
 }
@@ -228,6 +236,22 @@ pub(crate) mod tests {
         assert_eq!(
             reason(a.authorize(&ask("10.0.0.4", "u-evil", "admin"), &node_a)),
             Reason::NamespaceForbids
+        );
+    }
+
+    #[test]
+    fn an_unusable_session_name_is_refused_not_cut() {
+        let a = authorizer();
+        let mut pod = mk_pod("u-long", "team", "long", "node-a", "10.0.0.9", Some("app"));
+        pod.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(imdsgate_core::pod_index::SESSION_NAME_ANNOTATION.into(), "x".repeat(60));
+        a.pods.apply(&pod);
+        assert_eq!(
+            reason(a.authorize(&ask("10.0.0.9", "u-long", "app"), &agent("node-a"))),
+            Reason::SessionNameInvalid
         );
     }
 

@@ -202,7 +202,7 @@ impl CredentialCache {
                     let current = current.clone();
                     if left < self.inner.config.refresh_remaining() && self.may_fetch(entry, now) {
                         // The fetch runs in its own task; nobody needs to wait for it here.
-                        drop(self.start_fetch(entry, key.clone(), false));
+                        drop(self.start_fetch(entry, key.clone(), false, false));
                     }
                     drop(entries);
                     self.inner.metrics.cache_hits.inc();
@@ -224,7 +224,8 @@ impl CredentialCache {
                     fetch.clone()
                 }
                 None => {
-                    if entry.current.is_none() && !self.take_session_budget(&key.pod_uid, now) {
+                    let new_session = entry.current.is_none();
+                    if new_session && !self.take_session_budget(&key.pod_uid, now) {
                         entries.remove(key);
                         drop(entries);
                         return Err(if urgent {
@@ -236,7 +237,7 @@ impl CredentialCache {
                             StsError::Deferred
                         });
                     }
-                    self.start_fetch(entry, key.clone(), urgent)
+                    self.start_fetch(entry, key.clone(), urgent, new_session)
                 }
             };
             (fetch, fallback)
@@ -262,6 +263,17 @@ impl CredentialCache {
                 Ok(_) => {}
             }
         });
+    }
+
+    /// Drops the sessions and allowances of pods for which `live` says no (a request that raced
+    /// the pod's deletion may have put its session back; refreshing it would cost STS forever).
+    pub fn retain_pods(&self, live: impl Fn(&str) -> bool) -> usize {
+        let dead: Vec<String> = self.lock_owners().keys().filter(|uid| !live(uid)).cloned().collect();
+        for uid in &dead {
+            self.pod_gone(uid);
+        }
+        self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| live(uid));
+        dead.len()
     }
 
     /// Forgets a pod that is gone for good: its session and its allowance.
@@ -311,21 +323,27 @@ impl CredentialCache {
                 .as_ref()
                 .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
             if due && self.may_fetch(entry, now) {
-                drop(self.start_fetch(entry, key, false));
+                drop(self.start_fetch(entry, key, false, false));
                 started += 1;
             }
         }
         started
     }
 
-    /// Runs [`CredentialCache::refresh_due`] every `every` until the process ends.
-    pub fn spawn_refresher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Every `every` until the process ends: drops what pods no longer `live` hold, then runs
+    /// [`CredentialCache::refresh_due`].
+    pub fn spawn_refresher(
+        &self,
+        every: Duration,
+        live: impl Fn(&str) -> bool + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let cache = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                cache.retain_pods(&live);
                 cache.refresh_due();
             }
         })
@@ -359,7 +377,9 @@ impl CredentialCache {
         entry.inflight.is_none() && entry.retry_at.is_none_or(|at| now >= at)
     }
 
-    fn start_fetch(&self, entry: &mut Entry, key: SessionKey, urgent: bool) -> Fetch {
+    /// Starts the STS call for `key`; `charged`: it took one of the pod's new sessions, given back
+    /// if the call gives way.
+    fn start_fetch(&self, entry: &mut Entry, key: SessionKey, urgent: bool, charged: bool) -> Fetch {
         let inner = self.inner.clone();
         let duration = inner.config.session_duration;
         let urgency = Urgency::new(urgent);
@@ -373,7 +393,14 @@ impl CredentialCache {
                 entry.inflight = None;
                 match &result {
                     // Gave way to waiting pods: not a failure, nothing to back off from.
-                    Err(StsError::Deferred) => {}
+                    Err(StsError::Deferred) => {
+                        if charged
+                            && let Some((tokens, _)) =
+                                inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.pod_uid)
+                        {
+                            *tokens = (*tokens + 1.0).min(SESSION_BURST);
+                        }
+                    }
                     Ok(issued) => {
                         entry.current = Some(issued.clone());
                         entry.failures = 0;
@@ -737,6 +764,31 @@ mod tests {
         gate.add_permits(1);
         assert!(waiting.await.unwrap().is_ok());
         assert_eq!(b.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn sessions_of_pods_that_are_gone_are_dropped_not_refreshed() {
+        let b = bed();
+        b.cache.get(&key("live", "app")).await.unwrap();
+        b.cache.get(&key("gone", "app")).await.unwrap(); // raced its pod's deletion
+        assert_eq!(b.cache.retain_pods(|uid| uid == "live"), 1);
+        assert!(!b.cache.holds("gone") && b.cache.holds("live"));
+        b.advance(41 * 60);
+        assert_eq!(b.cache.refresh_due(), 1, "only the live pod's session is refreshed");
+    }
+
+    #[tokio::test]
+    async fn a_deferred_background_call_gives_the_pods_allowance_back() {
+        let b = bed();
+        b.fail_with(Some(StsError::Deferred));
+        for n in 0..10 {
+            b.cache.prefetch(renamed("pod-1", n));
+            settle().await;
+        }
+        b.fail_with(None);
+        for n in 10..14 {
+            b.cache.get(&renamed("pod-1", n)).await.expect("deferrals cost the pod nothing");
+        }
     }
 
     #[tokio::test]

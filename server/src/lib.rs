@@ -219,8 +219,8 @@ impl Args {
                 self.session_duration
             ));
         }
-        if !(self.sts_max_rps >= 0.0 && self.sts_max_rps.is_finite()) {
-            return Err(anyhow!("--sts-max-rps must be 0 (no limit) or a positive number"));
+        if !(self.sts_max_rps == 0.0 || (0.01..=100_000.0).contains(&self.sts_max_rps)) {
+            return Err(anyhow!("--sts-max-rps must be 0 (no limit) or between 0.01 and 100000"));
         }
         if self.pod_wait > Duration::from_secs(10) {
             return Err(anyhow!("--pod-wait must be at most 10s"));
@@ -362,7 +362,10 @@ impl Validated {
             ns_synced.clone(),
             pods_synced.clone(),
         ));
-        let refresher = cache.spawn_refresher(REFRESH_EVERY);
+        let refresher = {
+            let pods = pods.clone();
+            cache.spawn_refresher(REFRESH_EVERY, move |uid| pods.by_uid(uid).is_some())
+        };
         let server_nodes = Arc::new(server_nodes::ServerNodes::new(server_node_labels));
         let node_task = tokio::spawn(watch_nodes(client.clone(), server_nodes.clone(), metrics.clone()));
         let intruder_task = tokio::spawn(server_nodes::report(

@@ -94,12 +94,14 @@ pub async fn report(
         // A node that just gained the label, or the regular scan.
         let _ = tokio::time::timeout(SCAN_EVERY, nodes.changed.notified()).await;
         let mut found = 0i64;
+        let mut complete = true;
         for node in nodes.names() {
             let listed = pods.list(&ListParams::default().fields(&format!("spec.nodeName={node}"))).await;
             let list = match listed {
                 Ok(list) => list,
                 Err(error) => {
                     tracing::warn!(node, %error, "cannot list the pods of a server node");
+                    complete = false;
                     continue;
                 }
             };
@@ -118,7 +120,10 @@ pub async fn report(
                 }
             }
         }
-        metrics.pods_on_server_nodes.set(found);
+        // A partial count would read as "fewer intruders"; keep the last full one instead.
+        if complete || found > metrics.pods_on_server_nodes.get() {
+            metrics.pods_on_server_nodes.set(found);
+        }
     }
 }
 

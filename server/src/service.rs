@@ -121,6 +121,11 @@ impl CredentialsService {
                 return Err(denial);
             }
         };
+        // The pod may have gone while STS answered; its session must not outlive it.
+        if self.authorizer.pods.by_uid(&pod.uid).is_none() {
+            self.cache.release(&pod.uid);
+            return Err(Denial::PodNotFound(ask.pod_ip));
+        }
         tracing::info!(
             namespace = %pod.namespace,
             pod = %pod.name,

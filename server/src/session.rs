@@ -97,13 +97,14 @@ fn session_char(c: char) -> bool {
 }
 
 /// A valid role session name: characters outside `[\w+=,.@-]` become `-`; longer than 64
-/// characters is cut and suffixed with a hash of the whole (48 bits, so distinct names stay
-/// distinct even against a deliberate search); shorter than 2 is padded.
+/// characters is cut and suffixed with a hash of the whole (80 bits, so distinct names stay
+/// distinct even against a deliberate search); shorter than 2 is padded. Only default names
+/// (`<namespace>.<pod>`) are ever cut: an override that does not fit is refused.
 pub fn sanitize(raw: &str) -> String {
     let mut name: String = raw.chars().map(|c| if session_char(c) { c } else { '-' }).collect();
     if name.len() > MAX_SESSION_NAME {
         let digest = Sha256::digest(raw.as_bytes());
-        let suffix = hex::encode(&digest[..6]);
+        let suffix = hex::encode(&digest[..10]);
         name.truncate(MAX_SESSION_NAME - suffix.len() - 1);
         name.push('-');
         name.push_str(&suffix);
