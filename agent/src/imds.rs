@@ -8,7 +8,7 @@ use crate::metrics::{
     Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
 };
 use crate::token::{self, TokenError, TokenKey};
-use crate::upstream::{AllowList, Upstream};
+use crate::upstream::{AllowList, CanonicalPath, NotCanonical, Upstream};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
@@ -35,48 +35,58 @@ pub enum Route {
         name: String,
         extended: bool,
     },
-    /// Never proxied: the node's own IAM and identity credentials, or a suspicious path.
+    /// Never proxied: the node's own IAM and identity credentials, in any spelling.
     Blocked,
-    Proxy,
+    /// Refused: not a canonical path (see [`CanonicalPath`]).
+    NotCanonical(NotCanonical),
+    /// Proxied if the allow-list permits: exactly this path goes upstream.
+    Proxy(CanonicalPath),
 }
 
 impl Route {
-    /// Routes a request path (`/<version>/…`; any version segment, `latest` included).
+    /// Routes a request path (`/<version>/…`; any version segment, `latest` included). Only a
+    /// [`CanonicalPath`] is routed; a segment naming `iam` or `identity-credentials` in any case or
+    /// punctuation is [`Route::Blocked`] unless the path is exactly one of the IAM routes that the
+    /// agent answers itself.
     pub fn of(path: &str) -> Route {
-        if path.contains("..") || path.contains('%') || path.contains("//") {
-            return Route::Blocked;
-        }
-        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        let path = match CanonicalPath::parse(path) {
+            Ok(path) => path,
+            Err(why) => return Route::NotCanonical(why),
+        };
+        let segments: Vec<&str> = path.segments().collect();
         let version_ok =
             |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        match segments.as_slice() {
-            [v, "api", "token"] if version_ok(v) => Route::Token,
-            [v, "meta-data", "iam"] | [v, "meta-data", "iam", ""] if version_ok(v) => Route::IamListing,
+        let own = match segments.as_slice() {
+            [v, "api", "token"] if version_ok(v) => Some(Route::Token),
+            [v, "meta-data", "iam"] | [v, "meta-data", "iam", ""] if version_ok(v) => Some(Route::IamListing),
             [v, "meta-data", "iam", "info"] | [v, "meta-data", "iam", "info", ""] if version_ok(v) => {
-                Route::IamInfo
+                Some(Route::IamInfo)
             }
-            [v, "meta-data", "iam", list] | [v, "meta-data", "iam", list, ""]
-                if version_ok(v) && list.starts_with("security-credentials") =>
+            [v, "meta-data", "iam", list] | [v, "meta-data", "iam", list, ""] if version_ok(v) => match *list
             {
-                match *list {
-                    "security-credentials" => Route::RoleName { extended: false },
-                    "security-credentials-extended" => Route::RoleName { extended: true },
-                    _ => Route::Blocked,
-                }
-            }
+                "security-credentials" => Some(Route::RoleName { extended: false }),
+                "security-credentials-extended" => Some(Route::RoleName { extended: true }),
+                _ => None,
+            },
             [v, "meta-data", "iam", list, name] | [v, "meta-data", "iam", list, name, ""]
                 if version_ok(v) && !name.is_empty() =>
             {
                 match *list {
-                    "security-credentials" => Route::Credentials { name: name.to_string(), extended: false },
-                    "security-credentials-extended" => {
-                        Route::Credentials { name: name.to_string(), extended: true }
+                    "security-credentials" => {
+                        Some(Route::Credentials { name: name.to_string(), extended: false })
                     }
-                    _ => Route::Blocked,
+                    "security-credentials-extended" => {
+                        Some(Route::Credentials { name: name.to_string(), extended: true })
+                    }
+                    _ => None,
                 }
             }
-            [_, "meta-data", "iam", ..] | [_, "meta-data", "identity-credentials", ..] => Route::Blocked,
-            _ => Route::Proxy,
+            _ => None,
+        };
+        match own {
+            Some(route) => route,
+            None if path.names_node_identity() => Route::Blocked,
+            None => Route::Proxy(path),
         }
     }
 
@@ -87,8 +97,8 @@ impl Route {
             Route::IamInfo => RouteLabel::IamInfo,
             Route::RoleName { .. } => RouteLabel::RoleName,
             Route::Credentials { .. } => RouteLabel::Credentials,
-            Route::Blocked => RouteLabel::Blocked,
-            Route::Proxy => RouteLabel::Proxied,
+            Route::Blocked | Route::NotCanonical(_) => RouteLabel::Blocked,
+            Route::Proxy(_) => RouteLabel::Proxied,
         }
     }
 }
@@ -118,6 +128,8 @@ pub enum ImdsError {
     MethodNotAllowed(Method),
     #[error("imdsgate blocked {0}: it is not on the agent's allow-list")]
     Blocked(String),
+    #[error("imdsgate refused {path:?}: {why}; only canonical paths are served")]
+    NotCanonical { path: String, why: NotCanonical },
     #[error("{0}")]
     Server(ServerError),
     #[error("the metadata service failed: {0}")]
@@ -132,7 +144,8 @@ impl ImdsError {
             ImdsError::PodNotFound(_)
             | ImdsError::NoRole(_)
             | ImdsError::NotThePodsRole(_)
-            | ImdsError::Blocked(_) => StatusCode::NOT_FOUND,
+            | ImdsError::Blocked(_)
+            | ImdsError::NotCanonical { .. } => StatusCode::NOT_FOUND,
             // Transient: the watch is catching up; SDKs retry 5xx.
             ImdsError::AmbiguousPod(_) => StatusCode::SERVICE_UNAVAILABLE,
             ImdsError::TokenRequired | ImdsError::BadToken(_) => StatusCode::UNAUTHORIZED,
@@ -179,7 +192,7 @@ impl Imds {
         let response = match self.answer(peer.to_canonical(), method, path, headers, route).await {
             Ok(response) => response,
             Err(error) => {
-                if matches!(error, ImdsError::Blocked(_)) {
+                if matches!(error, ImdsError::Blocked(_) | ImdsError::NotCanonical { .. }) {
                     self.metrics
                         .upstream
                         .get_or_create(&UpstreamLabels { outcome: UpstreamOutcome::Blocked })
@@ -227,7 +240,8 @@ impl Imds {
                 Ok(json(info_json(&creds).into()))
             }
             Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
-            Route::Proxy => self.proxy(path).await,
+            Route::NotCanonical(why) => Err(ImdsError::NotCanonical { path: path.to_string(), why }),
+            Route::Proxy(canonical) => self.proxy(&canonical).await,
         }
     }
 
@@ -286,7 +300,7 @@ impl Imds {
         self.credentials.get(peer, &pod.uid, &pod.ips, role).await.map_err(ImdsError::Server)
     }
 
-    async fn proxy(&self, path: &str) -> Result<Response<Full<Bytes>>, ImdsError> {
+    async fn proxy(&self, path: &CanonicalPath) -> Result<Response<Full<Bytes>>, ImdsError> {
         let upstream = match &self.upstream {
             Some(u) if self.allow.allows(path) => u,
             _ => return Err(ImdsError::Blocked(path.to_string())),
@@ -387,7 +401,10 @@ mod tests {
     struct FakeUpstream;
 
     impl Upstream for FakeUpstream {
-        fn get(&self, path: &str) -> BoxFuture<'static, Result<crate::upstream::UpstreamResponse, String>> {
+        fn get(
+            &self,
+            path: &CanonicalPath,
+        ) -> BoxFuture<'static, Result<crate::upstream::UpstreamResponse, String>> {
             let body = Bytes::from(format!("upstream:{path}"));
             async move { Ok(crate::upstream::UpstreamResponse { status: 200, content_type: None, body }) }
                 .boxed()
@@ -491,15 +508,89 @@ mod tests {
         );
         for blocked in [
             "/latest/meta-data/iam/anything-else",
+            "/latest/meta-data/iam/security-credentials-foo",
+            "/latest/meta-data/iam/security-credentials/node-role/extra",
             "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
-            "/latest/meta-data/placement/../iam/info",
-            "/latest/meta-data/iam/security-credentials%2Fapp",
-            "/latest//meta-data/iam/info",
+            "/latest/meta-data/identity-credentials/ec2/info",
+            // Case and punctuation variants a lenient metadata service might fold onto iam/.
+            "/latest/meta-data/IAM/security-credentials/node-role",
+            "/latest/meta-data/Iam/info",
+            "/latest/meta-data/iAm/",
+            "/latest/META-DATA/iam/info",
+            "/latest/Meta-Data/iam/security-credentials/node-role",
+            "/latest/meta-data/iam./info",
+            "/latest/meta-data/Identity-Credentials/ec2/security-credentials/ec2-instance",
+            "/latest/meta-data/IDENTITY-CREDENTIALS/ec2/info",
+            "/latest/meta-data/identity_credentials/ec2/info",
+            "/latest/dynamic/iam/info",
+            "/latest/iam/security-credentials/node-role",
+            "/iam/meta-data",
         ] {
             assert_eq!(Route::of(blocked), Blocked, "{blocked}");
         }
-        assert_eq!(Route::of("/latest/meta-data/placement/region"), Proxy);
-        assert_eq!(Route::of("/latest/user-data"), Proxy);
+        for not_canonical in [
+            "/latest/meta-data/./iam/security-credentials/node-role",
+            "/latest/./meta-data/iam/security-credentials/node-role",
+            "/./latest/meta-data/iam/info",
+            "/latest/meta-data/placement/../iam/info",
+            "/latest/meta-data/placement/../../latest/meta-data/iam/info",
+            "/latest/meta-data/iam/security-credentials/..",
+            "/latest/meta-data/iam/security-credentials/.",
+            "/latest/meta-data/iam/security-credentials%2Fapp",
+            "/latest/meta-data/%69am/info",
+            "/latest/meta-data/%2e/iam/info",
+            "/latest/meta-data/%2E%2E/meta-data/iam/info",
+            "/latest//meta-data/iam/info",
+            "//latest/meta-data/iam/info",
+            "/latest/meta-data//iam/info",
+            "/latest/meta-data/iam//security-credentials/node-role",
+            "/latest/meta-data\\iam\\info",
+            "/latest/meta-data/placement/region;/../../iam/info",
+            "/latest/meta-data/\u{130}am/info",
+            "latest/meta-data/iam/info",
+            "http://169.254.169.254/latest/meta-data/iam/info",
+            "",
+            "*",
+            // Harmless, but still not the one spelling: refused, never rewritten.
+            "/latest/meta-data/placement/./region",
+            "/latest/meta-data/placement//region",
+        ] {
+            assert!(matches!(Route::of(not_canonical), NotCanonical(_)), "{not_canonical:?}");
+        }
+        let proxied = |p: &str| Proxy(CanonicalPath::parse(p).unwrap());
+        for proxy in [
+            "/latest/meta-data/placement/region",
+            "/latest/user-data",
+            "/latest/meta-data/network/interfaces/macs/0a:1b:2c:3d:4e:5f/local-ipv4s",
+            "/latest/meta-data/",
+            "/",
+        ] {
+            assert_eq!(Route::of(proxy), proxied(proxy), "{proxy}");
+        }
+    }
+
+    #[tokio::test]
+    async fn non_canonical_paths_are_refused_with_a_clear_body_and_never_proxied() {
+        let mut b = bed(false);
+        b.imds.allow = AllowList::new(&[".*".to_string()]).unwrap();
+        for path in [
+            "/latest/meta-data/./iam/security-credentials/node-role",
+            "/latest/meta-data/placement/../iam/info",
+            "/latest/meta-data/%69am/info",
+            "/latest/meta-data/placement/./region",
+        ] {
+            let got = b.get("10.0.1.1", path).await;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{path}");
+            assert!(got.body.contains("only canonical paths are served"), "{path}: {}", got.body);
+            assert!(!got.body.contains("upstream:"), "{path}: {}", got.body);
+        }
+        for path in ["/latest/meta-data/IAM/security-credentials/node-role", "/latest/meta-data/Iam/info"] {
+            let got = b.get("10.0.1.1", path).await;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{path}");
+            assert!(!got.body.contains("upstream:"), "{path}: {}", got.body);
+        }
+        let got = b.get("10.0.1.1", "/latest/meta-data/placement/region").await;
+        assert_eq!(got.body, "upstream:/latest/meta-data/placement/region");
     }
 
     #[tokio::test]

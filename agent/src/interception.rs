@@ -3,6 +3,12 @@
 //! once per `--host-interface` pattern (kiam appended its rule and ended up behind KUBE-SERVICES).
 //! Installing is idempotent and never leaves a moment without the rule; the rule stays when the
 //! agent exits, so pods of a stopped agent get "connection refused", never the node's role.
+//!
+//! Both families are intercepted by default: 169.254.169.254 with iptables and [fd00:ec2::254]
+//! with ip6tables, DNAT to the node's address when it is known, else REDIRECT to the listener's
+//! port on the address of the interface the request arrived on. Where ip6tables' nat table cannot
+//! be used (no IPv6 in the kernel, no ip6table_nat), there is no IPv6 path to intercept: the IPv6
+//! rule is skipped with a warning ([`family_usable`]) and IPv4 stays intercepted.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -48,21 +54,33 @@ impl std::str::FromStr for InterfaceMatch {
 #[derive(Clone, Debug)]
 pub struct Interception {
     pub ipv6: bool,
-    /// Where the agent listens (the node's IP and the IMDS port).
-    pub target: IpAddr,
+    /// The node's address the agent listens on (DNAT target); `None`: REDIRECT to `port` on the
+    /// address of the interface the request arrived on.
+    pub target: Option<IpAddr>,
     pub port: u16,
     pub interfaces: Vec<InterfaceMatch>,
 }
 
 impl Interception {
-    /// The DNAT rule inside the chain, as `iptables -S` prints it (without `-A IMDSGATE`).
+    /// The DNAT (or REDIRECT) rule inside the chain, as `iptables -S` prints it (without
+    /// `-A IMDSGATE`).
     pub fn dnat_rule(&self) -> String {
-        let (dst, to) = if self.ipv6 {
-            (format!("{METADATA_V6}/128"), format!("[{}]:{}", self.target, self.port))
-        } else {
-            (format!("{METADATA_V4}/32"), format!("{}:{}", self.target, self.port))
+        let dst = if self.ipv6 { format!("{METADATA_V6}/128") } else { format!("{METADATA_V4}/32") };
+        let jump = match self.target {
+            Some(IpAddr::V6(target)) => format!("DNAT --to-destination [{target}]:{}", self.port),
+            Some(IpAddr::V4(target)) => format!("DNAT --to-destination {target}:{}", self.port),
+            None => format!("REDIRECT --to-ports {}", self.port),
         };
-        format!("-d {dst} -p tcp -m tcp --dport 80 -j DNAT --to-destination {to}")
+        format!("-d {dst} -p tcp -m tcp --dport 80 -j {jump}")
+    }
+
+    /// Where the rule sends requests, for log lines.
+    pub fn describe_target(&self) -> String {
+        match self.target {
+            Some(IpAddr::V6(target)) => format!("[{target}]:{}", self.port),
+            Some(IpAddr::V4(target)) => format!("{target}:{}", self.port),
+            None => format!("port {} of the receiving interface (REDIRECT)", self.port),
+        }
     }
 
     /// The PREROUTING jumps, in order.
@@ -121,6 +139,19 @@ impl Interception {
     }
 }
 
+/// Whether iptables (`ipv6`: ip6tables) can run and its nat table can be read; `Err` says why not.
+pub fn family_usable(ipv6: bool) -> Result<(), IptablesError> {
+    let ipt = iptables::new(ipv6).map_err(|e| err("cannot run iptables", e))?;
+    let out = ipt.execute(TABLE, "-S PREROUTING").map_err(|e| err("reading the nat table", e))?;
+    if !out.status.success() {
+        return Err(IptablesError(format!(
+            "reading the nat table: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// Rules of a nat chain without the `-A <chain> ` prefix.
 fn rules_of(ipt: &iptables::IPTables, chain: &str) -> Result<Vec<String>, IptablesError> {
     let prefix = format!("-A {chain} ");
@@ -171,7 +202,7 @@ mod tests {
     fn rules_as_iptables_prints_them() {
         let i = Interception {
             ipv6: false,
-            target: "10.0.0.1".parse().unwrap(),
+            target: Some("10.0.0.1".parse().unwrap()),
             port: 8181,
             interfaces: vec!["cali+".parse().unwrap(), "!eth0".parse().unwrap()],
         };
@@ -180,12 +211,21 @@ mod tests {
             "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
         );
         assert_eq!(i.jump_rules(), ["-i cali+ -j IMDSGATE", "! -i eth0 -j IMDSGATE"]);
-        let v6 =
-            Interception { ipv6: true, target: "fd00::1".parse().unwrap(), port: 8181, interfaces: vec![] };
+        let v6 = Interception {
+            ipv6: true,
+            target: Some("fd00::1".parse().unwrap()),
+            port: 8181,
+            interfaces: vec![],
+        };
         assert_eq!(
             v6.dnat_rule(),
             "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00::1]:8181"
         );
         assert_eq!(v6.jump_rules(), ["-j IMDSGATE"]);
+        let redirect = Interception { target: None, ..v6 };
+        assert_eq!(
+            redirect.dnat_rule(),
+            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8181"
+        );
     }
 }

@@ -57,12 +57,14 @@ pub struct Args {
     #[arg(long, env = "HOST_IP", global = true)]
     pub host_ip: Option<IpAddr>,
 
-    /// This node's IPv6 address, the DNAT target for the IPv6 metadata endpoint with --ipv6.
+    /// This node's IPv6 address, the DNAT target for the IPv6 metadata endpoint. Without it the
+    /// IPv6 rule REDIRECTs to --listen's port on the address of the interface a request arrives on.
     #[arg(long, env = "HOST_IPV6", global = true)]
     pub host_ipv6: Option<IpAddr>,
 
-    /// Address of the IMDS listener that the iptables rule redirects to.
-    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8181", global = true)]
+    /// Address of the IMDS listener that the iptables rules redirect to. The default `[::]` takes
+    /// IPv4 and IPv6 (IPv4 only where the kernel has no IPv6).
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "[::]:8181", global = true)]
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
@@ -78,8 +80,19 @@ pub struct Args {
     #[arg(long = "host-interface", env = "IMDSGATE_HOST_INTERFACE", value_delimiter = ',', global = true)]
     pub host_interfaces: Vec<InterfaceMatch>,
 
-    /// Also intercept the IPv6 metadata endpoint [fd00:ec2::254]:80 (ip6tables).
-    #[arg(long, env = "IMDSGATE_IPV6", global = true)]
+    /// Also intercept the IPv6 metadata endpoint [fd00:ec2::254]:80 (ip6tables); on by default,
+    /// `--ipv6=false` to opt out. Where ip6tables' nat table cannot be used the agent warns and
+    /// intercepts IPv4 only (there is then no IPv6 path to intercept).
+    #[arg(
+        long,
+        env = "IMDSGATE_IPV6",
+        global = true,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
     pub ipv6: bool,
 
     /// How long a request from an IP not yet known waits for the pod watch to deliver it.
@@ -253,14 +266,17 @@ fn install(args: &Args) -> ExitCode {
         Err(error) => return bad_config(format!("{error:#}")),
     };
     for rule in rules {
+        if rule.ipv6
+            && let Err(why) = interception::family_usable(true)
+        {
+            eprintln!("warning: IPv6 metadata endpoint not intercepted, ip6tables is unusable here: {why}");
+            continue;
+        }
         if let Err(error) = rule.install() {
             eprintln!("error: {error}");
             return ExitCode::FAILURE;
         }
-        eprintln!(
-            "imdsgate interception installed (ipv6: {}, target {}:{})",
-            rule.ipv6, rule.target, rule.port
-        );
+        eprintln!("imdsgate interception installed (ipv6: {}, target {})", rule.ipv6, rule.describe_target());
     }
     ExitCode::SUCCESS
 }
@@ -274,11 +290,17 @@ impl Args {
             bail!("--host-ip must be IPv4; use --host-ipv6 for the IPv6 endpoint");
         }
         let port = self.listen.port();
-        let mut rules =
-            vec![Interception { ipv6: false, target, port, interfaces: self.host_interfaces.clone() }];
+        let mut rules = vec![Interception {
+            ipv6: false,
+            target: Some(target),
+            port,
+            interfaces: self.host_interfaces.clone(),
+        }];
         if self.ipv6 {
-            let target =
-                self.host_ipv6.filter(IpAddr::is_ipv6).context("--ipv6 needs --host-ipv6 (HOST_IPV6)")?;
+            if self.host_ipv6.is_some_and(|ip| !ip.is_ipv6()) {
+                bail!("--host-ipv6 must be an IPv6 address");
+            }
+            let target = self.host_ipv6;
             rules.push(Interception { ipv6: true, target, port, interfaces: self.host_interfaces.clone() });
         }
         Ok(rules)
@@ -291,6 +313,10 @@ fn uninstall(ipv6: bool) -> ExitCode {
         families.push(true);
     }
     for v6 in families {
+        if v6 && let Err(why) = interception::family_usable(true) {
+            eprintln!("note: no IPv6 rule to remove, ip6tables is unusable here: {why}");
+            continue;
+        }
         if let Err(error) = Interception::uninstall(v6) {
             eprintln!("error: {error}");
             return ExitCode::FAILURE;
@@ -314,7 +340,7 @@ impl Validated {
         let metrics = Metrics::new();
         let server_client =
             ServerClient::new(server, metrics.clone()).map_err(|e| anyhow!("TLS files: {e}"))?;
-        let imds_listener = match tokio::net::TcpListener::bind(args.listen).await {
+        let imds_listener = match listener::bind(args.listen) {
             Ok(l) => l,
             Err(e) => return Ok(bad_config(format!("cannot listen on --listen {}: {e}", args.listen))),
         };
@@ -326,9 +352,15 @@ impl Validated {
         };
         // The listener is up before the rule points at it.
         for rule in &interception {
+            if rule.ipv6
+                && let Err(why) = interception::family_usable(true)
+            {
+                tracing::warn!(%why, "IPv6 metadata endpoint not intercepted: ip6tables is unusable here");
+                continue;
+            }
             rule.install()
                 .with_context(|| format!("installing the interception rule (ipv6: {})", rule.ipv6))?;
-            tracing::info!(ipv6 = rule.ipv6, target = %rule.target, port = rule.port, "interception rule installed");
+            tracing::info!(ipv6 = rule.ipv6, target = rule.describe_target(), "interception rule installed");
         }
 
         let pods = Arc::new(PodIndex::new());

@@ -1,5 +1,7 @@
 //! The IMDS listener: HTTP/1.1 with hard limits (header size and read time against slow clients,
-//! a deadline per request, a cap on concurrent requests) and a graceful drain on shutdown.
+//! a deadline per request, a cap on concurrent requests) and a graceful drain on shutdown. One
+//! dual-stack socket takes both families (IPv4 peers appear as IPv4-mapped addresses, which
+//! [`Imds::handle`] maps back).
 
 use crate::imds::Imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
@@ -23,6 +25,32 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub max_concurrent: usize,
+}
+
+/// Binds the IMDS listener. An IPv6 wildcard (`[::]`, the default) takes IPv4 too, whatever the
+/// node's `net.ipv6.bindv6only`; where the kernel has no IPv6 it binds `0.0.0.0` on the same port
+/// instead (nothing can then arrive over IPv6).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let open = |addr: std::net::SocketAddr| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    match open(addr) {
+        Err(error) if addr.is_ipv6() && addr.ip().is_unspecified() && error.raw_os_error() == Some(97) => {
+            // EAFNOSUPPORT: no IPv6 in this kernel.
+            tracing::warn!(%addr, "no IPv6 on this node; the IMDS listener takes IPv4 only");
+            open((std::net::Ipv4Addr::UNSPECIFIED, addr.port()).into())
+        }
+        other => other,
+    }
 }
 
 /// Serves IMDS on `listener` until `shutdown`, then drains for at most `grace`.

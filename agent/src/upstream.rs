@@ -2,7 +2,10 @@
 //! agent's own IMDSv2 token, but only for paths on the allow-list (what SDKs need to learn their
 //! region and zone). The node's `iam/*` and `identity-credentials/*` are never proxied, whatever
 //! the allow-list says. No `X-Forwarded-For` is added; nothing of the pod's request but its path
-//! is passed on.
+//! is passed on, and only as a [`CanonicalPath`]: the one spelling that was routed and checked
+//! against the allow-list is the one sent upstream, so no dot segment, empty segment,
+//! percent-encoding or case variant can make the metadata service see another path than the one
+//! imdsgate checked.
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -30,7 +33,91 @@ pub const DEFAULT_ALLOW: &[&str] = &[
 
 const MAX_BODY: usize = 1 << 20;
 
-/// Which paths may be proxied.
+/// Path segments that name the node's own identity, compared after [`fold`]: never proxied.
+const NODE_IDENTITY_SEGMENTS: &[&str] = &["iam", "identitycredentials"];
+
+/// Longest path accepted (the longest real IMDS path is far shorter).
+const MAX_PATH: usize = 1024;
+
+/// Why a request path is not in canonical form.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotCanonical {
+    #[error("it does not start with /")]
+    NoLeadingSlash,
+    #[error("it is longer than {MAX_PATH} bytes")]
+    TooLong,
+    #[error("it has an empty segment (//)")]
+    EmptySegment,
+    #[error("it has a dot segment (. or ..)")]
+    DotSegment,
+    #[error("it has percent-encoding")]
+    PercentEncoded,
+    #[error("it has a character other than letters, digits and -._~:+=,@")]
+    Character,
+}
+
+/// A request path in the one form imdsgate routes on, checks against the allow-list and sends
+/// upstream: `/` then segments of letters, digits and `-._~:+=,@`, none empty (but the last, for a
+/// trailing slash) and none made of dots only. Anything else is refused, never rewritten: a
+/// metadata service that normalised another spelling could otherwise answer a path imdsgate never
+/// saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalPath(String);
+
+impl CanonicalPath {
+    pub fn parse(path: &str) -> Result<CanonicalPath, NotCanonical> {
+        let rest = path.strip_prefix('/').ok_or(NotCanonical::NoLeadingSlash)?;
+        if path.len() > MAX_PATH {
+            return Err(NotCanonical::TooLong);
+        }
+        if path.contains('%') {
+            return Err(NotCanonical::PercentEncoded);
+        }
+        if !path.bytes().all(|b| b == b'/' || b.is_ascii_alphanumeric() || b"-._~:+=,@".contains(&b)) {
+            return Err(NotCanonical::Character);
+        }
+        let segments: Vec<&str> = rest.split('/').collect();
+        let last = segments.len() - 1;
+        for (i, segment) in segments.iter().enumerate() {
+            if segment.is_empty() && i != last {
+                return Err(NotCanonical::EmptySegment);
+            }
+            if !segment.is_empty() && segment.bytes().all(|b| b == b'.') {
+                return Err(NotCanonical::DotSegment);
+            }
+        }
+        Ok(CanonicalPath(path.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The segments after the leading `/` (the last is empty for a trailing slash).
+    pub fn segments(&self) -> std::str::Split<'_, char> {
+        self.0[1..].split('/')
+    }
+
+    /// Whether any segment names the node's own identity (`iam`, `identity-credentials`) in any
+    /// case or punctuation: such a path is never proxied.
+    pub fn names_node_identity(&self) -> bool {
+        self.segments().any(|s| NODE_IDENTITY_SEGMENTS.contains(&fold(s).as_str()))
+    }
+}
+
+impl std::fmt::Display for CanonicalPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A segment lowercased without punctuation: `IAM`, `Iam.` and `identity_credentials` fold onto
+/// the names they could be mistaken for.
+fn fold(segment: &str) -> String {
+    segment.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
+}
+
+/// Which paths may be proxied, matched against the canonical path.
 #[derive(Clone, Debug)]
 pub struct AllowList(RegexSet);
 
@@ -43,8 +130,10 @@ impl AllowList {
         AllowList(RegexSet::new(DEFAULT_ALLOW).expect("default patterns compile"))
     }
 
-    pub fn allows(&self, path: &str) -> bool {
-        self.0.is_match(path)
+    /// Whether `path` may be proxied: it matches a pattern and names nothing of the node's own
+    /// identity, whatever the patterns say.
+    pub fn allows(&self, path: &CanonicalPath) -> bool {
+        !path.names_node_identity() && self.0.is_match(path.as_str())
     }
 }
 
@@ -58,7 +147,7 @@ pub struct UpstreamResponse {
 
 /// The real metadata service, or a fake in tests.
 pub trait Upstream: Send + Sync + 'static {
-    fn get(&self, path: &str) -> BoxFuture<'static, Result<UpstreamResponse, String>>;
+    fn get(&self, path: &CanonicalPath) -> BoxFuture<'static, Result<UpstreamResponse, String>>;
 }
 
 /// The real metadata service over HTTP, with the agent's own IMDSv2 token.
@@ -104,7 +193,7 @@ impl HttpUpstream {
         Some(token)
     }
 
-    async fn fetch(self: Arc<Self>, path: String) -> Result<UpstreamResponse, String> {
+    async fn fetch(self: Arc<Self>, path: CanonicalPath) -> Result<UpstreamResponse, String> {
         let token = self.token().await;
         let mut builder = Request::builder().method(Method::GET).uri(format!("{}{path}", self.base));
         if let Some(token) = token {
@@ -127,14 +216,18 @@ impl HttpUpstream {
 }
 
 impl Upstream for Arc<HttpUpstream> {
-    fn get(&self, path: &str) -> BoxFuture<'static, Result<UpstreamResponse, String>> {
-        self.clone().fetch(path.to_string()).boxed()
+    fn get(&self, path: &CanonicalPath) -> BoxFuture<'static, Result<UpstreamResponse, String>> {
+        self.clone().fetch(path.clone()).boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn canonical(path: &str) -> CanonicalPath {
+        CanonicalPath::parse(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
 
     #[test]
     fn the_default_list_allows_region_and_zone_and_nothing_secret() {
@@ -146,17 +239,74 @@ mod tests {
             "/latest/dynamic/instance-identity/document",
             "/latest/meta-data/placement/",
         ] {
-            assert!(allow.allows(ok), "{ok}");
+            assert!(allow.allows(&canonical(ok)), "{ok}");
         }
         for blocked in [
             "/latest/user-data",
             "/latest/meta-data/iam/security-credentials/node-role",
             "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
-            "/latest/meta-data/instance-id/../iam/info",
             "/latest/meta-data/public-keys/0/openssh-key",
             "/latest/dynamic/instance-identity/signature",
         ] {
-            assert!(!allow.allows(blocked), "{blocked}");
+            assert!(!allow.allows(&canonical(blocked)), "{blocked}");
         }
+    }
+
+    #[test]
+    fn an_allow_everything_list_still_never_allows_the_nodes_identity() {
+        let allow = AllowList::new(&[".*".to_string()]).unwrap();
+        assert!(allow.allows(&canonical("/latest/meta-data/placement/region")));
+        assert!(allow.allows(&canonical("/latest/meta-data/network/interfaces/macs/0a:1b:2c:3d:4e:5f/")));
+        for node in [
+            "/latest/meta-data/iam/security-credentials/node-role",
+            "/latest/meta-data/IAM/security-credentials/node-role",
+            "/latest/meta-data/Iam/info",
+            "/latest/meta-data/iam.",
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/latest/meta-data/Identity-Credentials/ec2/info",
+            "/latest/meta-data/identity_credentials/ec2/info",
+            "/latest/dynamic/iam/info",
+            "/iam/meta-data/iam",
+        ] {
+            assert!(!allow.allows(&canonical(node)), "{node}");
+        }
+    }
+
+    #[test]
+    fn only_canonical_paths_parse() {
+        for ok in ["/", "/latest", "/latest/", "/latest/meta-data/placement/region", "/latest/meta-data/iam/"]
+        {
+            assert_eq!(canonical(ok).as_str(), ok);
+        }
+        use NotCanonical::*;
+        for (path, why) in [
+            ("", NoLeadingSlash),
+            ("latest/meta-data", NoLeadingSlash),
+            ("http://169.254.169.254/latest/meta-data/iam/info", NoLeadingSlash),
+            ("*", NoLeadingSlash),
+            ("//latest/meta-data", EmptySegment),
+            ("/latest//meta-data/iam/info", EmptySegment),
+            ("/latest/meta-data//", EmptySegment),
+            ("/latest/meta-data/./iam/info", DotSegment),
+            ("/latest/./meta-data/iam/info", DotSegment),
+            ("/./latest/meta-data", DotSegment),
+            ("/latest/meta-data/placement/../iam/info", DotSegment),
+            ("/latest/meta-data/iam/..", DotSegment),
+            ("/latest/meta-data/iam/.", DotSegment),
+            ("/latest/meta-data/.../iam", DotSegment),
+            ("/latest/meta-data/%69am/info", PercentEncoded),
+            ("/latest/meta-data/%2e/iam/info", PercentEncoded),
+            ("/latest/meta-data/iam/security-credentials%2Fnode-role", PercentEncoded),
+            ("/latest/meta-data\\iam\\info", Character),
+            ("/latest/meta-data/iam;x/info", Character),
+            ("/latest/meta-data/ iam", Character),
+            ("/latest/meta-data/iam\n", Character),
+            ("/latest/meta-data/\u{131}am", Character),
+            ("/latest/meta-data/iam?x=1", Character),
+            ("/latest/meta-data/iam#x", Character),
+        ] {
+            assert_eq!(CanonicalPath::parse(path), Err(why), "{path:?}");
+        }
+        assert_eq!(CanonicalPath::parse(&format!("/{}", "a".repeat(MAX_PATH))), Err(TooLong));
     }
 }

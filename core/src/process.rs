@@ -1,7 +1,10 @@
-//! Process-wide plumbing: logging set-up, the shutdown signal, and the exit code for bad
-//! configuration.
+//! Process-wide plumbing: logging set-up (with [`EscapingWriter`], so no log line can be forged or
+//! a terminal steered by what a pod, a request or an annotation puts in a field), the shutdown
+//! signal, and the exit code for bad configuration.
 
+use std::io::Write;
 use std::process::ExitCode;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// Exit code for bad flags or files (EX_USAGE); Kubernetes shows it in the pod's last state.
 pub const EXIT_BAD_CONFIG: u8 = 64;
@@ -13,15 +16,110 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
+/// Installs the global tracing subscriber on stderr; `RUST_LOG` filters (default `info`). No colour
+/// codes, and every event goes through [`EscapingWriter`].
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(EscapingWriter::new(format, std::io::stderr));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// A [`MakeWriter`] that never lets a raw control character through: each event is collected
+/// whole, every C0 control (newline, carriage return, tab, ESC…), DEL, C1 control and Unicode line
+/// or paragraph separator inside it is escaped, and the event goes out as one write ending in one
+/// newline. Text events get `\n`, `\r`, `\t` and `\u{1b}`-style escapes; JSON events get JSON
+/// escapes (`\u007f`), which keep the line valid JSON (serde already escapes C0 inside strings).
+#[derive(Clone, Debug)]
+pub struct EscapingWriter<M> {
+    format: LogFormat,
+    inner: M,
+}
+
+impl<M> EscapingWriter<M> {
+    pub fn new(format: LogFormat, inner: M) -> EscapingWriter<M> {
+        EscapingWriter { format, inner }
+    }
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for EscapingWriter<M> {
+    type Writer = EscapingEvent<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingEvent { format: self.format, inner: self.inner.make_writer(), event: Vec::new() }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        EscapingEvent { format: self.format, inner: self.inner.make_writer_for(meta), event: Vec::new() }
+    }
+}
+
+/// One event being written; escaped and passed on when flushed or dropped.
+pub struct EscapingEvent<W: Write> {
+    format: LogFormat,
+    inner: W,
+    event: Vec<u8>,
+}
+
+impl<W: Write> EscapingEvent<W> {
+    fn emit(&mut self) -> std::io::Result<()> {
+        if self.event.is_empty() {
+            return Ok(());
+        }
+        let raw = std::mem::take(&mut self.event);
+        let line = escape_event(&String::from_utf8_lossy(&raw), self.format);
+        self.inner.write_all(line.as_bytes())?;
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Write for EscapingEvent<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.event.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.emit()
+    }
+}
+
+impl<W: Write> Drop for EscapingEvent<W> {
+    fn drop(&mut self) {
+        let _ = self.emit();
+    }
+}
+
+/// Whether a character must never reach a log raw.
+fn must_escape(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// One formatted event with every control character escaped and exactly one final newline.
+pub fn escape_event(event: &str, format: LogFormat) -> String {
+    let body = event.strip_suffix('\n').unwrap_or(event);
+    let mut out = String::with_capacity(body.len() + 1);
+    for c in body.chars() {
+        if !must_escape(c) {
+            out.push(c);
+            continue;
+        }
+        match (c, format) {
+            ('\n', _) => out.push_str("\\n"),
+            ('\r', _) => out.push_str("\\r"),
+            ('\t', _) => out.push_str("\\t"),
+            (c, LogFormat::Text) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            (c, LogFormat::Json) => out.push_str(&format!("\\u{:04x}", c as u32)),
+        }
+    }
+    out.push('\n');
+    out
 }
 
 /// Runs a binary's main future on a multi-threaded runtime; a failure (an error the future
@@ -159,6 +257,78 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the logging set-up writes for one event with a hostile field and message, in `format`.
+    fn logged(format: LogFormat) -> String {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(EscapingWriter::new(format, move || sink.clone()));
+        let hostile = "x\n2026-01-01T00:00:00Z  INFO credentials issued namespace=victim\r\t\u{1b}[31mred\u{7f}\u{85}\u{2028}end";
+        let emit = || {
+            tracing::info!(role_arn = %hostile, debug = ?hostile, "issued {hostile}");
+            tracing::info!("second");
+        };
+        match format {
+            LogFormat::Text => tracing::subscriber::with_default(builder.finish(), emit),
+            LogFormat::Json => {
+                tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), emit)
+            }
+        }
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn no_format_writes_a_raw_control_character_and_each_event_is_one_line() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let text = logged(format);
+            let lines: Vec<&str> = text.split_terminator('\n').collect();
+            assert_eq!(lines.len(), 2, "{format:?}: one line per event: {text:?}");
+            assert!(text.ends_with('\n'));
+            assert!(lines[1].contains("second"), "{format:?}: {text:?}");
+            for line in &lines {
+                assert!(!line.chars().any(must_escape), "{format:?}: raw control character in {line:?}");
+                assert!(!line.starts_with("2026-01-01T00:00:00Z"), "{format:?}: forged line");
+            }
+            assert!(lines[0].contains("namespace=victim"), "the content is kept, escaped: {text:?}");
+            if format == LogFormat::Json {
+                let event: serde_json::Value = serde_json::from_str(lines[0]).expect("still valid JSON");
+                let field = event["role_arn"].as_str().unwrap();
+                assert!(
+                    field.contains('\u{7f}') && field.contains('\n'),
+                    "JSON escapes decode back: {field:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_are_readable_and_one_newline_ends_the_event() {
+        assert_eq!(
+            escape_event("a\nb\rc\td\u{1b}e\u{7f}f\u{9b}g\n", LogFormat::Text),
+            "a\\nb\\rc\\td\\u{1b}e\\u{7f}f\\u{9b}g\n"
+        );
+        assert_eq!(escape_event("\"\u{7f}\u{2029}\"\n", LogFormat::Json), "\"\\u007f\\u2029\"\n");
+        assert_eq!(escape_event("no newline", LogFormat::Text), "no newline\n");
+        assert_eq!(escape_event("two\n\n", LogFormat::Text), "two\\n\n");
+        assert_eq!(escape_event("ünïcode ✓\n", LogFormat::Text), "ünïcode ✓\n", "printable text stays");
+    }
 
     #[tokio::test]
     async fn a_critical_task_that_ends_is_named() {

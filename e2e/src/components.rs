@@ -263,7 +263,8 @@ impl AgentProcess {
             "node metadata stand-in",
             node.command(crate::tools::venv_bin("python")?)
                 .arg(workspace_root().join("e2e/fake_imds.py"))
-                .args(["169.254.169.254", "80"]),
+                .args(["169.254.169.254", "80"])
+                .env("FAKE_IMDS_RECORD", dir.join(UPSTREAM_RECORD)),
             &dir.join("fake-imds.log"),
         )
     }
@@ -291,7 +292,7 @@ impl AgentProcess {
                 .command(workspace_bin("imdsgate-agent")?)
                 .arg(format!("--node-name={}", setup.node_name))
                 .arg(format!("--host-ip={host_ip}"))
-                .arg(format!("--listen=0.0.0.0:{listen_port}"))
+                .arg(format!("--listen=[::]:{listen_port}"))
                 .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
                 .arg("--iptables")
                 .arg("--host-interface=veth+")
@@ -352,4 +353,16 @@ impl AgentProcess {
     pub fn state_dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+
+    /// Every request the node's metadata stand-in has received (`METHOD target`, as sent), in order.
+    pub fn upstream_requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join(UPSTREAM_RECORD))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
 }
+
+/// File in the agent's state directory where the metadata stand-in records what it received.
+const UPSTREAM_RECORD: &str = "upstream-requests.log";

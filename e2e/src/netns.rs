@@ -4,13 +4,17 @@
 //! 169.254.169.254 enters the node namespace where the agent's DNAT rule catches it. Nothing is
 //! created in, or changed on, the machine's own network namespace; everything is removed on drop.
 //!
+//! A pod can also get an IPv6 address ([`NodeNs::add_pod_ipv6`]): its default IPv6 route goes to
+//! `fe80::1` on the node end of its veth, so its traffic for `[fd00:ec2::254]` enters the node
+//! namespace the same way.
+//!
 //! Processes in the node namespace reach services on the machine's loopback (the apiserver, the
 //! server, moto) through [`NodeNs::forward_to_host`], a socat relay over a Unix socket (the file
 //! system is shared between namespaces, the network is not).
 
 use crate::process::{ChildGuard, run};
 use anyhow::{Context, Result, bail};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -96,6 +100,23 @@ impl NodeNs {
         ip(&["-n", p, "route", "add", &format!("{host_ip}/32"), "dev", "eth0", "scope", "link"])?;
         ip(&["-n", p, "route", "add", "default", "via", &host_ip, "dev", "eth0", "onlink"])?;
         Ok(pod)
+    }
+
+    /// Gives `pod` the IPv6 address `pod_ip` too: the node end of its veth gets `fe80::1`, the pod's
+    /// default IPv6 route goes through it, and the node routes `pod_ip` back. Both addresses skip
+    /// duplicate address detection, so they work at once.
+    pub fn add_pod_ipv6(&self, pod: &PodNs, pod_ip: Ipv6Addr) -> Result<()> {
+        let (node, p) = (self.name.as_str(), pod.name.as_str());
+        ip(&["-n", node, "addr", "add", "fe80::1/64", "dev", &pod.host_veth, "nodad"])?;
+        ip(&["-n", node, "route", "add", &format!("{pod_ip}/128"), "dev", &pod.host_veth])?;
+        ip(&["-n", p, "addr", "add", &format!("{pod_ip}/128"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", p, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// The IPv6 NAT table of this node's namespace, as `ip6tables -t nat -S` prints it.
+    pub fn nat6_rules(&self) -> Result<String> {
+        run(self.command("ip6tables").args(["-w", "5", "-t", "nat", "-S"]))
     }
 
     /// A command that runs `program` inside this node's namespace.

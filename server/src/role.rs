@@ -1,6 +1,9 @@
 //! Role resolution, compatible with kiam and kube2iam: the pod annotation holds a role name (joined
 //! to the base ARN, a leading `/` trimmed) or a full role ARN; a request matches when it names the
-//! role's last path segment.
+//! role's last path segment. Every part is held to IAM's own character rules (names
+//! `[\w+=,.@-]{1,64}`, paths `/` or `/…/` of printable ASCII up to 512 characters, a 12-digit
+//! account, a lowercase partition), so an ARN that reaches a log line, an STS call or a session
+//! name never carries a space, a control character or anything outside ASCII.
 
 use std::fmt;
 
@@ -17,6 +20,14 @@ pub struct RoleArn {
 pub enum RoleError {
     #[error("{0:?} is not an IAM role ARN (arn:<partition>:iam::<account>:role/<name>)")]
     NotRoleArn(String),
+    #[error("{0:?} has no valid partition (lowercase letters, digits and -, e.g. aws, aws-cn)")]
+    BadPartition(String),
+    #[error("{0:?} has no valid account (12 digits)")]
+    BadAccount(String),
+    #[error(
+        "{0:?} has no valid role path (IAM paths are / or /…/ of printable ASCII without spaces or empty segments, at most 512 characters)"
+    )]
+    BadPath(String),
     #[error("role {0:?} is a name, but the server has no --role-base-arn to join it to")]
     NoBaseArn(String),
     #[error(
@@ -27,6 +38,9 @@ pub enum RoleError {
     BadBase(String),
 }
 
+/// Longest IAM path (`/…/`), as IAM limits it.
+const MAX_PATH: usize = 512;
+
 impl RoleArn {
     pub fn parse(arn: &str) -> Result<RoleArn, RoleError> {
         let bad = || RoleError::NotRoleArn(arn.to_string());
@@ -35,17 +49,19 @@ impl RoleArn {
         let rest = rest.strip_prefix("iam::").ok_or_else(bad)?;
         let (account, resource) = rest.split_once(':').ok_or_else(bad)?;
         let path_and_name = resource.strip_prefix("role/").ok_or_else(bad)?;
-        let name = path_and_name.rsplit('/').next().unwrap_or_default();
-        if partition.is_empty() || !partition.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
-            return Err(bad());
+        let (inner_path, name) = path_and_name.rsplit_once('/').unwrap_or(("", path_and_name));
+        if !valid_partition(partition) {
+            return Err(RoleError::BadPartition(arn.to_string()));
         }
         if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad());
+            return Err(RoleError::BadAccount(arn.to_string()));
         }
-        if !valid_role_name(name)
-            || path_and_name.split('/').any(|seg| seg.is_empty() && !path_and_name.is_empty())
-        {
-            return Err(bad());
+        // The IAM path is `/` plus `inner_path/` when there is one.
+        if !inner_path.is_empty() && !valid_inner_path(inner_path) {
+            return Err(RoleError::BadPath(arn.to_string()));
+        }
+        if !valid_role_name(name) {
+            return Err(RoleError::BadName(arn.to_string()));
         }
         Ok(RoleArn {
             arn: arn.to_string(),
@@ -84,6 +100,24 @@ pub fn valid_role_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+}
+
+/// The inside of an IAM path `/<inner>/`: printable ASCII (`\x21`-`\x7E`, so no space and no
+/// control character), no empty segment, and the whole path at most 512 characters.
+fn valid_inner_path(inner: &str) -> bool {
+    inner.len() + 2 <= MAX_PATH
+        && inner.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        && inner.split('/').all(|segment| !segment.is_empty())
+}
+
+/// AWS partitions: `aws`, `aws-cn`, `aws-us-gov`, `aws-iso-b`…: lowercase letters, digits and
+/// inner dashes, at most 32 characters.
+fn valid_partition(partition: &str) -> bool {
+    !partition.is_empty()
+        && partition.len() <= 32
+        && partition.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && partition.as_bytes()[0].is_ascii_lowercase()
+        && !partition.ends_with('-')
 }
 
 /// The base that role names are joined to: `arn:<partition>:iam::<account>:role/` plus an optional
@@ -130,8 +164,10 @@ pub fn resolve(annotation: &str, base: Option<&BaseArn>) -> Result<RoleArn, Role
         return Err(RoleError::BadName(annotation.to_string()));
     }
     let base = base.ok_or_else(|| RoleError::NoBaseArn(annotation.to_string()))?;
-    RoleArn::parse(&format!("{}{name}", base.as_str()))
-        .map_err(|_| RoleError::BadName(annotation.to_string()))
+    RoleArn::parse(&format!("{}{name}", base.as_str())).map_err(|e| match e {
+        RoleError::BadPath(_) => RoleError::BadPath(annotation.to_string()),
+        _ => RoleError::BadName(annotation.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -178,6 +214,59 @@ mod tests {
         }
         for bad in ["", "has space", "semi;colon", &"x".repeat(65)] {
             assert!(resolve(bad, Some(&base())).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn iam_character_rules_hold_for_names_paths_partitions_and_accounts() {
+        let ok = [
+            "arn:aws:iam::123456789012:role/app",
+            "arn:aws:iam::123456789012:role/a+b=c,d.e@f_g-h",
+            "arn:aws:iam::123456789012:role/team/sub-team/app",
+            "arn:aws:iam::123456789012:role/!#$%&'()*+,-.:;<=>?@[]^_`{|}~/app",
+            "arn:aws-us-gov:iam::123456789012:role/app",
+            "arn:aws-iso-b:iam::123456789012:role/app",
+        ];
+        for arn in ok {
+            assert_eq!(RoleArn::parse(arn).map(|r| r.to_string()), Ok(arn.to_string()));
+        }
+        let long_path = format!("arn:aws:iam::123456789012:role/{}/app", "p".repeat(MAX_PATH - 2));
+        assert!(RoleArn::parse(&long_path).is_ok(), "a path of exactly 512 characters");
+        let too_long = format!("arn:aws:iam::123456789012:role/{}/app", "p".repeat(MAX_PATH - 1));
+        let forged = "arn:aws:iam::123456789012:role/x\n2026-01-01T00:00:00Z  INFO credentials issued namespace=victim/app";
+        for (arn, expect) in [
+            (forged, RoleError::BadPath(forged.into())),
+            ("arn:aws:iam::123456789012:role/team\r/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/te am/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/t\tab/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/\u{1b}[31m/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/t\u{7f}/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/équipe/app", RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/a//app", RoleError::BadPath("".into())),
+            (&too_long, RoleError::BadPath("".into())),
+            ("arn:aws:iam::123456789012:role/app\n", RoleError::BadName("".into())),
+            ("arn:aws:iam::123456789012:role/app name", RoleError::BadName("".into())),
+            ("arn:aws:iam::123456789012:role/appé", RoleError::BadName("".into())),
+            ("arn:aws:iam::123456789012:role/app\u{85}", RoleError::BadName("".into())),
+            ("arn:aws:iam::123456789012:role/team/", RoleError::BadName("".into())),
+            ("arn:aws:iam::123456789012:role/", RoleError::BadName("".into())),
+            ("arn:aws\n:iam::123456789012:role/app", RoleError::BadPartition("".into())),
+            ("arn:AWS:iam::123456789012:role/app", RoleError::BadPartition("".into())),
+            ("arn:aws-:iam::123456789012:role/app", RoleError::BadPartition("".into())),
+            ("arn::iam::123456789012:role/app", RoleError::BadPartition("".into())),
+            ("arn:aws:iam::12345678901\n:role/app", RoleError::BadAccount("".into())),
+            ("arn:aws:iam::１２３456789012:role/app", RoleError::BadAccount("".into())),
+        ] {
+            let got = RoleArn::parse(arn).unwrap_err();
+            assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(&expect), "{arn:?}: {got}");
+            let message = got.to_string();
+            assert!(!message.chars().any(|c| c.is_control()), "the message escapes the input: {message:?}");
+        }
+        // Through the annotation's name form too.
+        let got = resolve("team\n2026-01-01T00:00:00Z INFO x/app", Some(&base())).unwrap_err();
+        assert!(matches!(got, RoleError::BadPath(_)), "{got}");
+        for name in ["app\nx", "app\u{1b}", "app\u{7f}", "ünicode"] {
+            assert!(matches!(resolve(name, Some(&base())), Err(RoleError::BadName(_))), "{name:?}");
         }
     }
 
