@@ -1,20 +1,28 @@
-//! The IMDS listener: HTTP/1.1 with hard limits (header size and read time against slow clients,
-//! a deadline per request, a cap on concurrent requests) and a graceful drain on shutdown.
+//! The IMDS listener: the shared hardened HTTP/1.1 server ([`imdsgate_core::http_server`]) with
+//! budgets by source. A pod of this node draws on the main budget (`--max-concurrent-requests`)
+//! within its own share; every other address (a pod the watch has not delivered yet, a
+//! host-network process, a pod of another node reaching `<node IP>:8181`) shares a small separate
+//! budget with a smaller share each, so unknown-source load, which waits up to `--pod-wait`, never
+//! takes a slot from a known pod. Addresses that cannot be a pod (loopback, unspecified, multicast,
+//! the node's own) are answered at once. The same split applies to connections.
 
+use crate::imds::{ImdsError, Route};
 use crate::imds::Imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use imdsgate_core::http_server::{self, Budget, HttpServer, PeerAddr, SourceBudget, SourceClass};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+
+/// Most requests one unknown source address may have in flight.
+pub const REQUESTS_PER_UNKNOWN_SOURCE: usize = 4;
 
 /// Hard limits of the IMDS listener.
 #[derive(Clone, Debug)]
@@ -22,7 +30,56 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
-    pub max_concurrent: usize,
+    /// Requests in flight from pods of this node, in total and per pod.
+    pub pods: Budget,
+    /// Requests in flight from every other address, in total and per address.
+    pub unknown: Budget,
+}
+
+impl Limits {
+    /// The shared server's limits: connections in each class at most twice its requests (an idle
+    /// keep-alive connection holds no request), and the outer request cap the sum of both classes,
+    /// so only the class budgets below ever refuse a request.
+    fn server(&self, grace: Duration) -> http_server::Limits {
+        let twice = |b: Budget| Budget { total: b.total.saturating_mul(2), per_source: b.per_source.saturating_mul(2) };
+        http_server::Limits {
+            connections: twice(self.pods),
+            unknown_connections: twice(self.unknown),
+            max_header_bytes: self.max_header_bytes,
+            header_timeout: self.header_timeout,
+            // The IMDS service answers 504 itself (and counts it) at `request_timeout`.
+            request_timeout: self.request_timeout + Duration::from_secs(1),
+            max_concurrent_requests: self.pods.total.saturating_add(self.unknown.total),
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: grace,
+        }
+    }
+}
+
+/// Whether `ip` can be the address of a pod of this node at all.
+fn could_be_pod(imds: &Imds, ip: IpAddr) -> bool {
+    let special = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast(),
+    };
+    !special && !imds.node_ips.contains(&ip)
+}
+
+fn class_of(imds: &Imds, ip: IpAddr) -> SourceClass {
+    if could_be_pod(imds, ip) && !imds.pods.by_ip(&ip).is_empty() {
+        SourceClass::Known
+    } else {
+        SourceClass::Unknown
+    }
+}
+
+#[derive(Clone)]
+struct State {
+    imds: Arc<Imds>,
+    request_timeout: Duration,
+    metrics: Metrics,
+    pods: Arc<SourceBudget>,
+    unknown: Arc<SourceBudget>,
 }
 
 /// Serves IMDS on `listener` until `shutdown`, then drains for at most `grace`.
@@ -34,78 +91,71 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_concurrent));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "IMDS accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (conn_imds, conn_limits, conn_metrics, conn_permits) =
-            (imds.clone(), limits.clone(), metrics.clone(), permits.clone());
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (imds, limits, metrics, permits) =
-                (conn_imds.clone(), conn_limits.clone(), conn_metrics.clone(), conn_permits.clone());
-            async move { Ok::<_, Infallible>(respond(&imds, &limits, &metrics, &permits, peer.ip(), req).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "IMDS connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "IMDS connections still open after the grace period");
-    }
+    let state = State {
+        imds: imds.clone(),
+        request_timeout: limits.request_timeout,
+        metrics,
+        pods: SourceBudget::new(limits.pods),
+        unknown: SourceBudget::new(limits.unknown),
+    };
+    let service = http_server::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(respond(&state, req).await) }
+    });
+    HttpServer::new("IMDS", limits.server(grace))
+        .classify(Arc::new(move |ip| class_of(&imds, ip)))
+        .serve(listener, service, shutdown)
+        .await
 }
 
-async fn respond(
-    imds: &Imds,
-    limits: &Limits,
-    metrics: &Metrics,
-    permits: &Semaphore,
-    peer: std::net::IpAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let Ok(_permit) = permits.try_acquire() else {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n");
-    };
-    let answer = tokio::time::timeout(
-        limits.request_timeout,
-        imds.handle(peer, req.method(), req.uri().path(), req.headers()),
-    )
-    .await;
-    let (route, response) = match answer {
-        Ok(answer) => answer,
-        Err(_) => {
-            (crate::metrics::Route::Other, plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"))
-        }
-    };
+    let peer = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.0.ip().to_canonical());
+    let (route, response) = answer(state, peer, req).await;
+    let metrics = &state.metrics;
     metrics.requests.get_or_create(&RequestLabels { route, status: response.status().as_u16() }).inc();
     metrics.request_duration.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
     response
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+async fn answer(
+    state: &State,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> (crate::metrics::Route, Response<Full<Bytes>>) {
+    let imds = &state.imds;
+    if !could_be_pod(imds, peer) {
+        // No pod will ever have this address: no budget, no wait.
+        let error = ImdsError::FromNode;
+        return (Route::of(req.uri().path()).label(), text(error.status(), error.to_string() + "\n"));
+    }
+    let budget = match class_of(imds, peer) {
+        SourceClass::Known => &state.pods,
+        SourceClass::Unknown => &state.unknown,
+    };
+    let Ok(_permit) = budget.try_acquire(peer) else {
+        return (
+            Route::of(req.uri().path()).label(),
+            http_server::plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n"),
+        );
+    };
+    let answer =
+        tokio::time::timeout(state.request_timeout, imds.handle(peer, req.method(), req.uri().path(), req.headers()))
+            .await;
+    answer.unwrap_or_else(|_| {
+        (
+            crate::metrics::Route::Other,
+            http_server::plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"),
+        )
+    })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
