@@ -6,8 +6,8 @@
 //! takes a slot from a known pod. Addresses that cannot be a pod (loopback, unspecified, multicast,
 //! the node's own) are answered at once. The same split applies to connections.
 
-use crate::imds::{ImdsError, Route};
 use crate::imds::Imds;
+use crate::imds::{ImdsError, Route};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -41,7 +41,10 @@ impl Limits {
     /// keep-alive connection holds no request), and the outer request cap the sum of both classes,
     /// so only the class budgets below ever refuse a request.
     fn server(&self, grace: Duration) -> http_server::Limits {
-        let twice = |b: Budget| Budget { total: b.total.saturating_mul(2), per_source: b.per_source.saturating_mul(2) };
+        let twice = |b: Budget| Budget {
+            total: b.total.saturating_mul(2),
+            per_source: b.per_source.saturating_mul(2),
+        };
         http_server::Limits {
             connections: twice(self.pods),
             unknown_connections: twice(self.unknown),
@@ -121,10 +124,10 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
     response
 }
 
-async fn answer(
+async fn answer<B>(
     state: &State,
     peer: IpAddr,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> (crate::metrics::Route, Response<Full<Bytes>>) {
     let imds = &state.imds;
     if !could_be_pod(imds, peer) {
@@ -142,9 +145,11 @@ async fn answer(
             http_server::plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n"),
         );
     };
-    let answer =
-        tokio::time::timeout(state.request_timeout, imds.handle(peer, req.method(), req.uri().path(), req.headers()))
-            .await;
+    let answer = tokio::time::timeout(
+        state.request_timeout,
+        imds.handle(peer, req.method(), req.uri().path(), req.headers()),
+    )
+    .await;
     answer.unwrap_or_else(|_| {
         (
             crate::metrics::Route::Other,
@@ -158,4 +163,109 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential_cache::CredentialCache;
+    use crate::credential_cache::tests::FakeServer;
+    use crate::token::TokenKey;
+    use crate::upstream::AllowList;
+    use imdsgate_core::PodIndex;
+    use imdsgate_core::pod_index::ROLE_ANNOTATION;
+
+    fn pod(uid: &str, ip: &str) -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "uid": uid, "name": uid, "namespace": "team",
+                          "annotations": { ROLE_ANNOTATION: "app-role" } },
+            "spec": { "nodeName": "node-a", "containers": [] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+        }))
+        .unwrap()
+    }
+
+    /// Pod 10.0.1.1 known; budgets: pods 8 (2 each), unknown 6 (4 each); a 2 s pod wait.
+    fn state() -> State {
+        let pods = Arc::new(PodIndex::new());
+        pods.apply(&pod("uid-app", "10.0.1.1"));
+        let imds = Imds {
+            pods,
+            node_ips: vec!["10.0.0.1".parse().unwrap()],
+            pod_wait: Duration::from_secs(2),
+            tokens: TokenKey::from_bytes([1; 32]),
+            require_imdsv2: false,
+            credentials: CredentialCache::new(FakeServer::new(Duration::from_secs(3600)), Metrics::new()),
+            upstream: None,
+            allow: AllowList::default_list(),
+            metrics: Metrics::new(),
+        };
+        State {
+            imds: Arc::new(imds),
+            request_timeout: Duration::from_secs(20),
+            metrics: Metrics::new(),
+            pods: SourceBudget::new(Budget { total: 8, per_source: 2 }),
+            unknown: SourceBudget::new(Budget { total: 6, per_source: REQUESTS_PER_UNKNOWN_SOURCE }),
+        }
+    }
+
+    const ROLE_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+    fn call(state: &State, from: &str) -> tokio::task::JoinHandle<StatusCode> {
+        let (state, from) = (state.clone(), from.parse().unwrap());
+        tokio::spawn(async move {
+            let req = Request::get(ROLE_PATH).body(()).unwrap();
+            answer(&state, from, req).await.1.status()
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_sources_wait_within_their_own_budget_and_never_crowd_out_known_pods() {
+        let state = state();
+        // One unknown address holds its 4 waits; its other requests are refused at once.
+        let flood: Vec<_> = (0..10).map(|_| call(&state, "10.0.9.9")).collect();
+        // Two more unknown addresses fill the unknown budget (6) and overflow it.
+        let others: Vec<_> = ["10.0.9.1", "10.0.9.2", "10.0.9.3"].iter().map(|ip| call(&state, ip)).collect();
+        settle().await;
+        let refused_at_once = flood.iter().chain(&others).filter(|t| t.is_finished()).count();
+        assert_eq!(refused_at_once, 6 + 1, "beyond 4 per address and 6 in all");
+        assert_eq!(state.unknown.in_use(), 6);
+
+        // Meanwhile the known pod is served, and loopback and the node are answered at once.
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::OK);
+        assert_eq!(call(&state, "127.0.0.1").await.unwrap(), StatusCode::FORBIDDEN);
+        assert_eq!(call(&state, "10.0.0.1").await.unwrap(), StatusCode::FORBIDDEN);
+        assert_eq!(state.unknown.in_use(), 6, "loopback and the node took no wait slot");
+
+        // A pod the watch delivers during the wait is served: the wait is for exactly that.
+        state.imds.pods.apply(&pod("uid-late", "10.0.9.9"));
+        let mut statuses = Vec::new();
+        for task in flood.into_iter().chain(others) {
+            statuses.push(task.await.unwrap().as_u16());
+        }
+        statuses.sort();
+        let count = |s: u16| statuses.iter().filter(|&&x| x == s).count();
+        assert_eq!((count(200), count(404), count(503)), (4, 2, 7), "{statuses:?}");
+        assert_eq!(state.unknown.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_pod_cannot_take_the_whole_budget() {
+        let state = state();
+        let gate = state.pods.clone();
+        // The pod's share is 2: hold both and the third is refused, another pod is not.
+        state.imds.pods.apply(&pod("uid-b", "10.0.1.2"));
+        let a1 = gate.try_acquire("10.0.1.1".parse().unwrap()).unwrap();
+        let _a2 = gate.try_acquire("10.0.1.1".parse().unwrap()).unwrap();
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(call(&state, "10.0.1.2").await.unwrap(), StatusCode::OK);
+        drop(a1);
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::OK);
+    }
 }

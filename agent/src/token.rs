@@ -258,8 +258,10 @@ mod tests {
     }
 
     fn files_in(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
         names.sort();
         names
     }
@@ -280,7 +282,8 @@ mod tests {
             let token = key.issue("uid-a", Duration::from_secs(60), SystemTime::now());
             let reloaded = TokenKey::load_or_create(&path).unwrap();
             assert_eq!(reloaded.verify(&token, "uid-a", SystemTime::now()), Ok(()), "case {i}: the key kept");
-            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
             assert_eq!(mode & 0o777, 0o600, "case {i}");
             // Replaced by a rename, not rewritten in place: the old file still holds the old bytes.
             let mut old = Vec::new();

@@ -2,11 +2,11 @@
 //! `/readyz` (it can do its job) and `/metrics` (Prometheus, OpenMetrics text), on the shared
 //! hardened HTTP server ([`crate::http_server`]).
 
+use crate::http_server::{HttpServer, Limits, service_fn};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use crate::http_server::{HttpServer, Limits, service_fn};
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
 use std::future::Future;

@@ -340,7 +340,8 @@ impl HttpServer {
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls());
                         let stream =
-                            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io)).await
+                            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
+                                .await
                             {
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(error)) => {
@@ -373,16 +374,15 @@ impl HttpServer {
 fn layered<S>(
     service: S,
     limits: &Limits,
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<Full<Bytes>>,
-    Error = BoxError,
-    Future: Send + 'static,
-> + Clone
+) -> impl Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = BoxError, Future: Send + 'static>
++ Clone
 + Send
 + 'static
 where
-    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     ServiceBuilder::new()
@@ -433,8 +433,13 @@ mod tests {
         let attempts = Arc::new(Mutex::new(Vec::new()));
         let start = tokio::time::Instant::now();
         let server = HttpServer::new("test", limits());
-        let service = service_fn(|_req: Request<Incoming>| async { Ok::<_, Infallible>(plain(StatusCode::OK, "")) });
-        let task = tokio::spawn(server.serve(Failing { attempts: attempts.clone() }, service, std::future::pending()));
+        let service =
+            service_fn(|_req: Request<Incoming>| async { Ok::<_, Infallible>(plain(StatusCode::OK, "")) });
+        let task = tokio::spawn(server.serve(
+            Failing { attempts: attempts.clone() },
+            service,
+            std::future::pending(),
+        ));
         tokio::time::sleep(Duration::from_secs(10)).await;
         task.abort();
         let attempts: Vec<Duration> = attempts.lock().unwrap().iter().map(|t| *t - start).collect();
@@ -503,7 +508,8 @@ mod tests {
         let service = service_fn(move |req: Request<Incoming>| {
             let gate = gate.clone();
             async move {
-                let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_string()).unwrap_or_default();
+                let peer =
+                    req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_string()).unwrap_or_default();
                 let body = match req.uri().path() {
                     "/wait" => {
                         let _ = gate.acquire().await;
@@ -544,7 +550,9 @@ mod tests {
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let length = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                    })
                     .and_then(|v| v.parse::<usize>().ok())
                     .unwrap_or(0);
                 if body.len() >= length {
@@ -552,7 +560,8 @@ mod tests {
                     return (status, body.to_string());
                 }
             }
-            let n = tokio::time::timeout(MARGIN, stream.read(&mut chunk)).await.expect("a response").unwrap_or(0);
+            let n =
+                tokio::time::timeout(MARGIN, stream.read(&mut chunk)).await.expect("a response").unwrap_or(0);
             assert!(n > 0, "connection closed before a full response: {:?}", String::from_utf8_lossy(&raw));
             raw.extend_from_slice(&chunk[..n]);
         }
@@ -658,7 +667,8 @@ mod tests {
 
     #[tokio::test]
     async fn requests_over_the_concurrency_cap_get_503_at_once() {
-        let limits = Limits { max_concurrent_requests: 2, request_timeout: Duration::from_secs(30), ..limits() };
+        let limits =
+            Limits { max_concurrent_requests: 2, request_timeout: Duration::from_secs(30), ..limits() };
         let gate = Arc::new(Semaphore::new(0));
         let server = start(HttpServer::new("test", limits), gate.clone()).await;
         let mut waiting = Vec::new();
@@ -686,10 +696,16 @@ mod tests {
     async fn the_request_deadline_covers_reading_the_body() {
         let server = start(HttpServer::new("test", limits()), Arc::new(Semaphore::new(0))).await;
         let mut whole = TcpStream::connect(server.addr).await.unwrap();
-        whole.write_all(b"POST /body HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
+        whole
+            .write_all(b"POST /body HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
         assert_eq!(response(&mut whole).await, (200, "5".into()));
         let mut trickle = TcpStream::connect(server.addr).await.unwrap();
-        trickle.write_all(b"POST /body HTTP/1.1\r\nhost: test\r\ncontent-length: 100\r\n\r\nhello").await.unwrap();
+        trickle
+            .write_all(b"POST /body HTTP/1.1\r\nhost: test\r\ncontent-length: 100\r\n\r\nhello")
+            .await
+            .unwrap();
         let (sent, _) = closed_within(&mut trickle, Duration::from_millis(500) + MARGIN).await;
         assert!(sent.starts_with("HTTP/1.1 504"), "{sent:?}");
     }
