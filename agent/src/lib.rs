@@ -134,7 +134,7 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Most IMDS requests served at once; more get 503 (SDKs retry).
+    /// Most IMDS requests from this node's pods served at once; more get 503 (SDKs retry).
     #[arg(long, env = "IMDSGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
 

@@ -150,8 +150,10 @@ fn write_atomically(path: &Path, contents: &[u8], replace: bool) -> std::io::Res
             linked => linked,
         }
     })();
-    // After a rename it is gone already; after a link (or a failure) this removes it.
-    let _ = std::fs::remove_file(&temp);
+    if !(replace && written.is_ok()) {
+        // Linked (the name stays on `path`) or failed: the temporary name goes.
+        let _ = std::fs::remove_file(&temp);
+    }
     written?;
     std::fs::File::open(dir)?.sync_all()
 }

@@ -53,19 +53,13 @@ impl Admin {
         }
     }
 
-    /// Serves the admin endpoint on `listener` until `shutdown` resolves, with
-    /// [`Limits::admin`].
+    /// Serves the admin endpoint on `listener` with [`Limits::admin`] until `shutdown` resolves.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        self.serve_with(listener, Limits::admin(), shutdown).await
-    }
-
-    /// Serves the admin endpoint on `listener` with `limits` until `shutdown` resolves.
-    pub async fn serve_with(self, listener: TcpListener, limits: Limits, shutdown: impl Future<Output = ()>) {
         let service = service_fn(move |req: Request<Incoming>| {
             let response = self.respond(req.method(), req.uri().path());
             async move { Ok::<_, Infallible>(response) }
         });
-        HttpServer::new("admin", limits).serve(listener, service, shutdown).await
+        HttpServer::new("admin", Limits::admin()).serve(listener, service, shutdown).await
     }
 }
 
