@@ -18,6 +18,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
+use imdsgate_core::http_server::Budget;
 use imdsgate_core::pod_index::Change;
 use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, parse_duration};
 use imdsgate_core::watch::{self, Synced, Update};
@@ -147,9 +148,19 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Most IMDS requests served at once; more get 503 (SDKs retry).
+    /// Most IMDS requests from this node's pods served at once; more get 503 (SDKs retry).
     #[arg(long, env = "IMDSGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
+
+    /// Most of --max-concurrent-requests one pod may hold at once; more get 503.
+    #[arg(long, env = "IMDSGATE_MAX_REQUESTS_PER_POD", default_value_t = 64)]
+    pub max_requests_per_pod: usize,
+
+    /// Most IMDS requests served at once, on top of --max-concurrent-requests, from addresses
+    /// that are not a known pod of this node (a pod the watch has not delivered yet, others), at
+    /// most 4 per address; more get 503 at once.
+    #[arg(long, env = "IMDSGATE_MAX_UNKNOWN_SOURCE_REQUESTS", default_value_t = 64)]
+    pub max_unknown_source_requests: usize,
 
     /// Log format.
     #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
@@ -253,6 +264,9 @@ impl Args {
         }
         if self.max_concurrent_requests == 0 {
             bail!("--max-concurrent-requests must be at least 1");
+        }
+        if self.max_requests_per_pod == 0 || self.max_unknown_source_requests == 0 {
+            bail!("--max-requests-per-pod and --max-unknown-source-requests must be at least 1");
         }
         let interception = if self.iptables { self.interceptions()? } else { Vec::new() };
         Ok(Validated { args: self, node_name, server, allow, upstream, interception })
@@ -419,7 +433,11 @@ impl Validated {
             max_header_bytes: 16 * 1024,
             header_timeout: Duration::from_secs(5),
             request_timeout: args.pod_wait + Duration::from_secs(15),
-            max_concurrent: args.max_concurrent_requests,
+            pods: Budget { total: args.max_concurrent_requests, per_source: args.max_requests_per_pod },
+            unknown: Budget {
+                total: args.max_unknown_source_requests,
+                per_source: listener::REQUESTS_PER_UNKNOWN_SOURCE,
+            },
         };
         let mut imds_task = tokio::spawn(listener::serve(
             imds_listener,

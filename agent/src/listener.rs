@@ -1,22 +1,30 @@
-//! The IMDS listener: HTTP/1.1 with hard limits (header size and read time against slow clients,
-//! a deadline per request, a cap on concurrent requests) and a graceful drain on shutdown. One
-//! dual-stack socket takes both families (IPv4 peers appear as IPv4-mapped addresses, which
+//! The IMDS listener: the shared hardened HTTP/1.1 server ([`imdsgate_core::http_server`]) with
+//! budgets by source. A pod of this node draws on the main budget (`--max-concurrent-requests`)
+//! within its own share; every other address (a pod the watch has not delivered yet, a
+//! host-network process, a pod of another node reaching `<node IP>:8181`) shares a small separate
+//! budget with a smaller share each, so unknown-source load, which waits up to `--pod-wait`, never
+//! takes a slot from a known pod. Addresses that cannot be a pod (loopback, unspecified, multicast,
+//! the node's own) are answered at once. The same split applies to connections.
+//! One dual-stack socket takes both families (IPv4 peers appear as IPv4-mapped addresses, which
 //! [`Imds::handle`] maps back).
 
 use crate::imds::Imds;
+use crate::imds::{ImdsError, Route};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use imdsgate_core::http_server::{self, Budget, HttpServer, PeerAddr, SourceBudget, SourceClass};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+
+/// Most requests one unknown source address may have in flight.
+pub const REQUESTS_PER_UNKNOWN_SOURCE: usize = 4;
 
 /// Hard limits of the IMDS listener.
 #[derive(Clone, Debug)]
@@ -24,7 +32,62 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
-    pub max_concurrent: usize,
+    /// Requests in flight from pods of this node, in total and per pod.
+    pub pods: Budget,
+    /// Requests in flight from every other address, in total and per address.
+    pub unknown: Budget,
+}
+
+impl Limits {
+    /// The shared server's limits: connections in each class at most twice its requests (an idle
+    /// keep-alive connection holds no request), and the outer request cap the sum of both classes,
+    /// so only the class budgets below ever refuse a request.
+    fn server(&self, grace: Duration) -> http_server::Limits {
+        let twice = |b: Budget| Budget {
+            total: b.total.saturating_mul(2),
+            per_source: b.per_source.saturating_mul(2),
+        };
+        http_server::Limits {
+            connections: twice(self.pods),
+            unknown_connections: twice(self.unknown),
+            max_header_bytes: self.max_header_bytes,
+            header_timeout: self.header_timeout,
+            // The IMDS service answers 504 itself (and counts it) at `request_timeout`.
+            request_timeout: self.request_timeout + Duration::from_secs(1),
+            max_concurrent_requests: self.pods.total.saturating_add(self.unknown.total),
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: grace,
+        }
+    }
+}
+
+/// Whether `ip` can be the address of a pod of this node at all.
+fn could_be_pod(imds: &Imds, ip: IpAddr) -> bool {
+    // The dual-stack socket shows IPv4 peers as IPv4-mapped IPv6 addresses.
+    let ip = ip.to_canonical();
+    let special = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast(),
+    };
+    !special && !imds.node_ips.contains(&ip)
+}
+
+fn class_of(imds: &Imds, ip: IpAddr) -> SourceClass {
+    let ip = ip.to_canonical();
+    if could_be_pod(imds, ip) && !imds.pods.by_ip(&ip).is_empty() {
+        SourceClass::Known
+    } else {
+        SourceClass::Unknown
+    }
+}
+
+#[derive(Clone)]
+struct State {
+    imds: Arc<Imds>,
+    request_timeout: Duration,
+    metrics: Metrics,
+    pods: Arc<SourceBudget>,
+    unknown: Arc<SourceBudget>,
 }
 
 /// Binds the IMDS listener. An IPv6 wildcard (`[::]`, the default) takes IPv4 too, whatever the
@@ -62,78 +125,191 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_concurrent));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "IMDS accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (conn_imds, conn_limits, conn_metrics, conn_permits) =
-            (imds.clone(), limits.clone(), metrics.clone(), permits.clone());
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (imds, limits, metrics, permits) =
-                (conn_imds.clone(), conn_limits.clone(), conn_metrics.clone(), conn_permits.clone());
-            async move { Ok::<_, Infallible>(respond(&imds, &limits, &metrics, &permits, peer.ip(), req).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "IMDS connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "IMDS connections still open after the grace period");
-    }
+    let state = State {
+        imds: imds.clone(),
+        request_timeout: limits.request_timeout,
+        metrics,
+        pods: SourceBudget::new(limits.pods),
+        unknown: SourceBudget::new(limits.unknown),
+    };
+    let service = http_server::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(respond(&state, req).await) }
+    });
+    HttpServer::new("IMDS", limits.server(grace))
+        .classify(Arc::new(move |ip| class_of(&imds, ip)))
+        .serve(listener, service, shutdown)
+        .await
 }
 
-async fn respond(
-    imds: &Imds,
-    limits: &Limits,
-    metrics: &Metrics,
-    permits: &Semaphore,
-    peer: std::net::IpAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let Ok(_permit) = permits.try_acquire() else {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n");
-    };
-    let answer = tokio::time::timeout(
-        limits.request_timeout,
-        imds.handle(peer, req.method(), req.uri().path(), req.headers()),
-    )
-    .await;
-    let (route, response) = match answer {
-        Ok(answer) => answer,
-        Err(_) => {
-            (crate::metrics::Route::Other, plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"))
-        }
-    };
+    let peer = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.0.ip().to_canonical());
+    let (route, response) = answer(state, peer, req).await;
+    let metrics = &state.metrics;
     metrics.requests.get_or_create(&RequestLabels { route, status: response.status().as_u16() }).inc();
     metrics.request_duration.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
     response
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+async fn answer<B>(
+    state: &State,
+    peer: IpAddr,
+    req: Request<B>,
+) -> (crate::metrics::Route, Response<Full<Bytes>>) {
+    let imds = &state.imds;
+    if !could_be_pod(imds, peer) {
+        // No pod will ever have this address: no budget, no wait.
+        let error = ImdsError::FromNode;
+        return (Route::of(req.uri().path()).label(), text(error.status(), error.to_string() + "\n"));
+    }
+    let budget = match class_of(imds, peer) {
+        SourceClass::Known => &state.pods,
+        SourceClass::Unknown => &state.unknown,
+    };
+    let Ok(_permit) = budget.try_acquire(peer) else {
+        return (
+            Route::of(req.uri().path()).label(),
+            http_server::plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n"),
+        );
+    };
+    let answer = tokio::time::timeout(
+        state.request_timeout,
+        imds.handle(peer, req.method(), req.uri().path(), req.headers()),
+    )
+    .await;
+    answer.unwrap_or_else(|_| {
+        (
+            crate::metrics::Route::Other,
+            http_server::plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"),
+        )
+    })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential_cache::CredentialCache;
+    use crate::credential_cache::tests::FakeServer;
+    use crate::token::TokenKey;
+    use crate::upstream::AllowList;
+    use imdsgate_core::PodIndex;
+    use imdsgate_core::pod_index::ROLE_ANNOTATION;
+
+    fn pod(uid: &str, ip: &str) -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "uid": uid, "name": uid, "namespace": "team",
+                          "annotations": { ROLE_ANNOTATION: "app-role" } },
+            "spec": { "nodeName": "node-a", "containers": [] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+        }))
+        .unwrap()
+    }
+
+    /// Pod 10.0.1.1 known; budgets: pods 8 (2 each), unknown 6 (4 each); a 2 s pod wait.
+    fn state() -> State {
+        let pods = Arc::new(PodIndex::new());
+        pods.apply(&pod("uid-app", "10.0.1.1"));
+        let imds = Imds {
+            pods,
+            node_ips: vec!["10.0.0.1".parse().unwrap()],
+            pod_wait: Duration::from_secs(2),
+            tokens: TokenKey::from_bytes([1; 32]),
+            require_imdsv2: false,
+            credentials: Arc::new(CredentialCache::new(
+                FakeServer::new(Duration::from_secs(3600)),
+                Metrics::new(),
+            )),
+            upstream: None,
+            allow: AllowList::default_list(),
+            metrics: Metrics::new(),
+        };
+        State {
+            imds: Arc::new(imds),
+            request_timeout: Duration::from_secs(20),
+            metrics: Metrics::new(),
+            pods: SourceBudget::new(Budget { total: 8, per_source: 2 }),
+            unknown: SourceBudget::new(Budget { total: 6, per_source: REQUESTS_PER_UNKNOWN_SOURCE }),
+        }
+    }
+
+    const ROLE_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+    fn call(state: &State, from: &str) -> tokio::task::JoinHandle<StatusCode> {
+        let (state, from) = (state.clone(), from.parse().unwrap());
+        tokio::spawn(async move {
+            let req = Request::get(ROLE_PATH).body(()).unwrap();
+            answer(&state, from, req).await.1.status()
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_sources_wait_within_their_own_budget_and_never_crowd_out_known_pods() {
+        let state = state();
+        // One unknown address holds its 4 waits; its other requests are refused at once.
+        let flood: Vec<_> = (0..10).map(|_| call(&state, "10.0.9.9")).collect();
+        // Two more unknown addresses fill the unknown budget (6) and overflow it.
+        let others: Vec<_> = ["10.0.9.1", "10.0.9.2", "10.0.9.3"].iter().map(|ip| call(&state, ip)).collect();
+        settle().await;
+        let refused_at_once = flood.iter().chain(&others).filter(|t| t.is_finished()).count();
+        assert_eq!(refused_at_once, 6 + 1, "beyond 4 per address and 6 in all");
+        assert_eq!(state.unknown.in_use(), 6);
+
+        // Meanwhile the known pod is served, and loopback and the node are answered at once.
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::OK);
+        assert_eq!(call(&state, "127.0.0.1").await.unwrap(), StatusCode::FORBIDDEN);
+        assert_eq!(call(&state, "10.0.0.1").await.unwrap(), StatusCode::FORBIDDEN);
+        assert_eq!(state.unknown.in_use(), 6, "loopback and the node took no wait slot");
+
+        // A pod the watch delivers during the wait is served: the wait is for exactly that.
+        state.imds.pods.apply(&pod("uid-late", "10.0.9.9"));
+        let mut statuses = Vec::new();
+        for task in flood.into_iter().chain(others) {
+            statuses.push(task.await.unwrap().as_u16());
+        }
+        statuses.sort();
+        let count = |s: u16| statuses.iter().filter(|&&x| x == s).count();
+        assert_eq!((count(200), count(404), count(503)), (4, 2, 7), "{statuses:?}");
+        assert_eq!(state.unknown.in_use(), 0);
+    }
+
+    #[test]
+    fn ipv4_peers_on_the_dual_stack_socket_are_classed_by_their_ipv4_address() {
+        let state = state();
+        let mapped = |ip: &str| IpAddr::V6(ip.parse::<Ipv4Addr>().unwrap().to_ipv6_mapped());
+        assert_eq!(class_of(&state.imds, mapped("10.0.1.1")), SourceClass::Known);
+        assert_eq!(class_of(&state.imds, mapped("10.0.9.9")), SourceClass::Unknown);
+        assert!(!could_be_pod(&state.imds, mapped("10.0.0.1")), "the node, mapped, is still the node");
+        assert!(!could_be_pod(&state.imds, mapped("127.0.0.1")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_pod_cannot_take_the_whole_budget() {
+        let state = state();
+        let gate = state.pods.clone();
+        // The pod's share is 2: hold both and the third is refused, another pod is not.
+        state.imds.pods.apply(&pod("uid-b", "10.0.1.2"));
+        let a1 = gate.try_acquire("10.0.1.1".parse().unwrap()).unwrap();
+        let _a2 = gate.try_acquire("10.0.1.1".parse().unwrap()).unwrap();
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(call(&state, "10.0.1.2").await.unwrap(), StatusCode::OK);
+        drop(a1);
+        assert_eq!(call(&state, "10.0.1.1").await.unwrap(), StatusCode::OK);
+    }
 }

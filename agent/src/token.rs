@@ -20,9 +20,7 @@ const KEY_LEN: usize = 32;
 pub enum KeyError {
     #[error("cannot read token key file {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("token key file {path} must hold {KEY_LEN} bytes as hex")]
-    Malformed { path: String },
-    #[error("cannot create token key file {path}: {source}")]
+    #[error("cannot write token key file {path}: {source}")]
     Create { path: String, source: std::io::Error },
 }
 
@@ -42,35 +40,42 @@ pub enum TokenError {
 pub struct TokenKey([u8; KEY_LEN]);
 
 impl TokenKey {
-    /// Reads the key from `path`, or generates one and keeps it there (mode 0600).
+    /// Reads the key from `path`, or generates one and keeps it there (mode 0600). A file that
+    /// does not hold a key (empty or truncated, say) is replaced with a warning: tokens issued
+    /// under the lost key stop working and SDKs fetch new ones. The file is only ever written
+    /// whole: a temporary file in the same directory, synced, then moved into place.
     pub fn load_or_create(path: &Path) -> Result<TokenKey, KeyError> {
-        let shown = path.display().to_string();
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let bytes =
-                    hex::decode(text.trim()).map_err(|_| KeyError::Malformed { path: shown.clone() })?;
-                let key: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::Malformed { path: shown })?;
-                Ok(TokenKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; KEY_LEN] = rand::random();
-                let create = || -> std::io::Result<()> {
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    let mut file =
-                        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-                    file.write_all(hex::encode(key).as_bytes())?;
-                    file.sync_all()
-                };
-                match create() {
-                    Ok(()) => Ok(TokenKey(key)),
-                    // Another agent process won the race: use its key.
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load_or_create(path),
-                    Err(source) => Err(KeyError::Create { path: shown, source }),
+        let shown = || path.display().to_string();
+        let replace = match std::fs::read_to_string(path) {
+            Ok(text) => match parse_key(&text) {
+                Some(key) => return Ok(TokenKey(key)),
+                None => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the token key file does not hold a key; replacing it (IMDSv2 tokens issued before are void)"
+                    );
+                    true
                 }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            // Not text at all: as corrupt as a wrong length.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(path = %path.display(), "the token key file is not text; replacing it");
+                true
             }
-            Err(source) => Err(KeyError::Read { path: shown, source }),
+            Err(source) => return Err(KeyError::Read { path: shown(), source }),
+        };
+        let key: [u8; KEY_LEN] = rand::random();
+        match write_atomically(path, hex::encode(key).as_bytes(), replace) {
+            Ok(()) => Ok(TokenKey(key)),
+            // Another agent process created it first: use its key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::read_to_string(path) {
+                Ok(text) => parse_key(&text)
+                    .map(TokenKey)
+                    .ok_or_else(|| KeyError::Create { path: shown(), source: e }),
+                Err(source) => Err(KeyError::Read { path: shown(), source }),
+            },
+            Err(source) => Err(KeyError::Create { path: shown(), source }),
         }
     }
 
@@ -115,6 +120,42 @@ impl TokenKey {
         mac.update(pod_uid.as_bytes());
         mac
     }
+}
+
+fn parse_key(text: &str) -> Option<[u8; KEY_LEN]> {
+    hex::decode(text.trim()).ok()?.try_into().ok()
+}
+
+/// Puts `contents` at `path` (mode 0600) so that `path` never holds anything but all of it: written
+/// to a temporary file beside it and synced, then renamed over `path` (`replace`) or linked to it
+/// (otherwise: fails with `AlreadyExists` if `path` appeared meanwhile), then the directory synced.
+fn write_atomically(path: &Path, contents: &[u8], replace: bool) -> std::io::Result<()> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir,
+        None => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = dir.join(format!(".{name}.{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        if replace {
+            return std::fs::rename(&temp, path);
+        }
+        match std::fs::hard_link(&temp, path) {
+            // A file system without hard links: a rename still never exposes a partial file.
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => std::fs::rename(&temp, path),
+            linked => linked,
+        }
+    })();
+    if !(replace && written.is_ok()) {
+        // Linked (the name stays on `path`) or failed: the temporary name goes.
+        let _ = std::fs::remove_file(&temp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header: an integer from 1 to 21600.
@@ -192,8 +233,79 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let restarted = TokenKey::load_or_create(&path).unwrap();
         assert_eq!(restarted.verify(&token, "uid-a", SystemTime::now()), Ok(()));
-        std::fs::write(&path, "short").unwrap();
-        assert!(matches!(TokenKey::load_or_create(&path), Err(KeyError::Malformed { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fresh directory, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("imdsgate-token-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_empty_or_corrupt_key_file_is_replaced_by_a_fresh_key() {
+        let corrupt: [&[u8]; 6] = [b"", b"short", &[b'z'; 64], &[b'a'; 62], &[b'a'; 66], &[0xff, 0xfe, 0x00]];
+        for (i, contents) in corrupt.into_iter().enumerate() {
+            let dir = TempDir::new();
+            let path = dir.path().join("token.key");
+            std::fs::write(&path, contents).unwrap();
+            // What a crash left behind (a file written in place would be this one, truncated).
+            let before = std::fs::File::open(&path).unwrap();
+            let key = TokenKey::load_or_create(&path).unwrap_or_else(|e| panic!("case {i}: {e}"));
+
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text.len(), 2 * KEY_LEN, "case {i}: {text:?}");
+            let token = key.issue("uid-a", Duration::from_secs(60), SystemTime::now());
+            let reloaded = TokenKey::load_or_create(&path).unwrap();
+            assert_eq!(reloaded.verify(&token, "uid-a", SystemTime::now()), Ok(()), "case {i}: the key kept");
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+            assert_eq!(mode & 0o777, 0o600, "case {i}");
+            // Replaced by a rename, not rewritten in place: the old file still holds the old bytes.
+            let mut old = Vec::new();
+            std::io::Read::read_to_end(&mut &before, &mut old).unwrap();
+            assert_eq!(old, contents, "case {i}: the key went into a new file");
+            assert_eq!(files_in(dir.path()), ["token.key"], "case {i}: no temporary file left");
+        }
+    }
+
+    #[test]
+    fn a_new_key_file_appears_whole_and_an_existing_one_is_never_overwritten() {
+        let dir = TempDir::new();
+        let path = dir.path().join("sub").join("token.key");
+        write_atomically(&path, b"first", false).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let second = write_atomically(&path, b"second", false).unwrap_err();
+        assert_eq!(second.kind(), std::io::ErrorKind::AlreadyExists, "another process's key stays");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        write_atomically(&path, b"third", true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"third");
+        assert_eq!(files_in(&dir.path().join("sub")), ["token.key"]);
     }
 }

@@ -1,11 +1,12 @@
 //! The admin HTTP endpoint both binaries serve on their admin port: `/healthz` (the process runs),
-//! `/readyz` (it can do its job) and `/metrics` (Prometheus, OpenMetrics text).
+//! `/readyz` (it can do its job) and `/metrics` (Prometheus, OpenMetrics text), on the shared
+//! hardened HTTP server ([`crate::http_server`]).
 
+use crate::http_server::{HttpServer, Limits, service_fn};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,33 +53,13 @@ impl Admin {
         }
     }
 
-    /// Serves the admin endpoint on `listener` until `shutdown` resolves.
+    /// Serves the admin endpoint on `listener` with [`Limits::admin`] until `shutdown` resolves.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, _) = match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let response = admin.respond(req.method(), req.uri().path());
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
-                    tracing::debug!(%error, "admin connection ended");
-                }
-            });
-        }
+        let service = service_fn(move |req: Request<Incoming>| {
+            let response = self.respond(req.method(), req.uri().path());
+            async move { Ok::<_, Infallible>(response) }
+        });
+        HttpServer::new("admin", Limits::admin()).serve(listener, service, shutdown).await
     }
 }
 

@@ -1,8 +1,10 @@
 //! What the imdsgate agent and server share: the pod index and the watch driver that feeds it, the
-//! admin HTTP endpoint, TLS files with reload, logging, shutdown and start-up errors.
+//! admin HTTP endpoint, the hardened HTTP server behind every listener, TLS files with reload,
+//! logging, shutdown and start-up errors.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod http_server;
 pub mod pod_index;
 pub mod process;
 pub mod tls;

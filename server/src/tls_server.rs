@@ -1,7 +1,9 @@
 //! The mutual-TLS listener for gRPC: client certificates signed by `--tls-client-ca` are required;
 //! the certificate, key and CA are re-read when their files change. Handshakes run in their own
-//! tasks with a deadline, so a slow or hostile client cannot stall the accept loop.
+//! tasks with a deadline, so a slow or hostile client cannot stall the accept loop; failed accepts
+//! back off (the shared [`accept_with_backoff`]).
 
+use imdsgate_core::http_server::{Backoff, accept_with_backoff};
 use imdsgate_core::tls::{self, Reloading, TlsError};
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -47,16 +49,10 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let mut listener = listener;
+        let mut backoff = Backoff::default();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+            let (tcp, peer) = accept_with_backoff(&mut listener, &mut backoff, "gRPC").await;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
             if tx.is_closed() {
                 return;

@@ -1,13 +1,14 @@
 //! The HTTPS listener for the admission webhook: TLS without client certificates (the apiserver
 //! calls it), certificate and key re-read on change, `POST /validate/pods` only, bodies capped, a
-//! malformed body answered 400.
+//! malformed body answered 400; HTTP/1.1 on the shared hardened server (header and request
+//! deadlines, connection caps).
 
 use crate::admission::Admission;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use imdsgate_core::http_server::{Budget, HttpServer, Limits, service_fn};
 use imdsgate_core::tls::{self, Reloading, TlsError};
 use rustls::ServerConfig;
 use std::convert::Infallible;
@@ -27,51 +28,45 @@ pub fn reloading_config(cert: PathBuf, key: PathBuf) -> Result<Arc<Reloading<Ser
             .with_no_client_auth()
             .with_single_cert(tls::load_certs(&cert)?, tls::load_key(&key)?)
             .map_err(|e| TlsError::Config(format!("webhook certificate {}: {e}", cert.display())))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // HTTP/1.1 only: the limits of the shared server are HTTP/1.1 limits.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     })
 }
 
-/// Serves the webhook until `shutdown` resolves.
+/// The webhook listener's limits. The caller is the apiserver (one address, or a few), which sends
+/// one review per connection at a time and keeps connections alive between reviews.
+pub fn limits() -> Limits {
+    Limits {
+        connections: Budget { total: 512, per_source: 256 },
+        unknown_connections: Budget { total: 0, per_source: 0 },
+        max_header_bytes: 16 * 1024,
+        // Also the keep-alive idle limit: long enough not to close the apiserver's pooled
+        // connections under it all the time.
+        header_timeout: Duration::from_secs(10),
+        // Reading the body (up to 3 MiB) included; the apiserver gives up after at most 30s.
+        request_timeout: Duration::from_secs(15),
+        max_concurrent_requests: 256,
+        tls_handshake_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(10),
+    }
+}
+
+/// Serves the webhook until `shutdown` resolves, with [`limits`].
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<Reloading<ServerConfig>>,
     admission: Arc<Admission>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+    let service = service_fn(move |req: Request<Incoming>| {
         let admission = admission.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                _ => {
-                    tracing::debug!(%peer, "webhook TLS handshake failed");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let admission = admission.clone();
-                async move { Ok::<_, Infallible>(handle(&admission, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%error, "webhook connection ended");
-            }
-        });
-    }
+        async move { Ok::<_, Infallible>(handle(&admission, req).await) }
+    });
+    HttpServer::new("webhook", limits())
+        .tls(Arc::new(move || tls.get()))
+        .serve(listener, service, shutdown)
+        .await
 }
 
 async fn handle(admission: &Admission, req: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -1,0 +1,380 @@
+//! Hard limits under abuse, end to end: slow clients against the agent's admin port and the
+//! server's webhook port are cut off and capped while normal requests go through; a flood of
+//! requests from an address with no pod never costs a real pod of the node an answer; a token key
+//! file left empty by a crash is replaced at start. The abusive clients are `imdsgate-flood`.
+
+use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, install_rbac};
+use imdsgate_e2e::netns::{NodeNs, PodNs};
+use imdsgate_e2e::process::free_port;
+use imdsgate_e2e::tools::workspace_bin;
+use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NODE: &str = "node-l";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
+/// The agent's admin port inside the node namespace, bound to 127.0.0.1 by the harness.
+const AGENT_ADMIN: &str = "127.0.0.1:9611";
+
+struct Bed {
+    cluster: Cluster,
+    _sts: Sts,
+    pki: Pki,
+    tls: TlsFiles,
+    _server: ServerProcess,
+    server_port: u16,
+    webhook: SocketAddr,
+    node: NodeNs,
+    agent_pod: Pod,
+    /// A real pod with a role.
+    web: PodNs,
+    /// An address on the node with no Pod object behind it.
+    ghost: PodNs,
+    agent: Option<AgentProcess>,
+}
+
+impl Bed {
+    async fn start() -> Bed {
+        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
+        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
+        install_rbac(&cluster).unwrap();
+        sts.create_role("app-reader").unwrap();
+        cluster.create_node(NODE).await.unwrap();
+        let agent_pod = cluster
+            .create_pod(
+                &PodSpec::new("imdsgate", "agent-l", NODE).service_account("imdsgate-agent").host_network(),
+            )
+            .await
+            .unwrap();
+        cluster
+            .create_namespace(
+                "team-l",
+                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
+            )
+            .await
+            .unwrap();
+        let node = NodeNs::create("10.210.0.1".parse().unwrap()).unwrap();
+        cluster
+            .create_pod(
+                &PodSpec::new("team-l", "web", NODE).annotation("iam.amazonaws.com/role", "app-reader"),
+            )
+            .await
+            .unwrap();
+        cluster.set_pod_status("team-l", "web", &["10.210.1.10"], "Running").await.unwrap();
+        let web = node.add_pod("10.210.1.10".parse().unwrap()).unwrap();
+        let ghost = node.add_pod("10.210.1.66".parse().unwrap()).unwrap();
+
+        let pki = Pki::new().unwrap();
+        let tls = pki.files();
+        let webhook: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
+        let server = ServerProcess::start(
+            &cluster,
+            &sts,
+            &tls,
+            &[
+                "--role-base-arn=arn:aws:iam::123456789012:role/",
+                &format!("--webhook-listen={webhook}"),
+                &format!("--webhook-tls-cert={}", tls.server_cert.display()),
+                &format!("--webhook-tls-key={}", tls.server_key.display()),
+            ],
+        )
+        .await
+        .expect("server starts");
+        let server_port = server.grpc.port();
+        node.forward_to_host(cluster.port()).await.unwrap();
+        node.forward_to_host(server_port).await.unwrap();
+        let mut bed = Bed {
+            cluster,
+            _sts: sts,
+            pki,
+            tls,
+            _server: server,
+            server_port,
+            webhook,
+            node,
+            agent_pod,
+            web,
+            ghost,
+            agent: None,
+        };
+        bed.agent = Some(AgentProcess::start(&bed.setup(), &[]).await.expect("agent starts"));
+        bed
+    }
+
+    fn setup(&self) -> AgentSetup<'_> {
+        AgentSetup {
+            cluster: &self.cluster,
+            tls: &self.tls,
+            node: &self.node,
+            node_name: NODE,
+            server_host: "127.0.0.1",
+            server_port: self.server_port,
+            agent_pod: &self.agent_pod,
+        }
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// `curl` from a pod: the HTTP status, or 0 when there was no answer.
+    fn curl_status(&self, pod: &PodNs, args: &[&str]) -> u16 {
+        let out = pod
+            .command("curl")
+            .args(["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+/// Starts `imdsgate-flood` with `args` through `cmd` (a namespace's command, or the host).
+fn flood(mut cmd: Command, args: &[&str]) -> std::process::Child {
+    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits for an `imdsgate-flood` run and parses its report.
+async fn report(child: std::process::Child) -> Value {
+    let out: Output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "imdsgate-flood failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+/// Closing times (ms after connect) of a slow-client report.
+fn closed_after(v: &Value) -> Vec<u64> {
+    v["closed_after_ms"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// One AdmissionReview POSTed over TLS from 127.0.0.1; returns the status and body.
+async fn review(webhook: SocketAddr, ca_pem: &str) -> (u16, String) {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(webhook).await.unwrap();
+    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let body = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "limits-review-1",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "name": "p",
+            "namespace": "team-l",
+            "operation": "CREATE",
+            "userInfo": { "username": "tester" },
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": { "name": "p", "namespace": "team-l" },
+                "spec": { "containers": [{ "name": "c", "image": "registry.invalid/app:1" }] }
+            },
+            "dryRun": false
+        }
+    })
+    .to_string();
+    let request = format!(
+        "POST /validate/pods HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await.expect("an answer");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_capped_while_normal_requests_go_through() {
+    if !e2e_enabled("slow_clients_are_cut_off_and_capped_while_normal_requests_go_through") {
+        return;
+    }
+    let bed = Bed::start().await;
+    let bin = workspace_bin("imdsgate-flood").unwrap();
+    const SLOW: usize = 300;
+
+    // Admin (header timeout 5 s; 64 connections per source): 300 slow clients from 127.0.0.2.
+    let admin_slow = flood(
+        bed.node.command(&bin),
+        &[
+            "slow",
+            "--target",
+            AGENT_ADMIN,
+            "--source",
+            "127.0.0.2",
+            "--connections",
+            "300",
+            "--seconds",
+            "10",
+        ],
+    );
+    // Webhook over TLS (header timeout 10 s; 256 connections per source), from 127.0.0.2 too.
+    let webhook_slow = flood(
+        Command::new(&bin),
+        &[
+            "slow",
+            "--target",
+            &bed.webhook.to_string(),
+            "--source",
+            "127.0.0.2",
+            "--connections",
+            "300",
+            "--seconds",
+            "20",
+            "--tls-ca",
+            &bed.tls.ca.display().to_string(),
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Meanwhile the kubelet's probe and the apiserver's review are answered.
+    for _ in 0..3 {
+        let out = bed
+            .node
+            .command("curl")
+            .args(["-s", "-m", "3", &format!("http://{AGENT_ADMIN}/healthz")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "agent /healthz during the slow clients");
+        let (status, text) = review(bed.webhook, &bed.pki.ca.cert_pem()).await;
+        assert_eq!(status, 200, "webhook review during the slow clients: {text}");
+        assert!(text.contains("limits-review-1"), "{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    for (listener, child, cap, timeout_s) in
+        [("agent admin", admin_slow, 64, 5), ("webhook", webhook_slow, 256, 10)]
+    {
+        let report = report(child).await;
+        eprintln!("{listener}: slow clients {report}");
+        let closed = closed_after(&report);
+        assert_eq!(n(&report, "opened"), SLOW as u64, "{listener}: {report}");
+        assert_eq!(
+            n(&report, "still_open"),
+            0,
+            "{listener}: every slow client is closed within the header timeout ({timeout_s} s) + 5 s"
+        );
+        let held = closed.iter().filter(|&&ms| ms >= 1000).count();
+        assert!(held <= cap, "{listener}: {held} slow connections held open; at most {cap} per source");
+        assert!(held > 0, "{listener}: the slow clients under the cap were accepted, then timed out");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_source_flood_never_refuses_a_known_pod() {
+    if !e2e_enabled("an_unknown_source_flood_never_refuses_a_known_pod") {
+        return;
+    }
+    let bed = Bed::start().await;
+    let bin = workspace_bin("imdsgate-flood").unwrap();
+    let url = format!("http://169.254.169.254{CREDS}");
+    assert_eq!(bed.curl_status(&bed.web, &[&url]), 200, "served before the flood:\n{}", bed.agent().log());
+
+    // 1,500 requests held from an address without a pod: each would wait --pod-wait (2 s).
+    let flood_run = flood(
+        bed.ghost.command(&bin),
+        &[
+            "flood",
+            "--target",
+            "169.254.169.254:80",
+            "--path",
+            "/latest/meta-data/iam/security-credentials/",
+            "--connections",
+            "1500",
+            "--seconds",
+            "15",
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The real pod asks again and again while the flood lasts.
+    let probe = flood(
+        bed.web.command(&bin),
+        &[
+            "flood",
+            "--target",
+            "169.254.169.254:80",
+            "--path",
+            CREDS,
+            "--connections",
+            "1",
+            "--seconds",
+            "8",
+            "--min-cycle-ms",
+            "50",
+        ],
+    );
+    let probe = report(probe).await;
+    let flood_report = report(flood_run).await;
+    eprintln!("real pod during the flood: {probe}");
+    eprintln!("flood from an address without a pod: {flood_report}");
+
+    let answered_ok = probe["statuses"]["200"].as_u64().unwrap_or(0);
+    assert!(answered_ok >= 10, "the real pod kept asking: {probe}");
+    assert_eq!(
+        n(&probe, "requests"),
+        answered_ok,
+        "every request of the real pod got 200 during the flood: {probe}\nagent log:\n{}",
+        bed.agent().log()
+    );
+    // The flood did reach the agent: some of it waited for a pod that never came, the rest was
+    // refused at once.
+    assert!(flood_report["statuses"]["404"].as_u64().unwrap_or(0) > 0, "{flood_report}");
+    let refused =
+        flood_report["statuses"]["503"].as_u64().unwrap_or(0) + n(&flood_report, "closed_without_answer");
+    assert!(refused > 0, "{flood_report}");
+}
+
+#[tokio::test]
+async fn a_token_key_file_left_empty_by_a_crash_is_replaced_at_start() {
+    if !e2e_enabled("a_token_key_file_left_empty_by_a_crash_is_replaced_at_start") {
+        return;
+    }
+    let mut bed = Bed::start().await;
+    let key_file = bed.agent().state_dir().join("token.key");
+    let first = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(first.len(), 64, "{first:?}");
+    // What a crash between creating and writing the file used to leave.
+    std::fs::write(&key_file, "").unwrap();
+    let agent = bed.agent.take().unwrap();
+    bed.agent =
+        Some(agent.restart(&bed.setup(), &[]).await.expect("the agent starts despite the empty key file"));
+
+    let log = std::fs::read_to_string(bed.agent().child.log_path()).unwrap();
+    assert!(log.contains("does not hold a key"), "a warning says the key was replaced:\n{log}");
+    let fresh = std::fs::read_to_string(&key_file).unwrap();
+    assert!(fresh.len() == 64 && fresh.bytes().all(|b| b.is_ascii_hexdigit()), "{fresh:?}");
+    assert_ne!(fresh, first);
+    // IMDSv2 works with the new key.
+    let token = bed
+        .web
+        .command("curl")
+        .args(["-s", "-m", "10", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60"])
+        .arg("http://169.254.169.254/latest/api/token")
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let header = format!("X-aws-ec2-metadata-token: {token}");
+    assert_eq!(bed.curl_status(&bed.web, &["-H", &header, &format!("http://169.254.169.254{CREDS}")]), 200);
+}
