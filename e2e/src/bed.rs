@@ -24,13 +24,35 @@ pub struct BedPod {
     pub namespace: &'static str,
     pub name: &'static str,
     pub ip: &'static str,
+    /// A second, IPv6 address (a dual-stack pod).
+    pub ipv6: Option<&'static str>,
     pub annotations: Vec<(&'static str, &'static str)>,
     pub finalizers: Vec<&'static str>,
+    /// Whether a Pod object exists; `false`: an address on the node that no pod owns.
+    pub object: bool,
 }
 
 impl BedPod {
     pub fn new(namespace: &'static str, name: &'static str, ip: &'static str) -> BedPod {
-        BedPod { namespace, name, ip, annotations: Vec::new(), finalizers: Vec::new() }
+        BedPod {
+            namespace,
+            name,
+            ip,
+            ipv6: None,
+            annotations: Vec::new(),
+            finalizers: Vec::new(),
+            object: true,
+        }
+    }
+
+    /// An address on the node with no Pod object behind it; found as `ghost/<name>`.
+    pub fn ghost(name: &'static str, ip: &'static str) -> BedPod {
+        BedPod { object: false, ..BedPod::new("ghost", name, ip) }
+    }
+
+    pub fn ipv6(mut self, ip: &'static str) -> BedPod {
+        self.ipv6 = Some(ip);
+        self
     }
 
     pub fn role(self, role: &'static str) -> BedPod {
@@ -58,6 +80,8 @@ pub struct BedPlan {
     pub pods: Vec<BedPod>,
     pub agent_args: Vec<String>,
     pub server_args: Vec<String>,
+    /// Serve the admission webhook (on loopback, with the server certificate).
+    pub webhook: bool,
 }
 
 /// See the module documentation.
@@ -66,6 +90,9 @@ pub struct AgentBed {
     pub sts: Sts,
     pub tls: TlsFiles,
     pub server: ServerProcess,
+    /// The webhook's address, when the plan asked for it.
+    pub webhook: Option<std::net::SocketAddr>,
+    pub pki: Pki,
     pub node: NodeNs,
     pub agent_pod: Pod,
     pub agent: Option<AgentProcess>,
@@ -73,7 +100,6 @@ pub struct AgentBed {
     pub server_host: &'static str,
     /// Pod namespaces by `namespace/name` of the Pod object first created at their IP.
     pods: BTreeMap<String, PodNs>,
-    _pki: Pki,
 }
 
 impl AgentBed {
@@ -96,14 +122,28 @@ impl AgentBed {
         let node = NodeNs::create("10.200.0.1".parse()?)?;
         let mut pods = BTreeMap::new();
         for pod in &plan.pods {
-            create_pod_object(&cluster, pod).await?;
+            if pod.object {
+                create_pod_object(&cluster, pod).await?;
+            }
             let ns = node.add_pod(pod.ip.parse()?)?;
+            if let Some(v6) = pod.ipv6 {
+                node.add_pod_ipv6(&ns, v6.parse()?)?;
+            }
             node.forward_to_host_from_pod(&ns, sts.port()).await?;
             pods.insert(format!("{}/{}", pod.namespace, pod.name), ns);
         }
         let pki = Pki::new()?;
         let tls = pki.files();
         let mut server_args = vec![format!("--role-base-arn=arn:aws:iam::{ACCOUNT}:role/")];
+        let webhook = match plan.webhook {
+            true => Some(std::net::SocketAddr::from(([127, 0, 0, 1], crate::process::free_port()?))),
+            false => None,
+        };
+        if let Some(addr) = webhook {
+            server_args.push(format!("--webhook-listen={addr}"));
+            server_args.push(format!("--webhook-tls-cert={}", tls.server_cert.display()));
+            server_args.push(format!("--webhook-tls-key={}", tls.server_key.display()));
+        }
         server_args.extend(plan.server_args.iter().cloned());
         let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
         let server =
@@ -115,12 +155,13 @@ impl AgentBed {
             sts,
             tls,
             server,
+            webhook,
+            pki,
             node,
             agent_pod,
             agent: None,
             server_host: "127.0.0.1",
             pods,
-            _pki: pki,
         };
         let agent_args: Vec<&str> = plan.agent_args.iter().map(String::as_str).collect();
         bed.agent = Some(AgentProcess::start(&bed.setup(), &agent_args).await.context("agent starts")?);
@@ -142,6 +183,10 @@ impl AgentBed {
     /// The pod namespace first created for `namespace/name`.
     pub fn pod(&self, key: &str) -> &PodNs {
         self.pods.get(key).unwrap_or_else(|| panic!("no bed pod {key}"))
+    }
+
+    pub fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("the agent runs")
     }
 
     pub fn agent_log(&self) -> String {
@@ -222,6 +267,7 @@ async fn create_pod_object(cluster: &Cluster, pod: &BedPod) -> Result<()> {
         spec = spec.finalizer(f);
     }
     cluster.create_pod(&spec).await?;
-    cluster.set_pod_status(pod.namespace, pod.name, &[pod.ip], "Running").await?;
+    let ips: Vec<&str> = std::iter::once(pod.ip).chain(pod.ipv6).collect();
+    cluster.set_pod_status(pod.namespace, pod.name, &ips, "Running").await?;
     Ok(())
 }

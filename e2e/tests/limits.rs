@@ -3,12 +3,10 @@
 //! requests from an address with no pod never costs a real pod of the node an answer; a token key
 //! file left empty by a crash is replaced at start. The abusive clients are `imdsgate-flood`.
 
-use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, install_rbac};
-use imdsgate_e2e::netns::{NodeNs, PodNs};
-use imdsgate_e2e::process::free_port;
+use imdsgate_e2e::bed::{AgentBed, BedPlan, BedPod};
+use imdsgate_e2e::e2e_enabled;
+use imdsgate_e2e::netns::PodNs;
 use imdsgate_e2e::tools::workspace_bin;
-use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
@@ -16,121 +14,38 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const NODE: &str = "node-l";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
 /// The agent's admin port inside the node namespace, bound to 127.0.0.1 by the harness.
 const AGENT_ADMIN: &str = "127.0.0.1:9611";
 
-struct Bed {
-    cluster: Cluster,
-    _sts: Sts,
-    pki: Pki,
-    tls: TlsFiles,
-    _server: ServerProcess,
-    server_port: u16,
-    webhook: SocketAddr,
-    node: NodeNs,
-    agent_pod: Pod,
-    /// A real pod with a role.
-    web: PodNs,
-    /// An address on the node with no Pod object behind it.
-    ghost: PodNs,
-    agent: Option<AgentProcess>,
+const WEB: &str = "team-l/web";
+/// An address on the node with no Pod object behind it.
+const GHOST: &str = "ghost/ghost";
+
+/// A real pod with a role, a ghost address, and the server with its webhook.
+async fn start() -> AgentBed {
+    AgentBed::start(BedPlan {
+        namespaces: vec![("team-l", "arn:aws:iam::123456789012:role/app-.*")],
+        roles: vec!["app-reader"],
+        pods: vec![
+            BedPod::new("team-l", "web", "10.200.1.10").role("app-reader"),
+            BedPod::ghost("ghost", "10.200.1.66"),
+        ],
+        webhook: true,
+        ..Default::default()
+    })
+    .await
+    .expect("bed")
 }
 
-impl Bed {
-    async fn start() -> Bed {
-        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
-        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
-        install_rbac(&cluster).unwrap();
-        sts.create_role("app-reader").unwrap();
-        cluster.create_node(NODE).await.unwrap();
-        let agent_pod = cluster
-            .create_pod(
-                &PodSpec::new("imdsgate", "agent-l", NODE).service_account("imdsgate-agent").host_network(),
-            )
-            .await
-            .unwrap();
-        cluster
-            .create_namespace(
-                "team-l",
-                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
-            )
-            .await
-            .unwrap();
-        let node = NodeNs::create("10.210.0.1".parse().unwrap()).unwrap();
-        cluster
-            .create_pod(
-                &PodSpec::new("team-l", "web", NODE).annotation("iam.amazonaws.com/role", "app-reader"),
-            )
-            .await
-            .unwrap();
-        cluster.set_pod_status("team-l", "web", &["10.210.1.10"], "Running").await.unwrap();
-        let web = node.add_pod("10.210.1.10".parse().unwrap()).unwrap();
-        let ghost = node.add_pod("10.210.1.66".parse().unwrap()).unwrap();
-
-        let pki = Pki::new().unwrap();
-        let tls = pki.files();
-        let webhook: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
-        let server = ServerProcess::start(
-            &cluster,
-            &sts,
-            &tls,
-            &[
-                "--role-base-arn=arn:aws:iam::123456789012:role/",
-                &format!("--webhook-listen={webhook}"),
-                &format!("--webhook-tls-cert={}", tls.server_cert.display()),
-                &format!("--webhook-tls-key={}", tls.server_key.display()),
-            ],
-        )
-        .await
-        .expect("server starts");
-        let server_port = server.grpc.port();
-        node.forward_to_host(cluster.port()).await.unwrap();
-        node.forward_to_host(server_port).await.unwrap();
-        let mut bed = Bed {
-            cluster,
-            _sts: sts,
-            pki,
-            tls,
-            _server: server,
-            server_port,
-            webhook,
-            node,
-            agent_pod,
-            web,
-            ghost,
-            agent: None,
-        };
-        bed.agent = Some(AgentProcess::start(&bed.setup(), &[]).await.expect("agent starts"));
-        bed
-    }
-
-    fn setup(&self) -> AgentSetup<'_> {
-        AgentSetup {
-            cluster: &self.cluster,
-            tls: &self.tls,
-            node: &self.node,
-            node_name: NODE,
-            server_host: "127.0.0.1",
-            server_port: self.server_port,
-            agent_pod: &self.agent_pod,
-        }
-    }
-
-    fn agent(&self) -> &AgentProcess {
-        self.agent.as_ref().expect("agent running")
-    }
-
-    /// `curl` from a pod: the HTTP status, or 0 when there was no answer.
-    fn curl_status(&self, pod: &PodNs, args: &[&str]) -> u16 {
-        let out = pod
-            .command("curl")
-            .args(["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(args)
-            .output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0)).unwrap_or(0)
-    }
+/// `curl` from a pod: the HTTP status, or 0 when there was no answer.
+fn curl_status(pod: &PodNs, args: &[&str]) -> u16 {
+    let out = pod
+        .command("curl")
+        .args(["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0)).unwrap_or(0)
 }
 
 /// Starts `imdsgate-flood` with `args` through `cmd` (a namespace's command, or the host).
@@ -211,7 +126,7 @@ async fn slow_clients_are_cut_off_and_capped_while_normal_requests_go_through() 
     if !e2e_enabled("slow_clients_are_cut_off_and_capped_while_normal_requests_go_through") {
         return;
     }
-    let bed = Bed::start().await;
+    let bed = start().await;
     let bin = workspace_bin("imdsgate-flood").unwrap();
     const SLOW: usize = 300;
 
@@ -236,7 +151,7 @@ async fn slow_clients_are_cut_off_and_capped_while_normal_requests_go_through() 
         &[
             "slow",
             "--target",
-            &bed.webhook.to_string(),
+            &bed.webhook.unwrap().to_string(),
             "--source",
             "127.0.0.2",
             "--connections",
@@ -258,7 +173,7 @@ async fn slow_clients_are_cut_off_and_capped_while_normal_requests_go_through() 
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "agent /healthz during the slow clients");
-        let (status, text) = review(bed.webhook, &bed.pki.ca.cert_pem()).await;
+        let (status, text) = review(bed.webhook.unwrap(), &bed.pki.ca.cert_pem()).await;
         assert_eq!(status, 200, "webhook review during the slow clients: {text}");
         assert!(text.contains("limits-review-1"), "{text}");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -276,7 +191,10 @@ async fn slow_clients_are_cut_off_and_capped_while_normal_requests_go_through() 
             0,
             "{listener}: every slow client is closed within the header timeout ({timeout_s} s) + 5 s"
         );
-        let held = closed.iter().filter(|&&ms| ms >= 1000).count();
+        // Held ones are closed at the header timeout; refused ones at once (on a busy machine, a
+        // refused connection may still wait in the accept backlog for a while: half the timeout
+        // tells the two apart).
+        let held = closed.iter().filter(|&&ms| ms >= timeout_s * 1000 / 2).count();
         assert!(held <= cap, "{listener}: {held} slow connections held open; at most {cap} per source");
         assert!(held > 0, "{listener}: the slow clients under the cap were accepted, then timed out");
     }
@@ -287,14 +205,14 @@ async fn an_unknown_source_flood_never_refuses_a_known_pod() {
     if !e2e_enabled("an_unknown_source_flood_never_refuses_a_known_pod") {
         return;
     }
-    let bed = Bed::start().await;
+    let bed = start().await;
     let bin = workspace_bin("imdsgate-flood").unwrap();
     let url = format!("http://169.254.169.254{CREDS}");
-    assert_eq!(bed.curl_status(&bed.web, &[&url]), 200, "served before the flood:\n{}", bed.agent().log());
+    assert_eq!(curl_status(bed.pod(WEB), &[&url]), 200, "served before the flood:\n{}", bed.agent().log());
 
     // 1,500 requests held from an address without a pod: each would wait --pod-wait (2 s).
     let flood_run = flood(
-        bed.ghost.command(&bin),
+        bed.pod(GHOST).command(&bin),
         &[
             "flood",
             "--target",
@@ -310,7 +228,7 @@ async fn an_unknown_source_flood_never_refuses_a_known_pod() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The real pod asks again and again while the flood lasts.
     let probe = flood(
-        bed.web.command(&bin),
+        bed.pod(WEB).command(&bin),
         &[
             "flood",
             "--target",
@@ -351,7 +269,7 @@ async fn a_token_key_file_left_empty_by_a_crash_is_replaced_at_start() {
     if !e2e_enabled("a_token_key_file_left_empty_by_a_crash_is_replaced_at_start") {
         return;
     }
-    let mut bed = Bed::start().await;
+    let mut bed = start().await;
     let key_file = bed.agent().state_dir().join("token.key");
     let first = std::fs::read_to_string(&key_file).unwrap();
     assert_eq!(first.len(), 64, "{first:?}");
@@ -368,7 +286,7 @@ async fn a_token_key_file_left_empty_by_a_crash_is_replaced_at_start() {
     assert_ne!(fresh, first);
     // IMDSv2 works with the new key.
     let token = bed
-        .web
+        .pod(WEB)
         .command("curl")
         .args(["-s", "-m", "10", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60"])
         .arg("http://169.254.169.254/latest/api/token")
@@ -376,5 +294,5 @@ async fn a_token_key_file_left_empty_by_a_crash_is_replaced_at_start() {
         .unwrap();
     let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
     let header = format!("X-aws-ec2-metadata-token: {token}");
-    assert_eq!(bed.curl_status(&bed.web, &["-H", &header, &format!("http://169.254.169.254{CREDS}")]), 200);
+    assert_eq!(curl_status(bed.pod(WEB), &["-H", &header, &format!("http://169.254.169.254{CREDS}")]), 200);
 }

@@ -4,100 +4,40 @@
 //! with `--allow-path '.*'`; the IPv6 endpoint is intercepted by default; a role annotation cannot
 //! forge a log line.
 
-use imdsgate_e2e::components::{AgentProcess, AgentSetup, Pki, ServerProcess, TlsFiles, install_rbac};
+use imdsgate_e2e::bed::{AgentBed, BedPlan, BedPod};
+use imdsgate_e2e::e2e_enabled;
 use imdsgate_e2e::netns::{NodeNs, PodNs};
 use imdsgate_e2e::process::{ChildGuard, run};
 use imdsgate_e2e::tools::{venv_bin, workspace_bin, workspace_root};
-use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
-use k8s_openapi::api::core::v1::Pod;
 use std::process::{Command, Output};
 
-const NODE: &str = "node-a";
 const WEB_V6: &str = "fd00:210::10";
 /// A role annotation whose IAM path carries a newline and a complete forged log line.
 const FORGED: &str = "arn:aws:iam::123456789012:role/x\n2026-01-01T00:00:00Z  INFO imdsgate_server::service: credentials issued namespace=victim/app-reader";
 
-struct Bed {
-    _cluster: Cluster,
-    _sts: Sts,
-    _pki: Pki,
-    _tls: TlsFiles,
-    server: ServerProcess,
-    node: NodeNs,
-    _agent_pod: Pod,
-    web: PodNs,
-    forger: PodNs,
-    agent: AgentProcess,
+const WEB: &str = "team-a/web";
+const FORGER: &str = "team-a/forger";
+
+/// The agent runs with `--allow-path=.*` and no IPv6 flag at all; `web` has an IPv4 and an IPv6
+/// address; `forger`'s role annotation carries a forged log line.
+async fn start() -> AgentBed {
+    AgentBed::start(BedPlan {
+        namespaces: vec![("team-a", "arn:aws:iam::123456789012:role/.*")],
+        roles: vec!["app-reader"],
+        pods: vec![
+            BedPod::new("team-a", "web", "10.200.1.10").ipv6(WEB_V6).role("app-reader"),
+            BedPod::new("team-a", "forger", "10.200.1.11").role(FORGED),
+        ],
+        agent_args: vec!["--allow-path=.*".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("bed")
 }
 
-impl Bed {
-    /// The agent runs with `--allow-path=.*` and no IPv6 flag at all; `web` has an IPv4 and an
-    /// IPv6 address.
-    async fn start() -> Bed {
-        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
-        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
-        install_rbac(&cluster).unwrap();
-        sts.create_role("app-reader").unwrap();
-        cluster.create_node(NODE).await.unwrap();
-        let agent_pod = cluster
-            .create_pod(
-                &PodSpec::new("imdsgate", "agent-a", NODE).service_account("imdsgate-agent").host_network(),
-            )
-            .await
-            .unwrap();
-        cluster
-            .create_namespace(
-                "team-a",
-                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/.*")],
-            )
-            .await
-            .unwrap();
-        let node = NodeNs::create("10.210.0.1".parse().unwrap()).unwrap();
-        let web_spec = PodSpec::new("team-a", "web", NODE).annotation("iam.amazonaws.com/role", "app-reader");
-        cluster.create_pod(&web_spec).await.unwrap();
-        cluster.set_pod_status("team-a", "web", &["10.210.1.10", WEB_V6], "Running").await.unwrap();
-        let web = node.add_pod("10.210.1.10".parse().unwrap()).unwrap();
-        node.add_pod_ipv6(&web, WEB_V6.parse().unwrap()).unwrap();
-        let forger_spec = PodSpec::new("team-a", "forger", NODE).annotation("iam.amazonaws.com/role", FORGED);
-        cluster.create_pod(&forger_spec).await.unwrap();
-        cluster.set_pod_status("team-a", "forger", &["10.210.1.11"], "Running").await.unwrap();
-        let forger = node.add_pod("10.210.1.11".parse().unwrap()).unwrap();
-
-        let pki = Pki::new().unwrap();
-        let tls = pki.files();
-        let server =
-            ServerProcess::start(&cluster, &sts, &tls, &["--role-base-arn=arn:aws:iam::123456789012:role/"])
-                .await
-                .expect("server starts");
-        node.forward_to_host(cluster.port()).await.unwrap();
-        node.forward_to_host(server.grpc.port()).await.unwrap();
-        let setup = AgentSetup {
-            cluster: &cluster,
-            tls: &tls,
-            node: &node,
-            node_name: NODE,
-            server_host: "127.0.0.1",
-            server_port: server.grpc.port(),
-            agent_pod: &agent_pod,
-        };
-        let agent = AgentProcess::start(&setup, &["--allow-path=.*"]).await.expect("agent starts");
-        Bed {
-            _cluster: cluster,
-            _sts: sts,
-            _pki: pki,
-            _tls: tls,
-            server,
-            node,
-            _agent_pod: agent_pod,
-            web,
-            forger,
-            agent,
-        }
-    }
-
-    fn curl(&self, pod: &PodNs, args: &[&str]) -> Output {
-        pod.command("curl").args(["-s", "-g", "-m", "5", "--path-as-is"]).args(args).output().unwrap()
-    }
+/// `curl -s -g -m 5 --path-as-is <args>` in a pod: the spelling is sent as written.
+fn curl(pod: &PodNs, args: &[&str]) -> Output {
+    pod.command("curl").args(["-s", "-g", "-m", "5", "--path-as-is"]).args(args).output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -230,9 +170,9 @@ async fn no_spelling_of_the_nodes_identity_reaches_the_metadata_service() {
     if !e2e_enabled("no_spelling_of_the_nodes_identity_reaches_the_metadata_service") {
         return;
     }
-    let bed = Bed::start().await;
-    let token = stdout(&bed.curl(
-        &bed.web,
+    let bed = start().await;
+    let token = stdout(&curl(
+        bed.pod(WEB),
         &[
             "-X",
             "PUT",
@@ -241,7 +181,7 @@ async fn no_spelling_of_the_nodes_identity_reaches_the_metadata_service() {
             "http://169.254.169.254/latest/api/token",
         ],
     ));
-    assert!(!token.is_empty(), "a token; agent log:\n{}", bed.agent.log());
+    assert!(!token.is_empty(), "a token; agent log:\n{}", bed.agent_log());
     let token_header = format!("X-aws-ec2-metadata-token: {token}");
 
     let mut answers = Vec::new();
@@ -252,12 +192,12 @@ async fn no_spelling_of_the_nodes_identity_reaches_the_metadata_service() {
             if with_token {
                 args.extend(["-H", token_header.as_str()]);
             }
-            let out = bed.curl(&bed.web, &args);
+            let out = curl(bed.pod(WEB), &args);
             answers.push((format!("{path} (token: {with_token})"), stdout(&out)));
         }
     }
     let raw = bed
-        .web
+        .pod(WEB)
         .command(venv_bin("python").unwrap())
         .arg("-c")
         .arg(RAW_CLIENT)
@@ -285,17 +225,19 @@ async fn no_spelling_of_the_nodes_identity_reaches_the_metadata_service() {
     }
 
     // An allowed path still passes, in its one canonical spelling.
-    let region = bed
-        .curl(&bed.web, &["-H", &token_header, "http://169.254.169.254/latest/meta-data/placement/region"]);
+    let region = curl(
+        bed.pod(WEB),
+        &["-H", &token_header, "http://169.254.169.254/latest/meta-data/placement/region"],
+    );
     assert_eq!(stdout(&region), "us-east-1");
-    let refused = bed.curl(
-        &bed.web,
+    let refused = curl(
+        bed.pod(WEB),
         &["-w", "\n%{http_code}", "http://169.254.169.254/latest/meta-data/./placement/region"],
     );
     let refused = stdout(&refused);
     assert!(refused.ends_with("404") && refused.contains("only canonical paths are served"), "{refused}");
 
-    let upstream = bed.agent.upstream_requests();
+    let upstream = bed.agent().upstream_requests();
     assert!(
         upstream.iter().any(|r| r == "GET /latest/meta-data/placement/region"),
         "the stand-in records what reaches it: {upstream:#?}"
@@ -315,14 +257,14 @@ async fn the_ipv6_endpoint_is_intercepted_by_default_and_answered_by_the_agent()
     if !e2e_enabled("the_ipv6_endpoint_is_intercepted_by_default_and_answered_by_the_agent") {
         return;
     }
-    let bed = Bed::start().await;
+    let bed = start().await;
     let rules = bed.node.nat6_rules().unwrap();
     assert!(
         rules.contains(
             "-A IMDSGATE -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8181"
         ),
         "the agent installed the IPv6 rule without being asked: {rules}\nagent log:\n{}",
-        bed.agent.log()
+        bed.agent_log()
     );
     // The node's own metadata service also answers on [fd00:ec2::254], as on a Nitro instance with
     // the IPv6 endpoint enabled: without interception the pod would get the node's role here.
@@ -360,8 +302,8 @@ async fn the_ipv6_endpoint_is_intercepted_by_default_and_answered_by_the_agent()
     }
 
     let base = "http://[fd00:ec2::254]";
-    let token = stdout(&bed.curl(
-        &bed.web,
+    let token = stdout(&curl(
+        bed.pod(WEB),
         &[
             "-X",
             "PUT",
@@ -373,15 +315,15 @@ async fn the_ipv6_endpoint_is_intercepted_by_default_and_answered_by_the_agent()
     assert!(!token.is_empty() && token != "node-imds-token", "the agent's token over IPv6: {token:?}");
     let header = format!("X-aws-ec2-metadata-token: {token}");
     let role =
-        bed.curl(&bed.web, &["-H", &header, &format!("{base}/latest/meta-data/iam/security-credentials/")]);
+        curl(bed.pod(WEB), &["-H", &header, &format!("{base}/latest/meta-data/iam/security-credentials/")]);
     assert_eq!(
         stdout(&role),
         "app-reader",
         "the pod's role, not the node's; agent log:\n{}",
-        bed.agent.log()
+        bed.agent_log()
     );
-    let creds = bed.curl(
-        &bed.web,
+    let creds = curl(
+        bed.pod(WEB),
         &[
             "-H",
             &header,
@@ -394,11 +336,11 @@ async fn the_ipv6_endpoint_is_intercepted_by_default_and_answered_by_the_agent()
     assert!(
         creds.ends_with("200") && creds.contains("\"AccessKeyId\""),
         "{creds}\nagent log:\n{}",
-        bed.agent.log()
+        bed.agent_log()
     );
     assert!(!creds.contains("NODEROLEKEY"));
     // IPv4 still works through the same dual-stack listener (an IPv4-mapped peer).
-    let v4 = bed.curl(&bed.web, &["http://169.254.169.254/latest/meta-data/iam/security-credentials/"]);
+    let v4 = curl(bed.pod(WEB), &["http://169.254.169.254/latest/meta-data/iam/security-credentials/"]);
     assert_eq!(stdout(&v4), "app-reader");
 }
 
@@ -470,9 +412,9 @@ async fn a_role_annotation_cannot_forge_a_log_line() {
     if !e2e_enabled("a_role_annotation_cannot_forge_a_log_line") {
         return;
     }
-    let bed = Bed::start().await;
-    let out = bed.curl(
-        &bed.forger,
+    let bed = start().await;
+    let out = curl(
+        bed.pod(FORGER),
         &[
             "-w",
             "\n%{http_code}",
@@ -485,7 +427,7 @@ async fn a_role_annotation_cannot_forge_a_log_line() {
     assert!(!answer.contains("\n2026-01-01T00:00:00Z"), "{answer}");
 
     for (who, log) in
-        [("server", bed.server.child.log_tail(100_000)), ("agent", bed.agent.child.log_tail(100_000))]
+        [("server", bed.server.child.log_tail(100_000)), ("agent", bed.agent().child.log_tail(100_000))]
     {
         assert!(log.contains("2026-01-01T00:00:00Z"), "{who}: the attempt is logged, escaped:\n{log}");
         let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("2026-01-01T00:00:00Z")).collect();
