@@ -480,13 +480,11 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             connections: Budget { total: 64, per_source: 64 },
-            unknown_connections: Budget { total: 0, per_source: 0 },
-            max_header_bytes: 16 * 1024,
             header_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_millis(500),
             max_concurrent_requests: 64,
             tls_handshake_timeout: Duration::from_millis(300),
-            shutdown_grace: Duration::from_secs(5),
+            ..Limits::admin()
         }
     }
 

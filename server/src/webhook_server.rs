@@ -39,16 +39,14 @@ pub fn reloading_config(cert: PathBuf, key: PathBuf) -> Result<Arc<Reloading<Ser
 pub fn limits() -> Limits {
     Limits {
         connections: Budget { total: 512, per_source: 256 },
-        unknown_connections: Budget { total: 0, per_source: 0 },
-        max_header_bytes: 16 * 1024,
         // Also the keep-alive idle limit: long enough not to close the apiserver's pooled
         // connections under it all the time.
         header_timeout: Duration::from_secs(10),
         // Reading the body (up to 3 MiB) included; the apiserver gives up after at most 30s.
         request_timeout: Duration::from_secs(15),
         max_concurrent_requests: 256,
-        tls_handshake_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(10),
+        ..Limits::admin()
     }
 }
 
