@@ -213,7 +213,14 @@ pub fn bad_config(error: impl std::fmt::Display) -> ExitCode {
 /// Parses the command line; on a bad flag prints clap's message and returns exit code 64
 /// (`--help` and `--version` print and return success).
 pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
-    T::try_parse().map_err(|error| {
+    parse_args_from(std::env::args_os())
+}
+
+/// [`parse_args`] over given arguments (the first is the program's name), e.g. a subcommand's.
+pub fn parse_args_from<T: clap::Parser>(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<T, ExitCode> {
+    T::try_parse_from(args).map_err(|error| {
         let _ = error.print();
         if error.use_stderr() { ExitCode::from(EXIT_BAD_CONFIG) } else { ExitCode::SUCCESS }
     })

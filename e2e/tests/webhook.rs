@@ -114,6 +114,12 @@ async fn start(extra_server_args: &[&str]) -> WebhookBed {
                     .delete("pinned", &Default::default())
                     .await
                     .unwrap();
+                // In warn mode the webhook admits it, and counts that it would have refused.
+                let warned =
+                    "imdsgate_server_admissions_total{decision=\"warned\",reason=\"server_node_name\"}";
+                if server.metric(warned).await.unwrap() >= 1.0 {
+                    break;
+                }
             }
             Err(other) => panic!("unexpected error: {other}"),
         }
@@ -353,4 +359,57 @@ async fn host_network_unknown_nodes_bindings_overrides_and_pods_on_server_nodes(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(server.log().contains("a pod runs on a server node"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn warn_mode_admits_with_a_warning_what_enforce_refuses() {
+    if !e2e_enabled("warn_mode_admits_with_a_warning_what_enforce_refuses") {
+        return;
+    }
+    let WebhookBed { cluster, server, .. } = start(&["--webhook-mode=warn"]).await;
+    // As a user migrating off kiam would: kubectl, which prints admission warnings on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("greedy.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: greedy\n  namespace: team\n  annotations:\n    iam.amazonaws.com/role: admin\nspec:\n  containers:\n  - name: main\n    image: registry.invalid/app:1\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(imdsgate_e2e::tools::k8s_bin("kubectl").unwrap())
+        .arg(format!("--kubeconfig={}", cluster.admin_kubeconfig().display()))
+        .args(["create", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "admitted in warn mode: {stderr}");
+    assert!(
+        stderr.contains("Warning: imdsgate (warn mode) would refuse this pod")
+            && stderr.contains("does not permit role arn:aws:iam::123456789012:role/admin"),
+        "kubectl shows what enforcing would refuse: {stderr}"
+    );
+    Api::<Pod>::namespaced(cluster.client(), "team").get("greedy").await.expect("the pod exists");
+    let warned = server
+        .metric("imdsgate_server_admissions_total{decision=\"warned\",reason=\"role_not_permitted\"}")
+        .await
+        .unwrap();
+    assert_eq!(warned, 1.0);
+    // A permitted pod draws no warning.
+    std::fs::write(
+        &manifest,
+        std::fs::read_to_string(&manifest).unwrap().replace("greedy", "fine").replace("admin", "app-reader"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(imdsgate_e2e::tools::k8s_bin("kubectl").unwrap())
+        .arg(format!("--kubeconfig={}", cluster.admin_kubeconfig().display()))
+        .args(["create", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("imdsgate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -106,9 +106,22 @@ pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
+/// What the webhook does with a pod it would refuse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WebhookMode {
+    /// Refuse it, with a message saying what to change.
+    #[default]
+    Enforce,
+    /// Admit it with an admission warning (kubectl prints it) and count it: for migrations from
+    /// kiam or kube2iam, to see what enforcing would refuse.
+    Warn,
+}
+
 /// Webhook configuration.
 #[derive(Clone, Debug)]
 pub struct AdmissionConfig {
+    /// Enforce refusals, or only warn.
+    pub mode: WebhookMode,
     /// Labels that mark server nodes.
     pub server_node_labels: BTreeMap<String, String>,
     /// The taint server nodes carry.
@@ -200,9 +213,11 @@ impl Admission {
         operation: &Operation,
         verdict: Verdict,
     ) -> AdmissionReview<DynamicObject> {
+        let warn_only = self.config.mode == WebhookMode::Warn;
         let (decision, reason) = match &verdict {
             Verdict::Allow => ("allowed", "permitted"),
             Verdict::Exempt => ("allowed", "exempt_namespace"),
+            Verdict::Deny(reason, _) if warn_only => ("warned", reason.as_str()),
             Verdict::Deny(reason, _) => ("denied", reason.as_str()),
         };
         self.metrics
@@ -215,6 +230,12 @@ impl Admission {
         tracing::info!(namespace, pod = name, ?operation, decision, reason, "admission");
         match verdict {
             Verdict::Allow | Verdict::Exempt => response.into_review(),
+            Verdict::Deny(_, message) if warn_only => {
+                let mut response = response;
+                response.warnings =
+                    Some(vec![format!("imdsgate (warn mode) would refuse this pod: {message}")]);
+                response.into_review()
+            }
             Verdict::Deny(_, message) => response.deny(format!("imdsgate: {message}")).into_review(),
         }
     }
@@ -524,6 +545,7 @@ mod tests {
 
     fn config() -> AdmissionConfig {
         AdmissionConfig {
+            mode: WebhookMode::Enforce,
             server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
             server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
             allow_host_network: false,
@@ -716,6 +738,7 @@ mod review_tests {
         namespaces.apply(&ns);
         Admission {
             config: AdmissionConfig {
+                mode: WebhookMode::Enforce,
                 server_node_labels: parse_selector("imdsgate.io/server-node=true").unwrap(),
                 server_taint: "imdsgate.io/server-node:NoSchedule".parse().unwrap(),
                 allow_host_network: false,
@@ -812,6 +835,27 @@ mod review_tests {
             let message = denied["status"]["message"].as_str().unwrap();
             assert!(message.contains("session-name") && message.contains("team@<name>"), "{message}");
         }
+    }
+
+    #[tokio::test]
+    async fn warn_mode_admits_with_a_warning_and_counts_it() {
+        let mut a = admission();
+        a.config.mode = WebhookMode::Warn;
+        let pod = json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p", "annotations": { "iam.amazonaws.com/role": "admin" } },
+                          "spec": { "containers": [{ "name": "c", "image": "i" }] } });
+        let r = response(&a.review(&review_body("Pod", "team", pod)).await.unwrap());
+        assert_eq!(r["allowed"], true);
+        let warning = r["warnings"][0].as_str().unwrap();
+        assert!(
+            warning.starts_with("imdsgate (warn mode) would refuse")
+                && warning.contains("does not permit role"),
+            "{warning}"
+        );
+        let warned = crate::metrics::AdmissionLabels {
+            decision: "warned".into(),
+            reason: "role_not_permitted".into(),
+        };
+        assert_eq!(a.metrics.admissions.get_or_create(&warned).get(), 1);
     }
 
     #[tokio::test]

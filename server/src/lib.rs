@@ -8,6 +8,7 @@ pub mod agent_auth;
 pub mod authorizer;
 pub mod credential_cache;
 pub mod events;
+pub mod explain;
 pub mod metrics;
 pub mod namespace_index;
 pub mod policy;
@@ -52,8 +53,11 @@ const REFRESH_EVERY: Duration = Duration::from_secs(15);
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(10);
 
 /// imdsgate-server: authorizes each pod's IAM role and obtains its credentials from STS.
+///
+/// `imdsgate-server explain <namespace>/<pod>` (or `--file pod.yaml`) says step by step whether a
+/// pod gets its role, and why not; see `imdsgate-server explain --help`.
 #[derive(Debug, Parser)]
-#[command(name = "imdsgate-server", version, about)]
+#[command(name = "imdsgate-server", version)]
 pub struct Args {
     /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
     #[arg(long, env = "IMDSGATE_KUBECONFIG")]
@@ -152,6 +156,25 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_WEBHOOK_TLS_KEY")]
     pub webhook_tls_key: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    /// What the webhook does with a pod it would refuse: enforce (refuse it) or warn (admit it
+    /// with an admission warning and count it in imdsgate_server_admissions_total{decision="warned"};
+    /// for migrations from kiam or kube2iam).
+    #[arg(long, env = "IMDSGATE_WEBHOOK_MODE", value_enum, default_value = "enforce")]
+    pub webhook_mode: admission::WebhookMode,
+
+    /// This pod's name, to tell replicas apart in Events (from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+/// What decides placement and admission, shared by the server and `imdsgate-server explain`
+/// (same flags, same environment variables: run inside the server's pod, explain sees the
+/// server's own configuration).
+#[derive(Clone, Debug, clap::Args)]
+pub struct PolicyArgs {
     /// Labels of the server nodes, key=value[,key=value]; pods may not be placed there.
     #[arg(long, env = "IMDSGATE_SERVER_NODE_SELECTOR", default_value = "imdsgate.io/server-node=true")]
     pub server_node_selector: String,
@@ -180,10 +203,46 @@ pub struct Args {
         default_value = "imdsgate,kube-system"
     )]
     pub webhook_exempt_namespaces: Vec<String>,
+}
 
-    /// This pod's name, to tell replicas apart in Events (from the downward API).
-    #[arg(long, env = "POD_NAME")]
-    pub pod_name: Option<String>,
+impl PolicyArgs {
+    /// The webhook's configuration these flags describe.
+    pub fn admission_config(
+        &self,
+        mode: admission::WebhookMode,
+    ) -> anyhow::Result<admission::AdmissionConfig> {
+        Ok(admission::AdmissionConfig {
+            mode,
+            server_node_labels: self.server_node_labels()?,
+            server_taint: self.server_node_taint.parse().map_err(|e| anyhow!("--server-node-taint: {e}"))?,
+            allow_host_network: self.allow_host_network,
+            host_network_exempt_label: match &self.host_network_exempt_label {
+                Some(label) => {
+                    let parsed = admission::parse_selector(label)
+                        .map_err(|e| anyhow!("--host-network-exempt-label: {e}"))?;
+                    match parsed.into_iter().collect::<Vec<_>>().as_slice() {
+                        [one] => Some(one.clone()),
+                        _ => return Err(anyhow!("--host-network-exempt-label takes one key=value")),
+                    }
+                }
+                None => None,
+            },
+            exempt_namespaces: self.exempt_namespaces(),
+        })
+    }
+
+    pub fn server_node_labels(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        admission::parse_selector(&self.server_node_selector)
+            .map_err(|e| anyhow!("--server-node-selector: {e}"))
+    }
+
+    pub fn exempt_namespaces(&self) -> std::collections::HashSet<String> {
+        self.webhook_exempt_namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
 }
 
 /// Checked configuration, ready to run.
@@ -197,7 +256,11 @@ struct Validated {
 
 impl Args {
     /// Parses the command line and runs until shutdown; returns the process exit code.
+    /// `imdsgate-server explain …` explains a pod's decision instead ([`explain`]).
     pub fn parse_and_run() -> ExitCode {
+        if std::env::args_os().nth(1).is_some_and(|a| a == "explain") {
+            return explain::ExplainArgs::parse_and_run();
+        }
         let args = match parse_args::<Args>() {
             Ok(args) => args,
             Err(code) => return code,
@@ -233,8 +296,8 @@ impl Args {
         }
         let base_arn =
             self.role_base_arn.as_deref().map(BaseArn::parse).transpose().context("--role-base-arn")?;
-        let server_node_labels = admission::parse_selector(&self.server_node_selector)
-            .map_err(|e| anyhow!("--server-node-selector: {e}"))?;
+        let server_node_labels = self.policy.server_node_labels()?;
+        let admission_config = self.policy.admission_config(self.webhook_mode)?;
         let tls = tls_server::reloading_config(
             self.tls_cert.clone(),
             self.tls_key.clone(),
@@ -245,39 +308,12 @@ impl Args {
             (Some(_), Some(cert), Some(key)) => {
                 let tls = webhook_server::reloading_config(cert.clone(), key.clone())
                     .context("webhook TLS files")?;
-                let config = admission::AdmissionConfig {
-                    server_node_labels: server_node_labels.clone(),
-                    server_taint: self
-                        .server_node_taint
-                        .parse()
-                        .map_err(|e| anyhow!("--server-node-taint: {e}"))?,
-                    allow_host_network: self.allow_host_network,
-                    host_network_exempt_label: match &self.host_network_exempt_label {
-                        Some(label) => {
-                            let parsed = admission::parse_selector(label)
-                                .map_err(|e| anyhow!("--host-network-exempt-label: {e}"))?;
-                            match parsed.into_iter().collect::<Vec<_>>().as_slice() {
-                                [one] => Some(one.clone()),
-                                _ => return Err(anyhow!("--host-network-exempt-label takes one key=value")),
-                            }
-                        }
-                        None => None,
-                    },
-                    exempt_namespaces: self.exempt_namespaces(),
-                };
+                let config = admission_config;
                 Some((tls, config))
             }
             _ => None,
         };
         Ok(Validated { args: self, base_arn, server_node_labels, tls, webhook })
-    }
-
-    fn exempt_namespaces(&self) -> std::collections::HashSet<String> {
-        self.webhook_exempt_namespaces
-            .iter()
-            .map(|n| n.trim().to_string())
-            .filter(|n| !n.is_empty())
-            .collect()
     }
 }
 
@@ -371,7 +407,7 @@ impl Validated {
         let intruder_task = tokio::spawn(server_nodes::report(
             client.clone(),
             server_nodes,
-            args.exempt_namespaces(),
+            args.policy.exempt_namespaces(),
             events.clone(),
             metrics.clone(),
         ));

@@ -84,6 +84,27 @@ impl NamespacePolicy {
         if permitted { Ok(()) } else { Err(format!("the namespace's policy does not permit role {role}")) }
     }
 
+    /// The policy as its annotation states it, for people.
+    pub fn describe(&self) -> String {
+        match self {
+            NamespacePolicy::Nothing => {
+                format!(
+                    "no {PERMITTED_ANNOTATION} or {ALLOWED_ROLES_ANNOTATION} annotation: no role is permitted"
+                )
+            }
+            NamespacePolicy::Permitted(re) => {
+                let expr = re
+                    .as_str()
+                    .strip_prefix("^(?:")
+                    .and_then(|r| r.strip_suffix(")$"))
+                    .unwrap_or(re.as_str());
+                format!("{PERMITTED_ANNOTATION}: {expr:?} (matched against the whole role ARN)")
+            }
+            NamespacePolicy::AllowedRoles(globs) => format!("{ALLOWED_ROLES_ANNOTATION}: {globs:?}"),
+            NamespacePolicy::Invalid(why) => format!("invalid: {why}"),
+        }
+    }
+
     /// Whether the policy itself is broken (for logs and Events).
     pub fn invalid_reason(&self) -> Option<&str> {
         match self {
