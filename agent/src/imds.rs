@@ -176,6 +176,8 @@ pub struct Imds {
     pub upstream: Option<Arc<dyn Upstream>>,
     pub allow: AllowList,
     pub metrics: Metrics,
+    /// Warning Events on pods for the refusals only the agent sees.
+    pub events: Arc<crate::refusal_events::AgentEvents>,
 }
 
 impl Imds {
@@ -219,24 +221,52 @@ impl Imds {
         if method != Method::GET && method != Method::HEAD {
             return Err(ImdsError::MethodNotAllowed(method.clone()));
         }
-        let pod = self.pod_of(peer).await?;
+        let asks_for_credentials = matches!(
+            route,
+            Route::IamListing | Route::RoleName { .. } | Route::Credentials { .. } | Route::IamInfo
+        );
+        let pod = match self.pod_of(peer).await {
+            Ok(pod) => pod,
+            Err(error) => {
+                if asks_for_credentials && matches!(error, ImdsError::PodNotFound(_)) {
+                    self.events.unknown_source(peer);
+                }
+                return Err(error);
+            }
+        };
         self.check_token(&pod, headers)?;
+        let answer = self.answer_pod(&pod, peer, path, route).await;
+        if let Err(error) = &answer
+            && asks_for_credentials
+        {
+            self.events.refused(&pod, error);
+        }
+        answer
+    }
+
+    async fn answer_pod(
+        &self,
+        pod: &PodInfo,
+        peer: IpAddr,
+        path: &str,
+        route: Route,
+    ) -> Result<Response<Full<Bytes>>, ImdsError> {
         match route {
             Route::Token => unreachable!("handled above"),
             Route::IamListing => {
-                role_name(&pod)?;
+                role_name(pod)?;
                 Ok(text(StatusCode::OK, "info\nsecurity-credentials/".into()))
             }
-            Route::RoleName { .. } => Ok(text(StatusCode::OK, role_name(&pod)?.to_string())),
+            Route::RoleName { .. } => Ok(text(StatusCode::OK, role_name(pod)?.to_string())),
             Route::Credentials { name, extended } => {
-                if name != role_name(&pod)? {
+                if name != role_name(pod)? {
                     return Err(ImdsError::NotThePodsRole(name));
                 }
-                let creds = self.creds(&pod, peer).await?;
+                let creds = self.creds(pod, peer).await?;
                 Ok(json(creds.document(extended)))
             }
             Route::IamInfo => {
-                let creds = self.creds(&pod, peer).await?;
+                let creds = self.creds(pod, peer).await?;
                 Ok(json(info_json(&creds).into()))
             }
             Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
@@ -442,6 +472,7 @@ mod tests {
             upstream: Some(Arc::new(FakeUpstream)),
             allow: AllowList::default_list(),
             metrics: Metrics::new(),
+            events: Arc::new(crate::refusal_events::AgentEvents::new(None, "node-a".into(), Metrics::new())),
         };
         Bed { imds, server }
     }

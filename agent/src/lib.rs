@@ -9,6 +9,7 @@ pub mod imds;
 pub mod interception;
 pub mod listener;
 pub mod metrics;
+pub mod refusal_events;
 pub mod revocation;
 pub mod server_client;
 pub mod token;
@@ -392,6 +393,11 @@ impl Validated {
             upstream,
             allow,
             metrics: metrics.clone(),
+            events: Arc::new(refusal_events::AgentEvents::new(
+                Some(client.clone()),
+                node_name.clone(),
+                metrics.clone(),
+            )),
         });
 
         let synced = Synced::default();

@@ -233,6 +233,7 @@ mod tests {
             upstream: None,
             allow: AllowList::default_list(),
             metrics: Metrics::new(),
+            events: Arc::new(crate::refusal_events::AgentEvents::new(None, "node-a".into(), Metrics::new())),
         };
         State {
             imds: Arc::new(imds),

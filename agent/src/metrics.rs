@@ -61,7 +61,7 @@ pub struct CodeLabels {
 }
 
 /// All of the agent's metrics; cheap to clone.
-/// A revocation's reason: one of the contract's stable reason strings.
+/// A revocation's or refusal's reason: one of the stable reason codes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevocationLabels {
     pub reason: &'static str,
@@ -80,6 +80,8 @@ pub struct Metrics {
     pub watch_restarts: Counter,
     pub revocations: Family<RevocationLabels, Counter>,
     pub revocation_streams: Gauge,
+    /// Refusals only the agent decides, by reason (`NO_ROLE`, `ROLE_MISMATCH`, ...).
+    pub refusals: Family<RevocationLabels, Counter>,
 }
 
 fn sub_millisecond_histogram() -> Histogram {
@@ -106,6 +108,7 @@ impl Metrics {
             watch_restarts: Counter::default(),
             revocations: Family::default(),
             revocation_streams: Gauge::default(),
+            refusals: Family::default(),
         }
     }
 
@@ -147,6 +150,11 @@ impl Metrics {
             "revocation_streams",
             "Open revocation streams to server replicas",
             self.revocation_streams.clone(),
+        );
+        r.register(
+            "refusals",
+            "Credentials requests the agent itself refused, by reason (each also a Warning Event on the pod)",
+            self.refusals.clone(),
         );
         Arc::new(root)
     }

@@ -101,14 +101,16 @@ async fn service_accounts_have_exactly_the_rights_they_need() {
     ] {
         assert!(!can("imdsgate-server", verb, resource), "server must not {verb} {resource}");
     }
-    for (verb, resource) in [("list", "pods"), ("watch", "pods"), ("get", "pods")] {
+    for (verb, resource) in
+        [("list", "pods"), ("watch", "pods"), ("get", "pods"), ("create", "events.events.k8s.io")]
+    {
         assert!(can("imdsgate-agent", verb, resource), "agent must be able to {verb} {resource}");
     }
     for (verb, resource) in [
         ("get", "secrets"),
         ("create", "tokenreviews.authentication.k8s.io"),
         ("list", "namespaces"),
-        ("create", "events"),
+        ("delete", "events.events.k8s.io"),
         ("create", "pods"),
     ] {
         assert!(!can("imdsgate-agent", verb, resource), "agent must not {verb} {resource}");

@@ -201,12 +201,12 @@ async fn serves_annotated_permitted_pods_and_refuses_everything_else() {
         let mine: Vec<_> = list
             .items
             .iter()
-            .filter(|e| e.reason.as_deref() == Some("ImdsgateRoleDenied"))
+            .filter(|e| e.reason.as_deref() == Some("NAMESPACE_FORBIDS"))
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("intruder"))
             .collect();
         if let Some(event) = mine.first() {
             assert_eq!(event.type_.as_deref(), Some("Warning"));
-            assert!(event.note.as_deref().unwrap_or_default().contains("NAMESPACE_FORBIDS"), "{event:?}");
+            assert!(event.note.as_deref().unwrap_or_default().contains("does not permit"), "{event:?}");
             assert_eq!(mine.len(), 1);
             break;
         }

@@ -347,7 +347,7 @@ async fn host_network_unknown_nodes_bindings_overrides_and_pods_on_server_nodes(
     loop {
         let list = events.list(&Default::default()).await.unwrap();
         let found = list.items.iter().find(|e| {
-            e.reason.as_deref() == Some("ImdsgatePodOnServerNode")
+            e.reason.as_deref() == Some("POD_ON_SERVER_NODE")
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("resident")
         });
         if let Some(event) = found {

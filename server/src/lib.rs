@@ -452,6 +452,7 @@ impl Validated {
             let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
             Arc::new(move || ns.get() && pods.get())
         };
+        let closing_streams = revocations.clone();
         let service = CredentialsService {
             pod_wait: args.pod_wait,
             authn,
@@ -484,6 +485,8 @@ impl Validated {
             return Ok(ExitCode::FAILURE);
         }
         health.set_not_serving::<CredentialsServer<CredentialsService>>().await;
+        // Revocation streams never end by themselves: close them, or the drain waits for them.
+        closing_streams.close();
         shutdown.trigger();
         match tokio::time::timeout(args.shutdown_grace, grpc_task).await {
             Ok(_) => tracing::info!("drained; bye"),

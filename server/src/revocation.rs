@@ -48,6 +48,9 @@ pub struct Revocations {
     authorizer: Arc<Authorizer>,
     cache: CredentialCache,
     metrics: crate::metrics::Metrics,
+    /// Ends every stream when the server shuts down (they would hold the drain open).
+    closing: Arc<tokio::sync::Notify>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Revocations {
@@ -57,7 +60,33 @@ impl Revocations {
         metrics: crate::metrics::Metrics,
     ) -> Self {
         let (tx, _) = broadcast::channel(BUFFER);
-        Revocations { tx, pods: authorizer.pods.clone(), authorizer, cache, metrics }
+        Revocations {
+            tx,
+            pods: authorizer.pods.clone(),
+            authorizer,
+            cache,
+            metrics,
+            closing: Arc::default(),
+            closed: Arc::default(),
+        }
+    }
+
+    /// Ends every open stream (at shutdown: agents reconnect to another replica).
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closing.notify_waiters();
+    }
+
+    async fn closed(closing: Arc<tokio::sync::Notify>, closed: Arc<std::sync::atomic::AtomicBool>) {
+        loop {
+            let notified = closing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if closed.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Withdraws whatever `pod` holds: its server-side session, and its credentials on its agent.
@@ -138,7 +167,8 @@ impl Revocations {
                 }
             }
         });
-        futures::stream::iter(initial).chain(later).boxed()
+        let closed = Self::closed(self.closing.clone(), self.closed.clone());
+        futures::stream::iter(initial).chain(later).take_until(closed).boxed()
     }
 }
 
@@ -253,5 +283,15 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(1), all.next()).await.unwrap().unwrap();
         assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
         assert!(all.next().await.is_none(), "the stream ends; the agent resubscribes");
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_every_stream() {
+        let r = revocations();
+        let mut open = r.stream(&[], Some("node-a".into()));
+        r.close();
+        let ended = tokio::time::timeout(Duration::from_secs(1), open.next()).await.expect("ends at once");
+        assert!(ended.is_none());
+        assert!(r.stream(&[], None).next().await.is_none(), "and new ones end at once too");
     }
 }
