@@ -56,9 +56,9 @@ pub struct ExplainArgs {
     pub policy: crate::PolicyArgs,
 }
 
-/// One line of the explanation.
+/// One line of the explanation: passed, refused, or a detail of the line before.
 struct Step {
-    ok: bool,
+    mark: &'static str,
     text: String,
 }
 
@@ -71,16 +71,16 @@ pub struct Explanation {
 
 impl Explanation {
     fn pass(&mut self, text: impl Into<String>) {
-        self.steps.push(Step { ok: true, text: text.into() });
+        self.steps.push(Step { mark: "ok     ", text: text.into() });
     }
 
     fn refuse(&mut self, text: impl Into<String>) {
         self.refused = true;
-        self.steps.push(Step { ok: false, text: text.into() });
+        self.steps.push(Step { mark: "REFUSED", text: text.into() });
     }
 
     fn note(&mut self, text: impl Into<String>) {
-        self.steps.push(Step { ok: true, text: format!("  {}", text.into()) });
+        self.steps.push(Step { mark: "       ", text: format!("  {}", text.into()) });
     }
 
     pub fn refused(&self) -> bool {
@@ -91,8 +91,7 @@ impl Explanation {
     pub fn render(&self, title: &str) -> String {
         let mut out = format!("{title}\n");
         for step in &self.steps {
-            let mark = if step.ok { "ok     " } else { "REFUSED" };
-            let _ = writeln!(out, "  {mark} {}", step.text);
+            let _ = writeln!(out, "  {} {}", step.mark, step.text);
         }
         let verdict = if self.refused {
             "the pod would get NO credentials (see REFUSED above)"
