@@ -1,7 +1,7 @@
 //! "Why does my pod get no credentials?" answered by `kubectl describe pod`: each refusal class
 //! leaves one Warning Event on the pod, reason = the refusal's code, however often the pod
 //! retries — from the agent (NO_ROLE, ROLE_MISMATCH, POD_NOT_FOUND, SERVER_UNREACHABLE) and from
-//! the server (NAMESPACE_FORBIDS).
+//! the server (NAMESPACE_FORBIDS, STS_UNAVAILABLE).
 
 use imdsgate_e2e::bed::{AgentBed, BedPlan, BedPod};
 use imdsgate_e2e::e2e_enabled;
@@ -68,6 +68,8 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
             BedPod::new("team", "stranded", "10.200.1.13").role("app-reader"),
             // Traffic from this address reaches node-a, but its pod runs on node-b.
             BedPod::ghost("elsewhere", "10.200.1.50"),
+            // Its Pod object is created while STS is down.
+            BedPod::ghost("unlucky", "10.200.1.14"),
         ],
         ..Default::default()
     })
@@ -96,6 +98,13 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
     exactly_one(&bed, "team", "mismatch", "ROLE_MISMATCH", "asked for role \"admin\"").await;
     exactly_one(&bed, "team", "greedy", "NAMESPACE_FORBIDS", "does not permit").await;
     exactly_one(&bed, "team", "elsewhere", "POD_NOT_FOUND", "it runs on node-b").await;
+
+    // STS cannot be reached: the server says so on the pod that asked.
+    bed.sts.process().terminate(Duration::from_secs(10)).unwrap();
+    bed.create_pod_object(&BedPod::new("team", "unlucky", "10.200.1.14").role("app-reader")).await.unwrap();
+    let statuses = ask(&bed, "ghost/unlucky", "app-reader", 3);
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    exactly_one(&bed, "team", "unlucky", "STS_UNAVAILABLE", "STS unavailable").await;
 
     // No server replica answers: the agent says so on the pod that asked.
     bed.server.child.terminate(Duration::from_secs(10)).unwrap();
