@@ -171,6 +171,15 @@ impl Cluster {
             .args(args))
     }
 
+    /// Runs `kubectl` with the admin kubeconfig and returns all it did (status, stdout, stderr:
+    /// where kubectl prints admission warnings).
+    pub fn kubectl_output(&self, args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
+        Ok(Command::new(k8s_bin("kubectl")?)
+            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+            .args(args)
+            .output()?)
+    }
+
     /// Creates a namespace with the given annotations.
     pub async fn create_namespace(&self, name: &str, annotations: &[(&str, &str)]) -> Result<Namespace> {
         let ns: Namespace = serde_json::from_value(json!({

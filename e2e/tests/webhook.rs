@@ -375,12 +375,7 @@ async fn warn_mode_admits_with_a_warning_what_enforce_refuses() {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: greedy\n  namespace: team\n  annotations:\n    iam.amazonaws.com/role: admin\nspec:\n  containers:\n  - name: main\n    image: registry.invalid/app:1\n",
     )
     .unwrap();
-    let out = std::process::Command::new(imdsgate_e2e::tools::k8s_bin("kubectl").unwrap())
-        .arg(format!("--kubeconfig={}", cluster.admin_kubeconfig().display()))
-        .args(["create", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
+    let out = cluster.kubectl_output(&["create".as_ref(), "-f".as_ref(), manifest.as_os_str()]).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "admitted in warn mode: {stderr}");
     assert!(
@@ -400,12 +395,7 @@ async fn warn_mode_admits_with_a_warning_what_enforce_refuses() {
         std::fs::read_to_string(&manifest).unwrap().replace("greedy", "fine").replace("admin", "app-reader"),
     )
     .unwrap();
-    let out = std::process::Command::new(imdsgate_e2e::tools::k8s_bin("kubectl").unwrap())
-        .arg(format!("--kubeconfig={}", cluster.admin_kubeconfig().display()))
-        .args(["create", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
+    let out = cluster.kubectl_output(&["create".as_ref(), "-f".as_ref(), manifest.as_os_str()]).unwrap();
     assert!(out.status.success());
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("imdsgate"),
