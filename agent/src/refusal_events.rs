@@ -19,10 +19,22 @@ use std::time::{Duration, Instant};
 
 /// An unknown address is looked up (cluster-wide, by `status.podIP`) at most this often...
 const LOOKUP_SAME_IP_EVERY: Duration = Duration::from_secs(600);
-/// ...and at most this many lookups a minute in all, so a flood costs the apiserver nothing.
-const LOOKUPS_PER_MINUTE: usize = 10;
+/// ...and at most this many lookups a minute in all, each served from the apiserver's watch cache
+/// (`resourceVersion=0`), so a flood costs the apiserver next to nothing.
+const LOOKUPS_PER_MINUTE: usize = 3;
 /// Addresses remembered at most for the per-address limit.
 const MAX_LOOKED_UP: usize = 10_000;
+
+/// Whether `pod` is live (not finished, not terminating, not host-network) and on another node.
+fn is_live_elsewhere(pod: &Pod, node: &str) -> bool {
+    let spec = pod.spec.as_ref();
+    let finished =
+        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"));
+    !finished
+        && pod.metadata.deletion_timestamp.is_none()
+        && spec.and_then(|s| s.host_network) != Some(true)
+        && spec.and_then(|s| s.node_name.as_deref()) != Some(node)
+}
 
 /// See the module documentation.
 pub struct AgentEvents {
@@ -55,7 +67,7 @@ impl AgentEvents {
         let (reason, message) = match error {
             ImdsError::NoRole(_) => (
                 "NO_ROLE",
-                "the pod asks for AWS credentials at 169.254.169.254 but has no iam.amazonaws.com/role annotation; add one naming its role (and check that its namespace's iam.amazonaws.com/permitted allows it)".to_string(),
+                "the pod asks for AWS credentials at 169.254.169.254 but has no usable iam.amazonaws.com/role annotation (none, or neither a role name nor a role ARN); add one naming its role (and check that its namespace's iam.amazonaws.com/permitted allows it)".to_string(),
             ),
             ImdsError::NotThePodsRole(asked) => (
                 "ROLE_MISMATCH",
@@ -91,30 +103,28 @@ impl AgentEvents {
         let events_of = self.events.clone();
         tokio::spawn(async move {
             let pods = kube::Api::<Pod>::all(client);
-            let found = match pods.list(&ListParams::default().fields(&format!("status.podIP={ip}"))).await {
+            let params = ListParams::default().fields(&format!("status.podIP={ip}")).match_any().limit(5);
+            let found = match pods.list(&params).await {
                 Ok(list) => list.items,
                 Err(error) => {
                     tracing::debug!(%error, "cannot look up the pod of an unknown address");
                     return;
                 }
             };
-            for pod in &found {
-                let (namespace, name, uid) = (
-                    pod.metadata.namespace.as_deref().unwrap_or_default(),
-                    pod.metadata.name.as_deref().unwrap_or_default(),
-                    pod.metadata.uid.as_deref().unwrap_or_default(),
-                );
-                let runs_on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("no node yet");
-                let message = format!(
-                    "a request for credentials from {ip} reached the imdsgate agent on node {node}, which does not serve this pod: it runs on {runs_on}. Pods get credentials only from the agent of their own node, over 169.254.169.254 from their own network namespace (not hostNetwork)"
-                );
-                events_of.refused(
-                    PodRef { namespace, name, uid },
-                    "POD_NOT_FOUND",
-                    "GetCredentials",
-                    &message,
-                );
-            }
+            // Only a live pod that is alone at that address and runs elsewhere is told: finished
+            // pods keep their old IP, and host-network pods share the node's.
+            let live: Vec<&Pod> = found.iter().filter(|p| is_live_elsewhere(p, &node)).collect();
+            let [pod] = live.as_slice() else { return };
+            let (namespace, name, uid) = (
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                pod.metadata.uid.as_deref().unwrap_or_default(),
+            );
+            let runs_on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("no node yet");
+            let message = format!(
+                "a request for credentials from {ip} reached the imdsgate agent on node {node}, which does not serve this pod: it runs on {runs_on}. Pods get credentials only from the agent of their own node, over 169.254.169.254 from their own network namespace (not hostNetwork)"
+            );
+            events_of.refused(PodRef { namespace, name, uid }, "POD_NOT_FOUND", "GetCredentials", &message);
         });
     }
 
@@ -161,8 +171,32 @@ mod tests {
         for n in 2..=LOOKUPS_PER_MINUTE as u8 {
             assert!(events.may_look_up(ip(n), t0));
         }
-        assert!(!events.may_look_up(ip(200), t0), "at most 10 a minute in all, whatever the flood");
+        assert!(!events.may_look_up(ip(200), t0), "at most 3 a minute in all, whatever the flood");
         assert!(events.may_look_up(ip(200), t0 + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn only_a_live_pod_on_another_node_is_blamed() {
+        let pod = |node: &str, phase: &str, host: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "namespace": "ns" },
+                "spec": { "nodeName": node, "hostNetwork": host, "containers": [] },
+                "status": { "phase": phase } }))
+            .unwrap()
+        };
+        assert!(is_live_elsewhere(&pod("node-b", "Running", false), "node-a"));
+        assert!(
+            !is_live_elsewhere(&pod("node-a", "Running", false), "node-a"),
+            "this node's: the watch lags"
+        );
+        assert!(
+            !is_live_elsewhere(&pod("node-b", "Succeeded", false), "node-a"),
+            "finished pods keep old IPs"
+        );
+        assert!(
+            !is_live_elsewhere(&pod("node-b", "Running", true), "node-a"),
+            "host network shares the node's IP"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! change. A retrying pod cannot flood the apiserver: an Event's name is derived from the pod's
 //! UID and the reason, so every agent and server replica writes the same object (a second
 //! creation is refused by the apiserver, not duplicated), and each process writes at most once
-//! per pod and reason per [`WRITE_EVERY`], carrying the count of refusals seen in `series`.
+//! per pod and reason per [`WRITE_EVERY`], carrying the count of refusals it saw in `series`, and
+//! at a bounded pace overall (an outage refuses every pod at once).
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
@@ -15,7 +16,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// At most one write per pod and reason this often (per process).
-pub const WRITE_EVERY: Duration = Duration::from_secs(60);
+pub const WRITE_EVERY: Duration = Duration::from_secs(300);
+/// Event writes per second at most, per process, whatever the number of pods (an outage makes
+/// every pod a refusal at once): a burst of [`WRITE_BURST`], then this pace.
+const WRITES_PER_SECOND: f64 = 5.0;
+const WRITE_BURST: f64 = 50.0;
+/// The longest note the apiserver takes, in bytes.
+const MAX_NOTE_BYTES: usize = 1024;
 /// Pods and reasons remembered at most; the oldest are forgotten first.
 const MAX_REMEMBERED: usize = 50_000;
 /// How long a (pod, reason) is remembered without a new refusal.
@@ -49,14 +56,23 @@ pub struct RefusalEvents {
     client: Option<kube::Client>,
     controller: &'static str,
     instance: String,
-    seen: Mutex<HashMap<(String, &'static str), Seen>>,
+    seen: Mutex<Book>,
+}
+
+/// What has been seen and written.
+struct Book {
+    seen: HashMap<(String, &'static str), Seen>,
+    /// Write allowance: (tokens, when counted).
+    tokens: (f64, Instant),
+    swept: Option<Instant>,
 }
 
 impl RefusalEvents {
     /// `controller` names the reporter (`imdsgate.io/agent`, `imdsgate.io/server`); `instance`
     /// this process (node or pod name).
     pub fn new(client: Option<kube::Client>, controller: &'static str, instance: String) -> Self {
-        RefusalEvents { client, controller, instance, seen: Mutex::new(HashMap::new()) }
+        let book = Book { seen: HashMap::new(), tokens: (WRITE_BURST, Instant::now()), swept: None };
+        RefusalEvents { client, controller, instance, seen: Mutex::new(book) }
     }
 
     /// Records a refusal of `pod` for `reason` (a stable code); writes an Event when due.
@@ -85,7 +101,7 @@ impl RefusalEvents {
             type_: Some("Warning".into()),
             reason: Some(reason.into()),
             action: Some(action.into()),
-            note: Some(message.chars().take(1024).collect()),
+            note: Some(truncate_bytes(message, MAX_NOTE_BYTES)),
             reporting_controller: Some(self.controller.into()),
             reporting_instance: Some(self.instance.chars().take(128).collect()),
             regarding: Some(ObjectReference {
@@ -130,31 +146,51 @@ impl RefusalEvents {
         write
     }
 
-    /// Counts the refusal and decides what to write at `now`.
+    /// Counts the refusal and decides what to write at `now`. The count in `series` is this
+    /// process's (agents and replicas each count what they saw).
     pub fn decide(&self, uid: &str, reason: &'static str, now: Instant) -> Write {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= MAX_REMEMBERED {
-            seen.retain(|_, s| now.duration_since(s.last) < FORGET_AFTER);
-            if seen.len() >= MAX_REMEMBERED {
+        let mut book = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let book = &mut *book;
+        let key = (uid.to_string(), reason);
+        if book.seen.len() >= MAX_REMEMBERED && !book.seen.contains_key(&key) {
+            // Sweep at most every ten seconds: a full book must not cost a scan per refusal.
+            if book.swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
+                book.swept = Some(now);
+                book.seen.retain(|_, s| now.duration_since(s.last) < FORGET_AFTER);
+            }
+            if book.seen.len() >= MAX_REMEMBERED {
                 return Write::Nothing;
             }
         }
-        let entry =
-            seen.entry((uid.to_string(), reason)).or_insert(Seen { count: 0, written: None, last: now });
+        let entry = book.seen.entry(key).or_insert(Seen { count: 0, written: None, last: now });
         entry.count = entry.count.saturating_add(1);
         entry.last = now;
-        match entry.written {
-            None => {
-                entry.written = Some(now);
-                Write::Create
-            }
-            Some(at) if now.duration_since(at) >= WRITE_EVERY => {
-                entry.written = Some(now);
-                Write::Count(entry.count)
-            }
-            Some(_) => Write::Nothing,
+        let due = match entry.written {
+            None => Write::Create,
+            Some(at) if now.duration_since(at) >= WRITE_EVERY => Write::Count(entry.count),
+            Some(_) => return Write::Nothing,
+        };
+        // The process-wide pace: a write not made now is made at the pod's next refusal.
+        let (tokens, at) = &mut book.tokens;
+        *tokens =
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * WRITES_PER_SECOND).min(WRITE_BURST);
+        *at = (*at).max(now);
+        if *tokens < 1.0 {
+            return Write::Nothing;
         }
+        *tokens -= 1.0;
+        entry.written = Some(now);
+        due
     }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate_bytes(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// The Event's name: the same in every process for a pod and reason (a valid object name).
@@ -172,7 +208,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_write_per_pod_and_reason_then_counts_at_most_once_a_minute() {
+    fn one_write_per_pod_and_reason_then_counts_at_most_once_per_window() {
         let events = RefusalEvents::new(None, "imdsgate.io/test", "t".into());
         let t0 = Instant::now();
         assert_eq!(events.decide("uid-a", "NO_ROLE", t0), Write::Create);
@@ -192,6 +228,31 @@ mod tests {
             events.decide("uid-a", "NO_ROLE", t0 + WRITE_EVERY + Duration::from_secs(1)),
             Write::Count(102)
         );
+    }
+
+    #[test]
+    fn a_storm_of_refusals_is_written_at_a_bounded_pace() {
+        let events = RefusalEvents::new(None, "imdsgate.io/test", "t".into());
+        let t0 = Instant::now();
+        let written = (0..1000)
+            .filter(|n| events.decide(&format!("uid-{n}"), "SERVER_UNREACHABLE", t0) != Write::Nothing)
+            .count();
+        assert!(
+            written <= WRITE_BURST as usize + 1,
+            "an outage, every pod refused at once: {written} writes"
+        );
+        // A pod not written for now is written at its next refusal, once the pace allows.
+        assert_eq!(
+            events.decide("uid-999", "SERVER_UNREACHABLE", t0 + Duration::from_secs(1)),
+            Write::Create
+        );
+    }
+
+    #[test]
+    fn notes_fit_the_apiserver_limit_in_bytes() {
+        let long = "é".repeat(1000);
+        let cut = truncate_bytes(&long, MAX_NOTE_BYTES);
+        assert!(cut.len() <= MAX_NOTE_BYTES && cut.chars().all(|c| c == 'é'));
     }
 
     #[test]

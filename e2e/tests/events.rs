@@ -94,7 +94,7 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
     assert!(ask(&bed, "team/greedy", "admin", 5).iter().all(|&s| s == 403));
     assert!(ask(&bed, "ghost/elsewhere", "app-reader", 3).iter().all(|&s| s == 404));
 
-    exactly_one(&bed, "team", "plain", "NO_ROLE", "no iam.amazonaws.com/role annotation").await;
+    exactly_one(&bed, "team", "plain", "NO_ROLE", "no usable iam.amazonaws.com/role annotation").await;
     exactly_one(&bed, "team", "mismatch", "ROLE_MISMATCH", "asked for role \"admin\"").await;
     exactly_one(&bed, "team", "greedy", "NAMESPACE_FORBIDS", "does not permit").await;
     exactly_one(&bed, "team", "elsewhere", "POD_NOT_FOUND", "it runs on node-b").await;

@@ -112,8 +112,9 @@ pub enum WebhookMode {
     /// Refuse it, with a message saying what to change.
     #[default]
     Enforce,
-    /// Admit it with an admission warning (kubectl prints it) and count it: for migrations from
-    /// kiam or kube2iam, to see what enforcing would refuse.
+    /// Admit a pod whose role or session name would be refused, with an admission warning
+    /// (kubectl prints it), and count it: for migrations from kiam or kube2iam, to see what
+    /// enforcing would refuse. Placement on server nodes and hostNetwork stay refused.
     Warn,
 }
 
@@ -213,7 +214,13 @@ impl Admission {
         operation: &Operation,
         verdict: Verdict,
     ) -> AdmissionReview<DynamicObject> {
-        let warn_only = self.config.mode == WebhookMode::Warn;
+        // Warn mode eases only the role checks that kiam and kube2iam users migrate from; keeping
+        // pods off server nodes and off the host network stays enforced (those reach node roles).
+        let warn_only = self.config.mode == WebhookMode::Warn
+            && matches!(
+                verdict,
+                Verdict::Deny(DenyReason::RoleNotPermitted | DenyReason::SessionNameInvalid, _)
+            );
         let (decision, reason) = match &verdict {
             Verdict::Allow => ("allowed", "permitted"),
             Verdict::Exempt => ("allowed", "exempt_namespace"),

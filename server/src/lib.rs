@@ -159,9 +159,10 @@ pub struct Args {
     #[command(flatten)]
     pub policy: PolicyArgs,
 
-    /// What the webhook does with a pod it would refuse: enforce (refuse it) or warn (admit it
-    /// with an admission warning and count it in imdsgate_server_admissions_total{decision="warned"};
-    /// for migrations from kiam or kube2iam).
+    /// What the webhook does with a pod whose role or session name it would refuse: enforce
+    /// (refuse it) or warn (admit it with an admission warning, counted in
+    /// imdsgate_server_admissions_total{decision="warned"}; for migrations from kiam or
+    /// kube2iam). Server-node placement and hostNetwork are refused in both modes.
     #[arg(long, env = "IMDSGATE_WEBHOOK_MODE", value_enum, default_value = "enforce")]
     pub webhook_mode: admission::WebhookMode,
 
