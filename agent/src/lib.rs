@@ -160,7 +160,7 @@ pub struct Args {
     /// Most IMDS requests served at once, on top of --max-concurrent-requests, from addresses
     /// that are not a known pod of this node (a pod the watch has not delivered yet, others), at
     /// most 4 per address; more get 503 at once.
-    #[arg(long, env = "IMDSGATE_MAX_UNKNOWN_SOURCE_REQUESTS", default_value_t = 64)]
+    #[arg(long, env = "IMDSGATE_MAX_UNKNOWN_SOURCE_REQUESTS", default_value_t = 256)]
     pub max_unknown_source_requests: usize,
 
     /// Log format.
