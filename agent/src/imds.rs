@@ -106,7 +106,7 @@ impl Route {
 /// Why a request is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
-    #[error("requests from the node's own address are not served by imdsgate")]
+    #[error("requests from the node's own addresses (or loopback) are not served by imdsgate")]
     FromNode,
     #[error("imdsgate found no pod with IP {0} on this node")]
     PodNotFound(IpAddr),
@@ -181,6 +181,20 @@ pub struct Imds {
 }
 
 impl Imds {
+    /// Whether `ip` can be the address of a pod of this node at all: not the node's own, not
+    /// loopback, unspecified, multicast or broadcast. Others are refused at once, with no wait.
+    pub fn can_be_pod(&self, ip: IpAddr) -> bool {
+        // The dual-stack socket shows IPv4 peers as IPv4-mapped IPv6 addresses.
+        let ip = ip.to_canonical();
+        let special = match ip {
+            IpAddr::V4(v4) => {
+                v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()
+            }
+            IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast(),
+        };
+        !special && !self.node_ips.contains(&ip)
+    }
+
     /// Answers one request from `peer`.
     pub async fn handle(
         &self,
@@ -309,7 +323,7 @@ impl Imds {
 
     /// The pod at `peer`, waiting (event-driven) up to `--pod-wait` for the watch to deliver it.
     async fn pod_of(&self, peer: IpAddr) -> Result<Arc<PodInfo>, ImdsError> {
-        if self.node_ips.contains(&peer) {
+        if !self.can_be_pod(peer) {
             return Err(ImdsError::FromNode);
         }
         let mut pods = self.pods.by_ip(&peer);

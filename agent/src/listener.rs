@@ -9,10 +9,10 @@
 //! [`Imds::handle`] maps back).
 
 use crate::imds::Imds;
-use crate::imds::{ImdsError, Route};
+use crate::imds::Route;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use imdsgate_core::http_server::{self, Budget, HttpServer, PeerAddr, SourceBudget, SourceClass};
@@ -61,24 +61,9 @@ impl Limits {
     }
 }
 
-/// Whether `ip` can be the address of a pod of this node at all.
-fn could_be_pod(imds: &Imds, ip: IpAddr) -> bool {
-    // The dual-stack socket shows IPv4 peers as IPv4-mapped IPv6 addresses.
-    let ip = ip.to_canonical();
-    let special = match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast(),
-    };
-    !special && !imds.node_ips.contains(&ip)
-}
-
 fn class_of(imds: &Imds, ip: IpAddr) -> SourceClass {
     let ip = ip.to_canonical();
-    if could_be_pod(imds, ip) && !imds.pods.by_ip(&ip).is_empty() {
-        SourceClass::Known
-    } else {
-        SourceClass::Unknown
-    }
+    if imds.can_be_pod(ip) && imds.pods.knows_ip(&ip) { SourceClass::Known } else { SourceClass::Unknown }
 }
 
 #[derive(Clone)]
@@ -161,20 +146,19 @@ async fn answer<B>(
     req: Request<B>,
 ) -> (crate::metrics::Route, Response<Full<Bytes>>) {
     let imds = &state.imds;
-    if !could_be_pod(imds, peer) {
-        // No pod will ever have this address: no budget, no wait.
-        let error = ImdsError::FromNode;
-        return (Route::of(req.uri().path()).label(), text(error.status(), error.to_string() + "\n"));
-    }
     let budget = match class_of(imds, peer) {
         SourceClass::Known => &state.pods,
         SourceClass::Unknown => &state.unknown,
     };
-    let Ok(_permit) = budget.try_acquire(peer) else {
-        return (
-            Route::of(req.uri().path()).label(),
-            http_server::plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n"),
-        );
+    // An address no pod can have is refused at once by `Imds::handle`: it needs no budget.
+    let _permit = match imds.can_be_pod(peer).then(|| budget.try_acquire(peer)) {
+        Some(Err(_)) => {
+            return (
+                Route::of(req.uri().path()).label(),
+                http_server::plain(StatusCode::SERVICE_UNAVAILABLE, "imdsgate agent is busy; retry\n"),
+            );
+        }
+        permit => permit,
     };
     let answer = tokio::time::timeout(
         state.request_timeout,
@@ -187,13 +171,6 @@ async fn answer<B>(
             http_server::plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"),
         )
     })
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    response
 }
 
 #[cfg(test)]
@@ -296,8 +273,8 @@ mod tests {
         let mapped = |ip: &str| IpAddr::V6(ip.parse::<Ipv4Addr>().unwrap().to_ipv6_mapped());
         assert_eq!(class_of(&state.imds, mapped("10.0.1.1")), SourceClass::Known);
         assert_eq!(class_of(&state.imds, mapped("10.0.9.9")), SourceClass::Unknown);
-        assert!(!could_be_pod(&state.imds, mapped("10.0.0.1")), "the node, mapped, is still the node");
-        assert!(!could_be_pod(&state.imds, mapped("127.0.0.1")));
+        assert!(!state.imds.can_be_pod(mapped("10.0.0.1")), "the node, mapped, is still the node");
+        assert!(!state.imds.can_be_pod(mapped("127.0.0.1")));
     }
 
     #[tokio::test(start_paused = true)]

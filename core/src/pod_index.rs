@@ -166,6 +166,11 @@ impl PodIndex {
         self.by_ip.get(ip).map(|pods| pods.clone()).unwrap_or_default()
     }
 
+    /// Whether some live pod claims `ip` (no copy of the claimants, for the hot path).
+    pub fn knows_ip(&self, ip: &IpAddr) -> bool {
+        self.by_ip.contains_key(ip)
+    }
+
     /// The pod with this UID, if live.
     pub fn by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.by_uid.get(uid).map(|p| p.clone())
@@ -318,6 +323,7 @@ pub(crate) mod tests {
         assert!(matches!(change, Change::Added(_)));
         assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["u1"]);
         assert_eq!(uids(&index.by_ip(&ip("fd00::1"))), ["u1"]);
+        assert!(index.knows_ip(&ip("fd00::1")) && !index.knows_ip(&ip("10.0.0.2")));
         let pod = index.by_uid("u1").unwrap();
         assert_eq!(pod.role.as_deref(), Some("app"));
         assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("team", "web"));
