@@ -207,13 +207,8 @@ mod tests {
             uid: "u".into(),
             namespace: "ns".into(),
             name: "p".into(),
-            node: None,
-            ips: vec![],
-            service_account: None,
-            phase: None,
             role: Some("app".into()),
-            external_id: None,
-            session_name: None,
+            ..Default::default()
         };
         events.refused(&pod, &ImdsError::NotThePodsRole("admin".into()));
         events.refused(&pod, &ImdsError::Server(ServerError::Unreachable("refused".into())));

@@ -4,7 +4,6 @@
 
 use dashmap::DashMap;
 use k8s_openapi::api::core::v1::Pod;
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 
 /// What the index keeps of a pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
     pub namespace: String,
@@ -56,38 +55,44 @@ impl PodInfo {
         {
             return None;
         }
+        let info = PodInfo::describe(pod);
+        (meta.uid.is_some() && !info.ips.is_empty()).then_some(info)
+    }
+
+    /// What a pod says of itself, whatever its state (no IP yet, finished, a manifest not yet
+    /// created): what [`PodInfo::from_pod`] keeps once it has decided the pod is live.
+    pub fn describe(pod: &Pod) -> PodInfo {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
         let mut ips: Vec<IpAddr> = status
-            .pod_ips
-            .iter()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
             .flatten()
             .filter_map(|p| p.ip.parse().ok())
-            .chain(status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()))
+            .chain(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()))
             .collect();
         ips.sort_unstable();
         ips.dedup();
-        if ips.is_empty() {
-            return None;
-        }
-        let annotation = |key: &str| {
-            meta.annotations
-                .as_ref()
-                .and_then(|a: &BTreeMap<String, String>| a.get(key))
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        Some(PodInfo {
-            uid: meta.uid.clone()?,
+        let annotation = |key: &str| annotation(pod, key).map(str::to_string);
+        PodInfo {
+            uid: meta.uid.clone().unwrap_or_default(),
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
-            node: spec.node_name.clone(),
+            node: spec.and_then(|s| s.node_name.clone()),
             ips,
-            service_account: spec.service_account_name.clone(),
-            phase: status.phase.clone(),
+            service_account: spec.and_then(|s| s.service_account_name.clone()),
+            phase: status.and_then(|s| s.phase.clone()),
             role: annotation(ROLE_ANNOTATION),
             external_id: annotation(EXTERNAL_ID_ANNOTATION),
             session_name: annotation(SESSION_NAME_ANNOTATION),
-        })
+        }
     }
+}
+
+/// A pod's annotation, trimmed; `None` when absent or blank.
+pub fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim()).filter(|v| !v.is_empty())
 }
 
 impl PodInfo {

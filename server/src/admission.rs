@@ -7,6 +7,7 @@
 //! written. Every denial says exactly what to change.
 
 use crate::authorizer::Authorizer;
+use imdsgate_core::pod_index::annotation;
 use k8s_openapi::api::core::v1::{Affinity, Binding, Namespace, Node, Pod, Toleration};
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -391,11 +392,6 @@ fn unknown_node_message(field: &str, node: &str, kind: &NodeKind) -> String {
             "{field} {node:?} names a node that does not exist (yet); it could join as an imdsgate server node. Name an existing node, or leave placement to the scheduler."
         ),
     }
-}
-
-/// A non-empty annotation of `pod`.
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim()).filter(|v| !v.is_empty())
 }
 
 /// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations.

@@ -36,18 +36,7 @@ mod tests {
     use super::*;
 
     fn pod(uid: &str) -> PodInfo {
-        PodInfo {
-            uid: uid.into(),
-            namespace: "ns".into(),
-            name: "p".into(),
-            node: None,
-            ips: vec![],
-            service_account: None,
-            phase: None,
-            role: None,
-            external_id: None,
-            session_name: None,
-        }
+        PodInfo { uid: uid.into(), namespace: "ns".into(), name: "p".into(), ..Default::default() }
     }
 
     #[test]

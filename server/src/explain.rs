@@ -12,7 +12,7 @@ use crate::role::BaseArn;
 use crate::session::TagConfig;
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use imdsgate_core::pod_index::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION};
+use imdsgate_core::pod_index::ROLE_ANNOTATION;
 use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ListParams;
@@ -238,14 +238,6 @@ impl ExplainArgs {
 
 /// The steps that need only the pod, its namespace's policy and the server's role settings.
 fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool, authorizer: &Authorizer) {
-    let annotation = |key: &str| {
-        pod.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         e.refuse("hostNetwork: true: the pod's requests never pass the imdsgate agent (and reach the node's own role)");
     }
@@ -258,23 +250,16 @@ fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool,
             e.refuse(format!("phase {phase}: finished pods get nothing"));
         }
     }
-    let Some(role) = annotation(ROLE_ANNOTATION) else {
+    let mut info = PodInfo::describe(pod);
+    info.namespace = namespace.to_string();
+    if info.uid.is_empty() {
+        info.uid = "manifest".into();
+    }
+    let Some(role) = info.role.clone() else {
         e.refuse(format!("no {ROLE_ANNOTATION} annotation (reason NO_ROLE): add one naming the role"));
         return;
     };
     e.pass(format!("annotation {ROLE_ANNOTATION}: {role:?}"));
-    let info = PodInfo {
-        uid: pod.metadata.uid.clone().unwrap_or_else(|| "manifest".into()),
-        namespace: namespace.to_string(),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ips: Vec::new(),
-        service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
-        phase: None,
-        role: Some(role.clone()),
-        external_id: annotation(EXTERNAL_ID_ANNOTATION),
-        session_name: annotation(SESSION_NAME_ANNOTATION),
-    };
     let arn = match crate::role::resolve(&role, authorizer.base_arn.as_ref()) {
         Ok(arn) => {
             e.pass(format!("role ARN: {arn}"));
