@@ -198,7 +198,13 @@ impl Cluster {
 
     /// Creates a Node object (no kubelet runs behind it).
     pub async fn create_node(&self, name: &str) -> Result<Node> {
-        let node: Node = serde_json::from_value(json!({ "metadata": { "name": name } }))?;
+        self.create_labelled_node(name, &[]).await
+    }
+
+    /// Creates a Node object with labels (`imdsgate.io/server-node=true` makes a server node).
+    pub async fn create_labelled_node(&self, name: &str, labels: &[(&str, &str)]) -> Result<Node> {
+        let node: Node =
+            serde_json::from_value(json!({ "metadata": { "name": name, "labels": to_map(labels) } }))?;
         Ok(Api::<Node>::all(self.client()).create(&PostParams::default(), &node).await?)
     }
 

@@ -5,7 +5,7 @@
 use imdsgate_e2e::components::install_rbac;
 use imdsgate_e2e::tools::workspace_bin;
 use imdsgate_e2e::{Cluster, e2e_enabled};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -54,11 +54,7 @@ async fn explain_says_why_and_exits_non_zero_when_refused() {
     install_rbac(&cluster).unwrap();
     cluster.create_node("worker-1").await.unwrap();
     cluster.create_node("worker-2").await.unwrap();
-    let server_node: Node = serde_json::from_value(
-        json!({ "metadata": { "name": "server-1", "labels": { "imdsgate.io/server-node": "true" } } }),
-    )
-    .unwrap();
-    Api::<Node>::all(cluster.client()).create(&PostParams::default(), &server_node).await.unwrap();
+    cluster.create_labelled_node("server-1", &[("imdsgate.io/server-node", "true")]).await.unwrap();
     // A ready agent on worker-1 only.
     pod(&cluster, "imdsgate", "agent-w1", "worker-1", json!({}), json!({ "hostNetwork": true })).await;
     let ready =

@@ -56,11 +56,7 @@ async fn start(extra_server_args: &[&str]) -> WebhookBed {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = ServerProcess::start(&cluster, &sts, &tls, &args).await.expect("server with webhook starts");
 
-    let server_node: Node = serde_json::from_value(
-        json!({ "metadata": { "name": "server-1", "labels": { "imdsgate.io/server-node": "true" } } }),
-    )
-    .unwrap();
-    Api::<Node>::all(cluster.client()).create(&PostParams::default(), &server_node).await.unwrap();
+    cluster.create_labelled_node("server-1", &[("imdsgate.io/server-node", "true")]).await.unwrap();
     cluster.create_node("worker-1").await.unwrap();
 
     use base64::Engine as _;

@@ -47,8 +47,7 @@ impl Credentials for CredentialsService {
         &self,
         request: Request<WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        let authorization = request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
-        let agent = self.authn.authenticate(authorization).await.map_err(|e| Denial::from(e).to_status())?;
+        let agent = self.agent(request.metadata()).await.map_err(|d| d.to_status())?;
         if !(self.synced)() {
             return Err(Status::unavailable("the server's watches have not synced yet"));
         }
@@ -92,12 +91,20 @@ impl Credentials for CredentialsService {
 }
 
 impl CredentialsService {
+    /// The calling agent, from the token in the request's metadata.
+    async fn agent(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<crate::agent_auth::AgentIdentity, Denial> {
+        let authorization = metadata.get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
+        Ok(self.authn.authenticate(authorization).await?)
+    }
+
     async fn answer(
         &self,
         request: Request<GetCredentialsRequest>,
     ) -> Result<GetCredentialsResponse, Denial> {
-        let authorization = request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
-        let agent = self.authn.authenticate(authorization).await?;
+        let agent = self.agent(request.metadata()).await?;
         let req = request.get_ref();
         let ask = Ask::parse(&req.pod_ip, &req.pod_uid, &req.role)?;
         // A pod the agent already knows may not have reached this server's watch yet.
