@@ -10,7 +10,9 @@
 //! be used (no IPv6 in the kernel, no ip6table_nat), there is no IPv6 path to intercept: the IPv6
 //! rule is skipped with a warning ([`family_usable`]) and IPv4 stays intercepted.
 
+use crate::metrics::{FamilyLabels, Metrics};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 pub const CHAIN: &str = "IMDSGATE";
 const TABLE: &str = "nat";
@@ -127,6 +129,37 @@ impl Interception {
         remove_jumps(&ipt, wanted.len())
     }
 
+    /// `ipv4` or `ipv6`: the metric label of this rule.
+    pub fn family(&self) -> &'static str {
+        if self.ipv6 { "ipv6" } else { "ipv4" }
+    }
+
+    /// Whether the chain, its one DNAT rule and the jumps at the top of PREROUTING are exactly what
+    /// [`Self::install`] leaves, with no other jump to the chain.
+    pub fn in_place(&self) -> Result<bool, IptablesError> {
+        let ipt = iptables::new(self.ipv6).map_err(|e| err("cannot run iptables", e))?;
+        if !ipt.chain_exists(TABLE, CHAIN).map_err(|e| err("listing chains", e))? {
+            return Ok(false);
+        }
+        if rules_of(&ipt, CHAIN)? != [self.dnat_rule()] {
+            return Ok(false);
+        }
+        let wanted = self.jump_rules();
+        let current = rules_of(&ipt, "PREROUTING")?;
+        let target = format!("-j {CHAIN}");
+        let jumps = current.iter().filter(|r| r.ends_with(&target)).count();
+        Ok(jumps == wanted.len() && current.iter().take(wanted.len()).eq(wanted.iter()))
+    }
+
+    /// Puts the rule back if it is not in place; says whether it had to.
+    fn repair(&self) -> Result<bool, IptablesError> {
+        if self.in_place()? {
+            return Ok(false);
+        }
+        self.install()?;
+        Ok(true)
+    }
+
     /// Removes the jumps and the chain (`imdsgate-agent iptables uninstall`).
     pub fn uninstall(ipv6: bool) -> Result<(), IptablesError> {
         let ipt = iptables::new(ipv6).map_err(|e| err("cannot run iptables", e))?;
@@ -136,6 +169,39 @@ impl Interception {
             ipt.delete_chain(TABLE, CHAIN).map_err(|e| err("deleting chain", e))?;
         }
         Ok(())
+    }
+}
+
+/// Checks the installed rules every `every` and puts back what another tool removed or changed,
+/// counting each repair; the gauge says whether each family's rule is in place. Runs until the
+/// process ends (the rule stays after it).
+pub async fn keep(rules: Vec<Interception>, metrics: Metrics, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the rules were installed just now
+    loop {
+        tick.tick().await;
+        for rule in &rules {
+            let labels = FamilyLabels { family: rule.family() };
+            let checked = rule.clone();
+            let present = match tokio::task::spawn_blocking(move || checked.repair()).await {
+                Ok(Ok(false)) => true,
+                Ok(Ok(true)) => {
+                    metrics.rule_repairs.get_or_create(&labels).inc();
+                    tracing::warn!(family = labels.family, "the interception rule was missing or altered; put back");
+                    true
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, family = labels.family, "cannot check or repair the interception rule");
+                    false
+                }
+                Err(error) => {
+                    tracing::error!(%error, "the interception rule check panicked");
+                    false
+                }
+            };
+            metrics.rule_present.get_or_create(&labels).set(i64::from(present));
+        }
     }
 }
 

@@ -35,13 +35,15 @@ use std::time::Duration;
 use crate::credential_cache::CredentialCache;
 use crate::imds::Imds;
 use crate::interception::{Interception, InterfaceMatch};
-use crate::metrics::Metrics;
+use crate::metrics::{FamilyLabels, Metrics};
 use crate::server_client::{ServerClient, ServerClientConfig};
 use crate::token::TokenKey;
 use crate::upstream::{AllowList, HttpUpstream, Upstream};
 
 const SERVER_REFRESH_EVERY: Duration = Duration::from_secs(30);
 const SERVER_HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// How often the certificate expiry metric re-reads the TLS files.
+const CERT_EXPIRY_EVERY: Duration = Duration::from_secs(60);
 
 /// imdsgate-agent: answers the EC2 instance metadata API for the pods of one node.
 #[derive(Debug, Parser)]
@@ -163,6 +165,11 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_MAX_UNKNOWN_SOURCE_REQUESTS", default_value_t = 256)]
     pub max_unknown_source_requests: usize,
 
+    /// How often the agent checks that its interception rule is still in place (another tool's
+    /// cleanup, kube2iam's preStop for one, deletes such rules) and puts it back; 1s to 10m.
+    #[arg(long, env = "IMDSGATE_RULE_CHECK_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub rule_check_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -260,6 +267,9 @@ impl Args {
                     .with_context(|| format!("--metadata-upstream {url:?} is not a URL"))?,
             ),
         };
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.rule_check_interval) {
+            anyhow::bail!("--rule-check-interval must be between 1s and 10m");
+        }
         if self.pod_wait > Duration::from_secs(30) {
             bail!("--pod-wait must be at most 30s");
         }
@@ -353,6 +363,7 @@ impl Validated {
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
         };
         let metrics = Metrics::new();
+        let certificates = vec![("client", server.tls_cert.clone()), ("ca", server.tls_ca.clone())];
         let server_client =
             ServerClient::new(server, metrics.clone()).map_err(|e| anyhow!("TLS files: {e}"))?;
         let imds_listener = match listener::bind(args.listen) {
@@ -366,7 +377,8 @@ impl Validated {
             }
         };
         // The listener is up before the rule points at it.
-        for rule in &interception {
+        let mut installed = Vec::new();
+        for rule in interception {
             if rule.ipv6
                 && let Err(why) = interception::family_usable(true)
             {
@@ -376,7 +388,10 @@ impl Validated {
             rule.install()
                 .with_context(|| format!("installing the interception rule (ipv6: {})", rule.ipv6))?;
             tracing::info!(ipv6 = rule.ipv6, target = rule.describe_target(), "interception rule installed");
+            metrics.rule_present.get_or_create(&FamilyLabels { family: rule.family() }).set(1);
+            installed.push(rule);
         }
+        let rule_task = tokio::spawn(interception::keep(installed, metrics.clone(), args.rule_check_interval));
 
         let pods = Arc::new(PodIndex::new());
         let credentials = Arc::new(CredentialCache::new(Arc::new(server_client.clone()), metrics.clone()));
@@ -433,7 +448,12 @@ impl Validated {
                 (_, false) => Err("no imdsgate server replica answers its health check".to_string()),
             })
         };
-        let admin = Admin { registry: metrics.registry(), ready };
+        let admin = Admin { registry: metrics.registry(), ready, ready_gauge: metrics.ready.clone() };
+        tokio::spawn(imdsgate_core::cert_expiry::watch(
+            metrics.certificate_expiry.clone(),
+            certificates,
+            CERT_EXPIRY_EVERY,
+        ));
         let admin_task = tokio::spawn(admin.serve(admin_listener, shutdown.wait()));
         let limits = listener::Limits {
             max_header_bytes: 16 * 1024,
@@ -461,6 +481,7 @@ impl Validated {
             ("revocation feed", revocation_task),
             ("server health check", health_task),
             ("admin server", admin_task),
+            ("interception rule keeper", rule_task),
         ];
         if let Err(why) = imdsgate_core::process::supervise(&mut imds_task, critical).await {
             tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the agent");

@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use imdsgate_core::admin::register_common;
+use imdsgate_core::cert_expiry::ExpiryGauges;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -82,6 +84,18 @@ pub struct Metrics {
     pub revocation_streams: Gauge,
     /// Refusals only the agent decides, by reason (`NO_ROLE`, `ROLE_MISMATCH`, ...).
     pub refusals: Family<RevocationLabels, Counter>,
+    pub ready: Gauge,
+    pub certificate_expiry: ExpiryGauges,
+    /// Whether the interception rule of each family is in place (only with `--iptables`).
+    pub rule_present: Family<FamilyLabels, Gauge>,
+    /// Times the agent found its rule gone or altered and put it back.
+    pub rule_repairs: Family<FamilyLabels, Counter>,
+}
+
+/// An address family of the interception rule: `ipv4` or `ipv6`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    pub family: &'static str,
 }
 
 fn sub_millisecond_histogram() -> Histogram {
@@ -109,6 +123,10 @@ impl Metrics {
             revocations: Family::default(),
             revocation_streams: Gauge::default(),
             refusals: Family::default(),
+            ready: Gauge::default(),
+            certificate_expiry: ExpiryGauges::default(),
+            rule_present: Family::default(),
+            rule_repairs: Family::default(),
         }
     }
 
@@ -156,6 +174,17 @@ impl Metrics {
             "Credentials requests the agent itself refused, by reason (each also a Warning Event on the pod)",
             self.refusals.clone(),
         );
+        r.register(
+            "interception_rule_present",
+            "Whether the interception rule is in place, by address family (1 yes; 0 missing and not repairable)",
+            self.rule_present.clone(),
+        );
+        r.register(
+            "interception_repairs",
+            "Times the interception rule was found missing or altered and put back, by address family",
+            self.rule_repairs.clone(),
+        );
+        register_common(r, &self.ready, &self.certificate_expiry);
         Arc::new(root)
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,11 +17,24 @@ use tokio::net::TcpListener;
 /// Says whether the process is ready, and if not, why.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Registers what both binaries export under their prefix: `ready` (set by the admin endpoint at
+/// each scrape) and `certificate_expiry_timestamp_seconds`.
+pub fn register_common(registry: &mut Registry, ready: &Gauge, expiry: &crate::cert_expiry::ExpiryGauges) {
+    registry.register("ready", "1 when /readyz answers 200, else 0", ready.clone());
+    registry.register(
+        "certificate_expiry_timestamp_seconds",
+        "Unix time at which the first certificate of each TLS file expires",
+        expiry.clone(),
+    );
+}
+
 /// What the admin endpoint serves.
 #[derive(Clone)]
 pub struct Admin {
     pub registry: Arc<Registry>,
     pub ready: ReadyCheck,
+    /// Set to what `/readyz` would say at every scrape (`<prefix>_ready`), so alerts see readiness.
+    pub ready_gauge: Gauge,
 }
 
 impl Admin {
@@ -36,6 +50,7 @@ impl Admin {
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
             },
             "/metrics" => {
+                self.ready_gauge.set(i64::from((self.ready)().is_ok()));
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
                     Ok(()) => Response::builder()
@@ -91,6 +106,7 @@ mod tests {
             ready: Arc::new(move || {
                 if check.load(Ordering::SeqCst) { Ok(()) } else { Err("watch not synced".into()) }
             }),
+            ready_gauge: Gauge::default(),
         };
         let r = admin.respond(&Method::GET, "/readyz");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -107,14 +123,26 @@ mod tests {
         let mut registry = Registry::default();
         let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
         registry.register("things", "Things counted", counter.clone());
+        let ready_gauge = Gauge::default();
+        registry.register("ready", "Ready", ready_gauge.clone());
         counter.inc();
-        let admin = Admin { registry: Arc::new(registry), ready: Arc::new(|| Ok(())) };
+        let flag = Arc::new(AtomicBool::new(false));
+        let check = flag.clone();
+        let admin = Admin {
+            registry: Arc::new(registry),
+            ready: Arc::new(move || if check.load(Ordering::SeqCst) { Ok(()) } else { Err("no".into()) }),
+            ready_gauge,
+        };
         let r = admin.respond(&Method::GET, "/metrics");
         assert!(
             r.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/openmetrics-text")
         );
         let text = body(r).await;
         assert!(text.contains("things_total 1"), "{text}");
+        assert!(text.contains("\nready 0\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        flag.store(true, Ordering::SeqCst);
+        let text = body(admin.respond(&Method::GET, "/metrics")).await;
+        assert!(text.contains("\nready 1\n"), "readiness is read at each scrape: {text}");
     }
 }

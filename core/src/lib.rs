@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cert_expiry;
 pub mod events;
 pub mod http_server;
 pub mod pod_index;

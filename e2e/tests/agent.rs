@@ -294,3 +294,49 @@ async fn a_failed_server_replica_is_retried_on_another_within_the_request() {
     );
     assert!(failed >= 1.0, "one call met the dead replica and was retried:\n{metrics}");
 }
+
+#[tokio::test]
+async fn a_rule_another_tool_deletes_is_put_back_and_counted() {
+    if !e2e_enabled("a_rule_another_tool_deletes_is_put_back_and_counted") {
+        return;
+    }
+    let bed = AgentBed::start(BedPlan {
+        namespaces: vec![("team-a", "arn:aws:iam::123456789012:role/app-.*")],
+        roles: vec!["app-reader"],
+        pods: vec![BedPod::new("team-a", "web", "10.200.1.10").role("app-reader")],
+        agent_args: vec!["--rule-check-interval=1s".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("bed");
+    let metrics = || run(bed.node.command("curl").args(["-s", "http://127.0.0.1:9611/metrics"])).unwrap();
+    let sample = |text: &str, s: &str| imdsgate_e2e::components::metric_value(text, s);
+    let present = "imdsgate_agent_interception_rule_present{family=\"ipv4\"}";
+    let repairs = "imdsgate_agent_interception_repairs_total{family=\"ipv4\"}";
+    assert_eq!(sample(&metrics(), present), 1.0, "{}", metrics());
+
+    // kube2iam's preStop (or an operator's flush) deletes the jump: for a moment pods would reach
+    // the node's metadata; the agent puts it back within its check interval.
+    run(bed.node.command("iptables").args(["-w", "-t", "nat", "-D", "PREROUTING", "-i", "veth+", "-j", "IMDSGATE"]))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !rules_in(&bed.node.nat_rules().unwrap(), "PREROUTING").iter().any(|r| r.ends_with("-j IMDSGATE")) {
+        assert!(std::time::Instant::now() < deadline, "jump not restored:\n{}", bed.agent_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A chain flushed by another tool: the DNAT rule goes.
+    run(bed.node.command("iptables").args(["-w", "-t", "nat", "-F", "IMDSGATE"])).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while rules_in(&bed.node.nat_rules().unwrap(), "IMDSGATE").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "DNAT rule not restored:\n{}", bed.agent_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let nat = bed.node.nat_rules().unwrap();
+    assert_eq!(rules_in(&nat, "PREROUTING"), ["-A PREROUTING -i veth+ -j IMDSGATE"]);
+    assert_eq!(rules_in(&nat, "IMDSGATE").len(), 1);
+    let text = metrics();
+    assert_eq!(sample(&text, repairs), 2.0, "{text}");
+    assert_eq!(sample(&text, present), 1.0, "{text}");
+    assert!(bed.agent_log().contains("the interception rule was missing or altered; put back"));
+    assert_eq!(stdout(&bed.aws_cli(bed.pod(WEB))), ASSUMED_WEB, "the pod is intercepted again");
+}

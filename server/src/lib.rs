@@ -51,6 +51,8 @@ use crate::sts::{Sts, StsConfig};
 
 const REFRESH_EVERY: Duration = Duration::from_secs(15);
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(10);
+/// How often the certificate expiry metric re-reads the TLS files.
+const CERT_EXPIRY_EVERY: Duration = Duration::from_secs(60);
 
 /// imdsgate-server: authorizes each pod's IAM role and obtains its credentials from STS.
 ///
@@ -422,7 +424,14 @@ impl Validated {
             })
         };
         let shutdown = imdsgate_core::process::Shutdown::default();
-        let admin = Admin { registry: metrics.registry(), ready };
+        let admin = Admin { registry: metrics.registry(), ready, ready_gauge: metrics.ready.clone() };
+        let mut certificates = vec![("server", args.tls_cert.clone()), ("client_ca", args.tls_client_ca.clone())];
+        certificates.extend(args.webhook_tls_cert.clone().map(|cert| ("webhook", cert)));
+        tokio::spawn(imdsgate_core::cert_expiry::watch(
+            metrics.certificate_expiry.clone(),
+            certificates,
+            CERT_EXPIRY_EVERY,
+        ));
         let admin_task = tokio::spawn(admin.serve(admin_listener, shutdown.wait()));
 
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use imdsgate_core::admin::register_common;
+use imdsgate_core::cert_expiry::ExpiryGauges;
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +83,8 @@ pub struct Metrics {
     pub revocation_streams: Gauge,
     pub prefetches_skipped: Counter,
     pub pods_on_server_nodes: Gauge,
+    pub ready: Gauge,
+    pub certificate_expiry: ExpiryGauges,
 }
 
 fn latency_histogram() -> Histogram {
@@ -110,6 +114,8 @@ impl Metrics {
             revocation_streams: Gauge::default(),
             prefetches_skipped: Counter::default(),
             pods_on_server_nodes: Gauge::default(),
+            ready: Gauge::default(),
+            certificate_expiry: ExpiryGauges::default(),
         }
     }
 
@@ -163,6 +169,7 @@ impl Metrics {
             "Pods outside the exempt namespaces running on server nodes (should be 0)",
             self.pods_on_server_nodes.clone(),
         );
+        register_common(r, &self.ready, &self.certificate_expiry);
         Arc::new(root)
     }
 }
