@@ -11,7 +11,7 @@ root=$(cd "$here/.." && pwd)
 cd "$root"
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (network namespaces)" >&2; exit 1; }
 # Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
-IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
+IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" base)
 export IMDSGATE_K8S_BIN_DIR
 echo "==> cargo build --release" >&2
 cargo build --release --locked --workspace --bins

@@ -21,7 +21,7 @@ case "${1:-run}" in
   run|up)
     echo "==> installing prerequisites (first run only: Debian packages, .venv, Kubernetes binaries)" >&2
     # Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
-    IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
+    IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" base)
     export IMDSGATE_K8S_BIN_DIR
     echo "==> building imdsgate (cargo build)" >&2
     cargo build --quiet --locked --workspace --bins

@@ -3,8 +3,11 @@
 #   apt   Debian packages (iptables, iproute2, socat, procps, openssl, curl)
 #   venv  the project's Python virtualenv (.venv) with the pinned moto[server] and aws CLI
 #   k8s   the pinned kube-apiserver, kubectl and etcd (scripts/k8s-bins.sh)
-# With no argument (or `all`) it does all three and prints the Kubernetes binaries' directory as
-# its last line of stdout (everything else goes to stderr). A warm run takes a few seconds.
+#   tools the pinned helm, prometheus and promtool (scripts/tool-bins.sh)
+# With no argument (or `all`) it does all four and prints the Kubernetes binaries' directory and
+# then the tools' directory as the last two lines of stdout (everything else goes to stderr). A
+# warm run takes a few seconds. `base` is all but the tools (the demo and benchmarks need no helm),
+# printing only the Kubernetes binaries' directory.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -40,10 +43,16 @@ setup_k8s() {
   "$here/k8s-bins.sh" | tail -n 1
 }
 
+setup_tools() {
+  "$here/tool-bins.sh" | tail -n 1
+}
+
 case "${1:-all}" in
   apt) setup_apt ;;
   venv) setup_venv ;;
   k8s) setup_k8s ;;
-  all) setup_apt; setup_venv; setup_k8s ;;
-  *) echo "usage: scripts/setup.sh [apt|venv|k8s|all]" >&2; exit 64 ;;
+  tools) setup_tools ;;
+  base) setup_apt; setup_venv; setup_k8s ;;
+  all) setup_apt; setup_venv; setup_k8s; setup_tools ;;
+  *) echo "usage: scripts/setup.sh [apt|venv|k8s|tools|base|all]" >&2; exit 64 ;;
 esac

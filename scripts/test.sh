@@ -19,9 +19,12 @@ cleanup_leftovers() {
 
 start=$(date +%s)
 step "installing prerequisites"
-# Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries\' directory on stdout.
-IMDSGATE_K8S_BIN_DIR=$("$here/setup.sh" all)
-export IMDSGATE_K8S_BIN_DIR
+# Debian packages and the virtualenv (messages on stderr); the Kubernetes binaries' and the tools'
+# (helm, prometheus, promtool) directories on stdout.
+dirs=$("$here/setup.sh" all)
+IMDSGATE_K8S_BIN_DIR=$(printf '%s\n' "$dirs" | tail -n 2 | head -n 1)
+IMDSGATE_TOOLS_BIN_DIR=$(printf '%s\n' "$dirs" | tail -n 1)
+export IMDSGATE_K8S_BIN_DIR IMDSGATE_TOOLS_BIN_DIR
 
 if ! command -v cargo >/dev/null; then
   echo "test.sh: cargo is not on PATH; install Rust (rustup) first" >&2

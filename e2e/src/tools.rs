@@ -1,5 +1,5 @@
 //! Where the test bed's outside programs live: the Kubernetes binaries built by
-//! `scripts/k8s-bins.sh`, the project's Python virtualenv with moto and the aws CLI, and the
+//! `scripts/k8s-bins.sh`, helm and Prometheus built by `scripts/tool-bins.sh`, the project's Python virtualenv with moto and the aws CLI, and the
 //! workspace's own binaries. Also decides whether the end-to-end tests run at all.
 
 use anyhow::{Context, Result, bail};
@@ -16,31 +16,50 @@ pub fn workspace_root() -> PathBuf {
 /// `scripts/k8s-bins.sh` prints (it builds them on first use).
 pub fn k8s_bin_dir() -> Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Ok(dir) = std::env::var("IMDSGATE_K8S_BIN_DIR") {
-            return Ok(PathBuf::from(dir));
-        }
-        let script = workspace_root().join("scripts/k8s-bins.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr)));
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default().trim().to_string();
-        Ok(PathBuf::from(last))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    DIR.get_or_init(|| built_bin_dir("IMDSGATE_K8S_BIN_DIR", "scripts/k8s-bins.sh"))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// The directory holding helm, prometheus and promtool: `IMDSGATE_TOOLS_BIN_DIR`, else whatever
+/// `scripts/tool-bins.sh` prints (it builds them on first use).
+pub fn tools_bin_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| built_bin_dir("IMDSGATE_TOOLS_BIN_DIR", "scripts/tool-bins.sh"))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// `$env` if set, else the last line a build script prints (the directory it built into).
+fn built_bin_dir(env: &str, script: &str) -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var(env) {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = workspace_root().join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(stdout.lines().last().unwrap_or_default().trim()))
 }
 
 /// Path of one Kubernetes binary, checked to exist.
 pub fn k8s_bin(name: &str) -> Result<PathBuf> {
-    let path = k8s_bin_dir()?.join(name);
+    checked(k8s_bin_dir()?.join(name), "scripts/k8s-bins.sh")
+}
+
+/// Path of helm, prometheus or promtool, checked to exist.
+pub fn tool_bin(name: &str) -> Result<PathBuf> {
+    checked(tools_bin_dir()?.join(name), "scripts/tool-bins.sh")
+}
+
+fn checked(path: PathBuf, script: &str) -> Result<PathBuf> {
     if !path.is_file() {
-        bail!("{} is missing; run scripts/k8s-bins.sh", path.display());
+        bail!("{} is missing; run {script}", path.display());
     }
     Ok(path)
 }

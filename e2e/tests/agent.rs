@@ -317,8 +317,18 @@ async fn a_rule_another_tool_deletes_is_put_back_and_counted() {
 
     // kube2iam's preStop (or an operator's flush) deletes the jump: for a moment pods would reach
     // the node's metadata; the agent puts it back within its check interval.
-    run(bed.node.command("iptables").args(["-w", "-t", "nat", "-D", "PREROUTING", "-i", "veth+", "-j", "IMDSGATE"]))
-        .unwrap();
+    run(bed.node.command("iptables").args([
+        "-w",
+        "-t",
+        "nat",
+        "-D",
+        "PREROUTING",
+        "-i",
+        "veth+",
+        "-j",
+        "IMDSGATE",
+    ]))
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !rules_in(&bed.node.nat_rules().unwrap(), "PREROUTING").iter().any(|r| r.ends_with("-j IMDSGATE")) {
         assert!(std::time::Instant::now() < deadline, "jump not restored:\n{}", bed.agent_log());

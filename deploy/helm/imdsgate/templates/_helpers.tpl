@@ -1,0 +1,109 @@
+{{/* Base name of every object. */}}
+{{- define "imdsgate.fullname" -}}
+{{- default "imdsgate" .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "imdsgate.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride -}}
+{{- end -}}
+
+{{- define "imdsgate.server" -}}{{ include "imdsgate.fullname" . }}-server{{- end -}}
+{{- define "imdsgate.agent" -}}{{ include "imdsgate.fullname" . }}-agent{{- end -}}
+{{- define "imdsgate.webhook" -}}{{ include "imdsgate.fullname" . }}-webhook{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "imdsgate.labels" -}}
+app.kubernetes.io/part-of: imdsgate
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "imdsgate.image" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+
+{{/* DNS names of the server's Services: the agents' and the webhook's. */}}
+{{- define "imdsgate.serverHost" -}}{{ include "imdsgate.server" . }}.{{ include "imdsgate.namespace" . }}.svc{{- end -}}
+{{- define "imdsgate.webhookHost" -}}{{ include "imdsgate.webhook" . }}.{{ include "imdsgate.namespace" . }}.svc{{- end -}}
+
+{{- define "imdsgate.serverTlsSecret" -}}
+{{- if eq .Values.tls.source "existingSecret" -}}{{ .Values.tls.existingSecret.server }}{{- else -}}{{ include "imdsgate.server" . }}-tls{{- end -}}
+{{- end -}}
+{{- define "imdsgate.agentTlsSecret" -}}
+{{- if eq .Values.tls.source "existingSecret" -}}{{ .Values.tls.existingSecret.agent }}{{- else -}}{{ include "imdsgate.agent" . }}-tls{{- end -}}
+{{- end -}}
+
+{{/* Namespaces the webhook passes unchecked: imdsgate's own first. */}}
+{{- define "imdsgate.exemptNamespaces" -}}
+{{- $ns := list (include "imdsgate.namespace" .) -}}
+{{- range .Values.webhook.exemptNamespaces -}}{{- if not (has . $ns) -}}{{- $ns = append $ns . -}}{{- end -}}{{- end -}}
+{{- toJson $ns -}}
+{{- end -}}
+
+{{/* Checks that fail the rendering with a message saying what to change. */}}
+{{- define "imdsgate.validate" -}}
+{{- if not (has .Values.tls.source (list "generate" "certManager" "existingSecret")) -}}
+{{- fail (printf "tls.source must be generate, certManager or existingSecret, not %q" .Values.tls.source) -}}
+{{- end -}}
+{{- if and (eq .Values.tls.source "existingSecret") .Values.webhook.enabled (not .Values.tls.existingSecret.caBundle) -}}
+{{- fail "tls.source=existingSecret with the webhook enabled needs tls.existingSecret.caBundle (base64 PEM of the CA; scripts/gen-certs.sh prints it)" -}}
+{{- end -}}
+{{- if not (has .Values.aws.credentialsSource (list "instanceProfile" "irsa" "secret")) -}}
+{{- fail (printf "aws.credentialsSource must be instanceProfile, irsa or secret, not %q" .Values.aws.credentialsSource) -}}
+{{- end -}}
+{{- if and (eq .Values.aws.credentialsSource "irsa") (not .Values.aws.irsaRoleArn) -}}
+{{- fail "aws.credentialsSource=irsa needs aws.irsaRoleArn" -}}
+{{- end -}}
+{{- if and (eq .Values.aws.credentialsSource "secret") (not .Values.aws.credentialsSecret) -}}
+{{- fail "aws.credentialsSource=secret needs aws.credentialsSecret (a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)" -}}
+{{- end -}}
+{{- if not (has .Values.webhook.failurePolicy (list "Fail" "Ignore")) -}}
+{{- fail (printf "webhook.failurePolicy must be Fail or Ignore, not %q" .Values.webhook.failurePolicy) -}}
+{{- end -}}
+{{- if not (has .Values.webhook.mode (list "enforce" "warn")) -}}
+{{- fail (printf "webhook.mode must be enforce or warn, not %q" .Values.webhook.mode) -}}
+{{- end -}}
+{{- if not (has .Values.server.podAntiAffinity (list "required" "preferred" "none")) -}}
+{{- fail (printf "server.podAntiAffinity must be required, preferred or none, not %q" .Values.server.podAntiAffinity) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The server nodes' labels, as JSON. */}}
+{{- define "imdsgate.serverNodeLabels" -}}
+{{- toJson (default (dict "imdsgate.io/server-node" "true") .Values.server.nodeSelector) -}}
+{{- end -}}
+
+{{/* key=value,key=value of the server nodes' labels. */}}
+{{- define "imdsgate.serverNodeSelector" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := (include "imdsgate.serverNodeLabels" . | fromJson) -}}{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{/* tls.source=generate: a CA and both certificates, made once per rendering and kept across
+upgrades (read back from the Secrets when they exist). Sets .Values._imdsgateTls. */}}
+{{- define "imdsgate.generatedTls" -}}
+{{- if not (hasKey .Values "_imdsgateTls") -}}
+{{- $ns := include "imdsgate.namespace" . -}}
+{{- $server := lookup "v1" "Secret" $ns (include "imdsgate.serverTlsSecret" .) -}}
+{{- $agent := lookup "v1" "Secret" $ns (include "imdsgate.agentTlsSecret" .) -}}
+{{- $tls := dict -}}
+{{- if and $server $agent $server.data $agent.data (index $server.data "ca.crt") (index $agent.data "tls.crt") -}}
+{{- $tls = dict "ca" (index $server.data "ca.crt") "serverCrt" (index $server.data "tls.crt") "serverKey" (index $server.data "tls.key") "agentCrt" (index $agent.data "tls.crt") "agentKey" (index $agent.data "tls.key") -}}
+{{- else -}}
+{{- $days := int .Values.tls.generatedValidityDays -}}
+{{- $ca := genCA "imdsgate-ca" $days -}}
+{{- $host := include "imdsgate.serverHost" . -}}
+{{- $serverCert := genSignedCert $host nil (list $host (printf "%s.cluster.local" $host) (include "imdsgate.webhookHost" .)) $days $ca -}}
+{{- $agentCert := genSignedCert (include "imdsgate.agent" .) nil nil $days $ca -}}
+{{- $tls = dict "ca" ($ca.Cert | b64enc) "serverCrt" ($serverCert.Cert | b64enc) "serverKey" ($serverCert.Key | b64enc) "agentCrt" ($agentCert.Cert | b64enc) "agentKey" ($agentCert.Key | b64enc) -}}
+{{- end -}}
+{{- $_ := set .Values "_imdsgateTls" $tls -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "imdsgate.generatedCaBundle" -}}
+{{- include "imdsgate.generatedTls" . -}}
+{{- .Values._imdsgateTls.ca -}}
+{{- end -}}

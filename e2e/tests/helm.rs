@@ -1,0 +1,352 @@
+//! The Helm chart (deploy/helm/imdsgate): `helm lint` and `helm template` for every values file of
+//! its ci/ matrix, each rendering through a server-side dry run on the real apiserver; its
+//! defaults render what deploy/base applies (one install, two ways to write it); bad values stop
+//! the rendering with a message; and `helm install`, `upgrade` and `uninstall` on the real
+//! apiserver (no kubelet here: the workloads' pods are not started, their objects are checked).
+
+use imdsgate_e2e::process::run;
+use imdsgate_e2e::tools::{k8s_bin, tool_bin, workspace_root};
+use imdsgate_e2e::{Cluster, e2e_enabled};
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+const KUBE_VERSION: &str = "1.34.4";
+
+fn chart() -> String {
+    workspace_root().join("deploy/helm/imdsgate").to_string_lossy().into_owned()
+}
+
+fn helm(args: &[&str]) -> Output {
+    Command::new(tool_bin("helm").expect("helm (scripts/tool-bins.sh)"))
+        .args(args)
+        // Helm keeps its cache and config under HOME: keep them out of the user's.
+        .env("HELM_CACHE_HOME", std::env::temp_dir().join("imdsgate-helm-cache"))
+        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("imdsgate-helm-config"))
+        .env("HELM_DATA_HOME", std::env::temp_dir().join("imdsgate-helm-data"))
+        .output()
+        .expect("helm runs")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn template(values: &[&str], namespace: &str) -> String {
+    let chart = chart();
+    let mut args =
+        vec!["template", "imdsgate", &chart, "--namespace", namespace, "--kube-version", KUBE_VERSION];
+    args.extend_from_slice(values);
+    ok(helm(&args), &format!("helm template {values:?}"))
+}
+
+fn values_files() -> Vec<String> {
+    let dir = workspace_root().join("deploy/helm/imdsgate/ci");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("ci/ of the chart")
+        .map(|e| e.unwrap().path().to_string_lossy().into_owned())
+        .filter(|p| p.ends_with("-values.yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "the values matrix: {files:?}");
+    files
+}
+
+/// Every object of a multi-document YAML stream, by `Kind/name`.
+fn objects(yaml: &str) -> BTreeMap<String, Value> {
+    let mut all = BTreeMap::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = Value::deserialize(doc).expect("valid YAML");
+        if value.is_null() {
+            continue;
+        }
+        let key = format!("{}/{}", str_at(&value, &["kind"]), str_at(&value, &["metadata", "name"]));
+        assert!(all.insert(key.clone(), value).is_none(), "{key} rendered twice");
+    }
+    all
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |v, k| v.get(*k).unwrap_or(&Value::Null))
+}
+
+fn str_at(value: &Value, path: &[&str]) -> String {
+    at(value, path).as_str().unwrap_or_default().to_string()
+}
+
+fn container_args(object: &Value) -> Vec<String> {
+    at(object, &["spec", "template", "spec", "containers"])[0]["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_values_file_lints_renders_and_passes_a_server_side_dry_run() {
+    if !e2e_enabled("every_values_file_lints_renders_and_passes_a_server_side_dry_run") {
+        return;
+    }
+    let cluster = Cluster::start().await.expect("cluster");
+    for ns in ["imdsgate", "iam-system", "monitoring"] {
+        cluster.kubectl(&["create", "namespace", ns]).unwrap();
+    }
+    let standins = workspace_root().join("e2e/testdata/crd-standins.yaml");
+    cluster.apply(&["-f", &standins.to_string_lossy()]).unwrap();
+    cluster.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"]).unwrap();
+    let chart = chart();
+
+    for file in values_files() {
+        let lint = helm(&["lint", &chart, "--strict", "--kube-version", KUBE_VERSION, "-f", &file]);
+        let text = ok(lint, &format!("helm lint -f {file}"));
+        assert!(text.contains("0 chart(s) failed"), "{file}: {text}");
+
+        let rendered = template(&["-f", &file], "imdsgate");
+        let path = cluster.dir().join("rendered.yaml");
+        std::fs::write(&path, &rendered).unwrap();
+        let out = cluster
+            .apply(&["--dry-run=server", "-f", &path.to_string_lossy()])
+            .unwrap_or_else(|e| panic!("{file} does not apply: {e:#}\n{rendered}"));
+        let objects = objects(&rendered);
+        for object in objects.values() {
+            let (kind, name) = (str_at(object, &["kind"]), str_at(object, &["metadata", "name"]));
+            let line = format!("{}/{name} created (server dry run)", kind.to_lowercase());
+            assert!(
+                out.lines().any(|l| l.starts_with(&kind.to_lowercase()) && l.ends_with(&line[kind.len()..])),
+                "{file}: {kind}/{name} not accepted:\n{out}"
+            );
+        }
+    }
+
+    // The renamed install: every name and the namespace follow the values, so agents find the
+    // server, the server accepts the agents' ServiceAccount and the webhook exempts its namespace.
+    let everything = workspace_root().join("deploy/helm/imdsgate/ci/everything-values.yaml");
+    let objects = objects(&template(&["-f", &everything.to_string_lossy()], "imdsgate"));
+    let agent = container_args(&objects["DaemonSet/iam-agent"]);
+    for want in [
+        "--server=https://iam-server.iam-system.svc:18443",
+        "--server-name=iam-server.iam-system.svc",
+        "--listen=[::]:18181",
+        "--admin-listen=0.0.0.0:19611",
+        "--host-interface=cali+,eni+",
+        "--ipv6=false",
+        "--max-requests-per-pod=32",
+    ] {
+        assert!(agent.contains(&want.to_string()), "agent args lack {want}: {agent:?}");
+    }
+    let server = container_args(&objects["Deployment/iam-server"]);
+    for want in [
+        "--role-base-arn=arn:aws:iam::123456789012:role/k8s/",
+        "--agent-service-account=iam-system:iam-agent",
+        "--listen=0.0.0.0:18443",
+        "--webhook-listen=0.0.0.0:19443",
+        "--server-node-selector=node-role.example.com/iam=yes",
+        "--server-node-taint=node-role.example.com/iam=yes:NoExecute",
+        "--webhook-exempt-namespaces=iam-system,kube-system,monitoring",
+        "--webhook-mode=warn",
+        "--pod-wait=2s",
+    ] {
+        assert!(server.contains(&want.to_string()), "server args lack {want}: {server:?}");
+    }
+    let webhook = &objects["ValidatingWebhookConfiguration/iam"]["webhooks"][0];
+    assert_eq!(str_at(webhook, &["failurePolicy"]), "Ignore");
+    assert_eq!(str_at(webhook, &["clientConfig", "service", "namespace"]), "iam-system");
+    let exempt = &at(webhook, &["namespaceSelector", "matchExpressions"])[0]["values"];
+    assert_eq!(serde_yaml::to_string(exempt).unwrap(), "- iam-system\n- kube-system\n- monitoring\n");
+    let deployment = &objects["Deployment/iam-server"];
+    assert_eq!(at(deployment, &["spec", "template", "spec", "hostNetwork"]), &Value::Bool(true));
+    let env = serde_yaml::to_string(at(deployment, &["spec", "template", "spec", "containers"])).unwrap();
+    assert!(env.contains("name: imdsgate-aws") && env.contains("AWS_SECRET_ACCESS_KEY"), "{env}");
+    assert_eq!(str_at(&objects["ConfigMap/iam-dashboard"], &["metadata", "namespace"]), "monitoring");
+    // The agent never lands on a server node, whatever affinity the values add.
+    let terms = serde_yaml::to_string(at(
+        &objects["DaemonSet/iam-agent"],
+        &["spec", "template", "spec", "affinity", "nodeAffinity"],
+    ))
+    .unwrap();
+    assert!(terms.contains("kubernetes.io/os") && terms.contains("node-role.example.com/iam"), "{terms}");
+}
+
+/// What deploy/base and the chart both describe, for comparison: metadata labels and annotations
+/// dropped (each adds its own), the generated caBundle dropped.
+fn comparable(mut object: Value) -> Value {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_mapping_mut) {
+        meta.remove("labels");
+        meta.remove("annotations");
+    }
+    if let Some(hooks) = object.get_mut("webhooks").and_then(Value::as_sequence_mut) {
+        for hook in hooks {
+            if let Some(cc) = hook.get_mut("clientConfig").and_then(Value::as_mapping_mut) {
+                cc.remove("caBundle");
+            }
+        }
+    }
+    object
+}
+
+#[test]
+fn the_charts_defaults_render_what_deploy_base_applies() {
+    if !e2e_enabled("the_charts_defaults_render_what_deploy_base_applies") {
+        return;
+    }
+    let base = run(Command::new(k8s_bin("kubectl").unwrap())
+        .args(["kustomize", &workspace_root().join("deploy/base").to_string_lossy()]))
+    .unwrap();
+    let mut base = objects(&base);
+    let mut chart = objects(&template(&[], "imdsgate"));
+    // Only in one of them: the Namespace (helm install --create-namespace) and the Secrets the chart
+    // generates (deploy/base leaves them to gen-certs.sh or cert-manager).
+    assert!(base.remove("Namespace/imdsgate").is_some());
+    assert!(chart.remove("Secret/imdsgate-server-tls").is_some());
+    assert!(chart.remove("Secret/imdsgate-agent-tls").is_some());
+    assert_eq!(base.keys().collect::<Vec<_>>(), chart.keys().collect::<Vec<_>>(), "the same objects");
+    for (key, base_object) in base {
+        let chart_object = chart.remove(&key).unwrap();
+        // The chart's labels include every label of the base's.
+        for (label, value) in at(&base_object, &["metadata", "labels"]).as_mapping().into_iter().flatten() {
+            assert_eq!(
+                at(&chart_object, &["metadata", "labels"]).get(label),
+                Some(value),
+                "{key}: label {label:?}"
+            );
+        }
+        let json = |v: Value| serde_json::to_value(comparable(v)).unwrap();
+        let (b, c) = (json(base_object), json(chart_object));
+        assert!(
+            b == c,
+            "{key} differs between deploy/base and the chart's defaults:\nbase:\n{}\nchart:\n{}",
+            serde_json::to_string_pretty(&b).unwrap(),
+            serde_json::to_string_pretty(&c).unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_values_stop_the_rendering_with_what_to_change() {
+    if !e2e_enabled("bad_values_stop_the_rendering_with_what_to_change") {
+        return;
+    }
+    let chart = chart();
+    for (set, message) in [
+        ("tls.source=vault", "tls.source must be generate, certManager or existingSecret, not \"vault\""),
+        ("tls.source=existingSecret", "needs tls.existingSecret.caBundle"),
+        ("aws.credentialsSource=irsa", "aws.credentialsSource=irsa needs aws.irsaRoleArn"),
+        ("aws.credentialsSource=secret", "needs aws.credentialsSecret"),
+        ("webhook.failurePolicy=fail", "webhook.failurePolicy must be Fail or Ignore"),
+        ("webhook.mode=audit", "webhook.mode must be enforce or warn"),
+        ("server.podAntiAffinity=soft", "server.podAntiAffinity must be required, preferred or none"),
+    ] {
+        let out = helm(&["template", "x", &chart, "--kube-version", KUBE_VERSION, "--set", set]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} rendered");
+        assert!(stderr.contains(message), "--set {set}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
+    if !e2e_enabled("helm_install_upgrade_and_uninstall_on_a_real_apiserver") {
+        return;
+    }
+    let cluster = Cluster::start().await.expect("cluster");
+    let kubeconfig = cluster.admin_kubeconfig().to_string_lossy().into_owned();
+    let chart = chart();
+    let release = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--kubeconfig", &kubeconfig, "--namespace", "imdsgate"]);
+        helm(&all)
+    };
+    ok(release(&["install", "imdsgate", &chart, "--create-namespace"]), "helm install");
+
+    let get = |what: &str| cluster.kubectl(&["-n", "imdsgate", "get", what, "-o", "yaml"]).unwrap();
+    let secret = |name: &str, key: &str| {
+        let s: Value = serde_yaml::from_str(&get(&format!("secret/{name}"))).unwrap();
+        str_at(&s, &["data", key])
+    };
+    for what in [
+        "daemonset/imdsgate-agent",
+        "deployment/imdsgate-server",
+        "service/imdsgate-server",
+        "service/imdsgate-webhook",
+        "serviceaccount/imdsgate-agent",
+        "poddisruptionbudget/imdsgate-server",
+    ] {
+        get(what);
+    }
+    // The generated TLS: one CA for both Secrets and the webhook's caBundle; the server certificate
+    // names the Services the agents and the apiserver call.
+    let ca = secret("imdsgate-server-tls", "ca.crt");
+    assert!(!ca.is_empty());
+    assert_eq!(secret("imdsgate-agent-tls", "ca.crt"), ca);
+    let webhook: Value = serde_yaml::from_str(
+        &cluster.kubectl(&["get", "validatingwebhookconfiguration/imdsgate", "-o", "yaml"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(str_at(&webhook["webhooks"][0], &["clientConfig", "caBundle"]), ca);
+    let dir = cluster.dir();
+    let decode = |b64: &str, file: &str| {
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        std::fs::write(dir.join(file), pem).unwrap();
+        dir.join(file).to_string_lossy().into_owned()
+    };
+    let (ca_file, server_crt) =
+        (decode(&ca, "ca.pem"), decode(&secret("imdsgate-server-tls", "tls.crt"), "server.pem"));
+    let agent_crt = decode(&secret("imdsgate-agent-tls", "tls.crt"), "agent.pem");
+    for (crt, purpose) in [(&server_crt, "sslserver"), (&agent_crt, "sslclient")] {
+        let out =
+            run(Command::new("openssl").args(["verify", "-purpose", purpose, "-CAfile", &ca_file, crt]))
+                .unwrap();
+        assert!(out.contains(": OK"), "{purpose}: {out}");
+    }
+    let sans =
+        run(Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in", &server_crt]))
+            .unwrap();
+    for name in ["imdsgate-server.imdsgate.svc", "imdsgate-webhook.imdsgate.svc"] {
+        assert!(sans.contains(&format!("DNS:{name}")), "{sans}");
+    }
+    let server_key = secret("imdsgate-server-tls", "tls.key");
+
+    // An upgrade changes what the values say and keeps the certificates (no new CA under running
+    // agents).
+    ok(
+        release(&[
+            "upgrade",
+            "imdsgate",
+            &chart,
+            "--set",
+            "agent.hostInterfaces={eni+}",
+            "--set",
+            "metrics.dashboards.enabled=true",
+        ]),
+        "helm upgrade",
+    );
+    let ds: Value = serde_yaml::from_str(&get("daemonset/imdsgate-agent")).unwrap();
+    assert!(container_args(&ds).contains(&"--host-interface=eni+".to_string()));
+    get("configmap/imdsgate-dashboard");
+    assert_eq!(secret("imdsgate-server-tls", "tls.key"), server_key, "upgrade kept the server key");
+    assert_eq!(secret("imdsgate-server-tls", "ca.crt"), ca, "upgrade kept the CA");
+    let history = ok(release(&["history", "imdsgate"]), "helm history");
+    assert_eq!(history.lines().count(), 3, "header and two revisions:\n{history}");
+
+    // Uninstall removes every object, the cluster-scoped ones included.
+    ok(release(&["uninstall", "imdsgate", "--wait"]), "helm uninstall");
+    let left = cluster
+        .kubectl(&["get", "clusterrole,clusterrolebinding,validatingwebhookconfiguration", "-o", "name"])
+        .unwrap();
+    assert!(!left.contains("imdsgate"), "left behind: {left}");
+    let left = cluster
+        .kubectl(&["-n", "imdsgate", "get", "all,secret,configmap,serviceaccount,pdb", "-o", "name"])
+        .unwrap();
+    let ours: Vec<&str> = left.lines().filter(|l| l.contains("imdsgate")).collect();
+    // The namespace's own kube-root-ca.crt ConfigMap and default ServiceAccount stay with it.
+    assert!(ours.is_empty(), "left behind: {ours:?}");
+}
