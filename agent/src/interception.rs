@@ -188,7 +188,10 @@ pub async fn keep(rules: Vec<Interception>, metrics: Metrics, every: Duration) {
                 Ok(Ok(false)) => true,
                 Ok(Ok(true)) => {
                     metrics.rule_repairs.get_or_create(&labels).inc();
-                    tracing::warn!(family = labels.family, "the interception rule was missing or altered; put back");
+                    tracing::warn!(
+                        family = labels.family,
+                        "the interception rule was missing or altered; put back"
+                    );
                     true
                 }
                 Ok(Err(error)) => {

@@ -388,10 +388,14 @@ impl Validated {
             rule.install()
                 .with_context(|| format!("installing the interception rule (ipv6: {})", rule.ipv6))?;
             tracing::info!(ipv6 = rule.ipv6, target = rule.describe_target(), "interception rule installed");
-            metrics.rule_present.get_or_create(&FamilyLabels { family: rule.family() }).set(1);
+            let family = FamilyLabels { family: rule.family() };
+            metrics.rule_present.get_or_create(&family).set(1);
+            metrics.rule_repairs.get_or_create(&family).inc_by(0); // from 0: increase() sees the first
+
             installed.push(rule);
         }
-        let rule_task = tokio::spawn(interception::keep(installed, metrics.clone(), args.rule_check_interval));
+        let rule_task =
+            tokio::spawn(interception::keep(installed, metrics.clone(), args.rule_check_interval));
 
         let pods = Arc::new(PodIndex::new());
         let credentials = Arc::new(CredentialCache::new(Arc::new(server_client.clone()), metrics.clone()));

@@ -1,14 +1,14 @@
 //! The agent's Prometheus metrics. Labels are bounded: routes, status codes, outcomes and gRPC
 //! codes; never a pod, an IP or a role.
 
+use imdsgate_core::admin::register_common;
+use imdsgate_core::cert_expiry::ExpiryGauges;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use imdsgate_core::admin::register_common;
-use imdsgate_core::cert_expiry::ExpiryGauges;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]

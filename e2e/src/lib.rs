@@ -11,6 +11,7 @@ pub mod load;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod sts;
 pub mod tools;
 

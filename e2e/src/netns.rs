@@ -155,6 +155,36 @@ impl NodeNs {
         wait_listening_in(ns, port, Duration::from_secs(10)).await
     }
 
+    /// The reverse relay: TCP `port` on the node namespace's loopback (the agent's admin port, say)
+    /// made reachable from the machine's loopback, at the port returned (for a scraper outside).
+    pub async fn expose_on_host(&self, port: u16) -> Result<u16> {
+        let socket: PathBuf = self.dir.path().join(format!("expose-{port}.sock"));
+        let host_port = crate::process::free_port()?;
+        let ns_side = ChildGuard::spawn(
+            "expose (namespace side)",
+            in_netns(&self.name, "socat")
+                .arg(format!("UNIX-LISTEN:{},fork", socket.display()))
+                .arg(format!("TCP:127.0.0.1:{port}")),
+            &self.dir.path().join(format!("expose-{port}-ns.log")),
+        )?;
+        let host_side = ChildGuard::spawn(
+            "expose (host side)",
+            Command::new("socat")
+                .arg(format!("TCP-LISTEN:{host_port},bind=127.0.0.1,reuseaddr,fork"))
+                .arg(format!("UNIX-CONNECT:{}", socket.display())),
+            &self.dir.path().join(format!("expose-{port}-host.log")),
+        )?;
+        self.relays.lock().expect("relays lock").extend([ns_side, host_side]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", host_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the relay to port {port} in {} does not listen", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(host_port)
+    }
+
     /// Waits until something listens on TCP `port` inside the node namespace.
     pub async fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
         wait_listening_in(&self.name, port, timeout).await

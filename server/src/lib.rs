@@ -425,7 +425,8 @@ impl Validated {
         };
         let shutdown = imdsgate_core::process::Shutdown::default();
         let admin = Admin { registry: metrics.registry(), ready, ready_gauge: metrics.ready.clone() };
-        let mut certificates = vec![("server", args.tls_cert.clone()), ("client_ca", args.tls_client_ca.clone())];
+        let mut certificates =
+            vec![("server", args.tls_cert.clone()), ("client_ca", args.tls_client_ca.clone())];
         certificates.extend(args.webhook_tls_cert.clone().map(|cert| ("webhook", cert)));
         tokio::spawn(imdsgate_core::cert_expiry::watch(
             metrics.certificate_expiry.clone(),

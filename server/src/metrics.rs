@@ -1,14 +1,14 @@
 //! The server's Prometheus metrics. Every label is bounded: RPC names, gRPC codes, denial reasons,
 //! STS results and watch names; never a pod, IP or role.
 
+use imdsgate_core::admin::register_common;
+use imdsgate_core::cert_expiry::ExpiryGauges;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use imdsgate_core::admin::register_common;
-use imdsgate_core::cert_expiry::ExpiryGauges;
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,7 +95,7 @@ fn latency_histogram() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Self {
-        Metrics {
+        let metrics = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             denials: Family::default(),
@@ -116,7 +116,12 @@ impl Metrics {
             pods_on_server_nodes: Gauge::default(),
             ready: Gauge::default(),
             certificate_expiry: ExpiryGauges::default(),
+        };
+        // Every STS result exists from the start at 0, so rate() sees the first failure.
+        for result in [StsResult::Success, StsResult::Denied, StsResult::Unavailable] {
+            metrics.sts_calls.get_or_create(&StsLabels { result }).inc_by(0);
         }
+        metrics
     }
 
     /// A registry holding every metric under the `imdsgate_server` prefix.
