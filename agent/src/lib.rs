@@ -13,6 +13,7 @@ pub mod refusal_events;
 pub mod revocation;
 pub mod server_client;
 pub mod token;
+pub mod uninstall;
 pub mod upstream;
 
 use anyhow::{Context, anyhow, bail};
@@ -72,7 +73,7 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
-    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:9611")]
+    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:9611", global = true)]
     pub admin_listen: SocketAddr,
 
     /// Install the iptables rule that redirects pod traffic for 169.254.169.254:80 to --listen.
@@ -148,7 +149,7 @@ pub struct Args {
     pub identity_token_file: PathBuf,
 
     /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
-    #[arg(long, env = "IMDSGATE_KUBECONFIG")]
+    #[arg(long, env = "IMDSGATE_KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
     /// Most IMDS requests from this node's pods served at once; more get 503 (SDKs retry).
@@ -186,6 +187,15 @@ pub enum Command {
         #[command(subcommand)]
         action: IptablesAction,
     },
+    /// Wait until a DaemonSet's pods are ready on every node it targets (the Helm chart's uninstall
+    /// hook waits so for its rule-removing DaemonSet); exits 1 after --timeout.
+    WaitDaemonset {
+        /// `<namespace>/<name>`.
+        daemonset: String,
+        /// How long to wait.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,7 +205,12 @@ pub enum IptablesAction {
     Install,
     /// Remove the IMDSGATE chain and its PREROUTING jumps (pods then reach the real metadata
     /// service: do this only when removing imdsgate).
-    Uninstall,
+    Uninstall {
+        /// First wait until the node's agent has exited (nothing answers on 127.0.0.1 at the
+        /// --admin-listen port), so it cannot put the rule back; give up after this long.
+        #[arg(long, env = "IMDSGATE_AFTER_AGENT_EXIT", value_parser = parse_duration)]
+        after_agent_exit: Option<Duration>,
+    },
 }
 
 /// Checked configuration, ready to run.
@@ -217,7 +232,22 @@ impl Args {
         };
         init_logging(args.log_format);
         match &args.command {
-            Some(Command::Iptables { action: IptablesAction::Uninstall }) => return uninstall(args.ipv6),
+            Some(Command::Iptables { action: IptablesAction::Uninstall { after_agent_exit } }) => {
+                let admin = SocketAddr::from(([127, 0, 0, 1], args.admin_listen.port()));
+                let wait = *after_agent_exit;
+                return imdsgate_core::process::run_to_exit("imdsgate-agent", async move {
+                    if let Some(timeout) = wait {
+                        uninstall::wait_agent_exit(admin, timeout).await?;
+                    }
+                    Ok::<_, String>(uninstall(args.ipv6))
+                });
+            }
+            Some(Command::WaitDaemonset { daemonset, timeout }) => {
+                let (kubeconfig, target, timeout) = (args.kubeconfig.clone(), daemonset.clone(), *timeout);
+                return imdsgate_core::process::run_to_exit("imdsgate-agent", async move {
+                    Ok::<_, String>(uninstall::wait_daemonset(kubeconfig.as_deref(), &target, timeout).await)
+                });
+            }
             Some(Command::Iptables { action: IptablesAction::Install }) => return install(&args),
             None => {}
         }

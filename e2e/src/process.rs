@@ -54,6 +54,11 @@ impl ChildGuard {
         Ok(())
     }
 
+    /// The exit code if the process has exited (`Some(None)`: killed by a signal), else `None`.
+    pub fn try_wait(&mut self) -> Result<Option<Option<i32>>> {
+        Ok(self.child.try_wait()?.map(|status| status.code()))
+    }
+
     /// Sends SIGTERM and waits up to `grace` for the process to exit; returns its exit code.
     pub fn terminate(&mut self, grace: Duration) -> Result<Option<i32>> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

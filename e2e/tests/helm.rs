@@ -202,6 +202,8 @@ fn the_charts_defaults_render_what_deploy_base_applies() {
     .unwrap();
     let mut base = objects(&base);
     let mut chart = objects(&template(&[], "imdsgate"));
+    // Hooks (the uninstall hook's objects) live only around `helm uninstall`.
+    chart.retain(|_, o| at(o, &["metadata", "annotations", "helm.sh/hook"]).is_null());
     // Only in one of them: the Namespace (helm install --create-namespace) and the Secrets the chart
     // generates (deploy/base leaves them to gen-certs.sh or cert-manager).
     assert!(base.remove("Namespace/imdsgate").is_some());
@@ -337,8 +339,14 @@ async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
     let history = ok(release(&["history", "imdsgate"]), "helm history");
     assert_eq!(history.lines().count(), 3, "header and two revisions:\n{history}");
 
+    // The release carries the post-delete hook that cleans the nodes; it needs kubelets to run (its
+    // pieces are tested below), so this uninstall skips it.
+    let hooks = ok(release(&["get", "hooks", "imdsgate"]), "helm get hooks");
+    for object in ["kind: DaemonSet", "kind: Job", "helm.sh/hook: post-delete", "--after-agent-exit=5m"] {
+        assert!(hooks.contains(object), "hooks lack {object}:\n{hooks}");
+    }
     // Uninstall removes every object, the cluster-scoped ones included.
-    ok(release(&["uninstall", "imdsgate", "--wait"]), "helm uninstall");
+    ok(release(&["uninstall", "imdsgate", "--wait", "--no-hooks"]), "helm uninstall");
     let left = cluster
         .kubectl(&["get", "clusterrole,clusterrolebinding,validatingwebhookconfiguration", "-o", "name"])
         .unwrap();
@@ -349,4 +357,110 @@ async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
     let ours: Vec<&str> = left.lines().filter(|l| l.contains("imdsgate")).collect();
     // The namespace's own kube-root-ca.crt ConfigMap and default ServiceAccount stay with it.
     assert!(ours.is_empty(), "left behind: {ours:?}");
+}
+
+/// The chart's post-delete hook, piece by piece (the whole hook needs kubelets): on a node, the
+/// rule is removed only once the node's agent has exited (else its keeper would put it back); the
+/// hook's Job waits until the removing DaemonSet is ready on every node.
+#[tokio::test]
+async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_job_waits_for_every_node() {
+    if !e2e_enabled(
+        "the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_job_waits_for_every_node",
+    ) {
+        return;
+    }
+    use imdsgate_e2e::bed::{AgentBed, BedPlan};
+    use imdsgate_e2e::process::ChildGuard;
+    use imdsgate_e2e::tools::workspace_bin;
+    use std::time::{Duration, Instant};
+
+    let mut bed = AgentBed::start(BedPlan::default()).await.expect("bed");
+    let agent_bin = workspace_bin("imdsgate-agent").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut uninstall = ChildGuard::spawn(
+        "iptables uninstall --after-agent-exit",
+        bed.node.command(&agent_bin).args([
+            "iptables",
+            "uninstall",
+            "--after-agent-exit=60s",
+            "--admin-listen=0.0.0.0:9611",
+        ]),
+        &dir.path().join("uninstall.log"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    uninstall.check_running().expect("still waiting while the agent runs");
+    assert!(bed.node.nat_rules().unwrap().contains("-j IMDSGATE"), "the rule stays while the agent runs");
+
+    let mut agent = bed.agent.take().unwrap();
+    assert_eq!(agent.child.terminate(Duration::from_secs(15)).unwrap(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = uninstall.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "uninstall did not finish after the agent exited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, Some(0), "{}", uninstall.log_tail(20));
+    assert!(!bed.node.nat_rules().unwrap().contains("IMDSGATE"), "rule removed");
+
+    // wait-daemonset, against the apiserver (no DaemonSet controller here: the test writes the
+    // status the controller would).
+    let cluster = &bed.cluster;
+    let ds = r#"{"apiVersion":"apps/v1","kind":"DaemonSet","metadata":{"name":"imdsgate-uninstall","namespace":"imdsgate"},
+        "spec":{"selector":{"matchLabels":{"a":"b"}},"template":{"metadata":{"labels":{"a":"b"}},
+        "spec":{"containers":[{"name":"c","image":"i"}]}}}}"#;
+    let file = dir.path().join("ds.json");
+    std::fs::write(&file, ds).unwrap();
+    cluster.apply(&["-f", &file.to_string_lossy()]).unwrap();
+    let status = |ready: i32| {
+        let patch = format!(
+            r#"{{"status":{{"observedGeneration":1,"desiredNumberScheduled":2,"currentNumberScheduled":2,"numberMisscheduled":0,"updatedNumberScheduled":2,"numberReady":{ready}}}}}"#
+        );
+        cluster
+            .kubectl(&[
+                "-n",
+                "imdsgate",
+                "patch",
+                "daemonset/imdsgate-uninstall",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ])
+            .unwrap();
+    };
+    status(1);
+    let kubeconfig = format!("--kubeconfig={}", cluster.admin_kubeconfig().display());
+    let out = Command::new(&agent_bin)
+        .args(["wait-daemonset", "imdsgate/imdsgate-uninstall", "--timeout=3s", &kubeconfig])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "one node not done: gives up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not rolled out after 3s: 1 of 2 pods ready"), "{stderr}");
+    let mut wait = ChildGuard::spawn(
+        "wait-daemonset",
+        Command::new(&agent_bin).args([
+            "wait-daemonset",
+            "imdsgate/imdsgate-uninstall",
+            "--timeout=60s",
+            &kubeconfig,
+        ]),
+        &dir.path().join("wait.log"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait.check_running().expect("waits while a node is not done");
+    status(2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(code) = wait.try_wait().unwrap() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "wait-daemonset did not notice every node done");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "{}", wait.log_tail(10));
 }

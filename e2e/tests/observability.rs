@@ -67,6 +67,7 @@ async fn prometheus_scrapes_the_bed_and_every_documented_series_query_and_rule_w
             BedPod::new("team-a", "web", "10.200.1.10").role("app-reader"),
             BedPod::new("team-a", "plain", "10.200.1.11"),
             BedPod::new("team-a", "rogue", "10.200.1.12").role("admin"),
+            BedPod::new("team-a", "worker", "10.200.1.14").role("app-reader"),
             BedPod::ghost("stranger", "10.200.1.13"),
         ],
         webhook: true,
@@ -222,15 +223,24 @@ async fn prometheus_scrapes_the_bed_and_every_documented_series_query_and_rule_w
     }
 }
 
-/// Not a test: with IMDSGATE_RENDER_DASHBOARD=<file.png>, keeps pods asking for five minutes and
-/// renders the dashboard's main panels from this Prometheus (the picture in the README).
+/// Not a test: with IMDSGATE_RENDER_DASHBOARD=<file.png>, keeps pods asking for five minutes (a
+/// worker every 50 ms, pods without a permitted role now and then, the aws CLI in a fresh process
+/// every few seconds) and renders the dashboard's main panels from this Prometheus (the picture in
+/// the README).
 async fn render_dashboard(bed: &AgentBed, prometheus: &Prometheus, png: &str) {
-    let end = std::time::Instant::now() + Duration::from_secs(300);
-    while std::time::Instant::now() < end {
-        for pod in ["team-a/plain", "team-a/rogue"] {
-            bed.imds_get(bed.pod(pod), CREDENTIALS);
+    let start = std::time::Instant::now();
+    let mut round = 0u64;
+    while start.elapsed() < Duration::from_secs(300) {
+        bed.imds_get(bed.pod("team-a/worker"), CREDENTIALS);
+        if round % 10 == 0 {
+            bed.imds_get(bed.pod("team-a/plain"), CREDENTIALS);
+            bed.imds_get(bed.pod("team-a/rogue"), "/latest/meta-data/iam/security-credentials/admin");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if round % 60 == 0 {
+            bed.aws_cli(bed.pod("team-a/worker"));
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     run(Command::new("bash").args([
         &workspace_root().join("scripts/render-dashboard.sh").to_string_lossy(),
