@@ -55,7 +55,8 @@ impl Sts {
         &mut self.process
     }
 
-    /// Creates an IAM role that anyone in the account may assume; returns its ARN.
+    /// Creates an IAM role that anyone in the account may assume (or finds the one of that name);
+    /// returns its ARN.
     pub fn create_role(&self, name: &str) -> Result<String> {
         let script = r#"
 import json, sys, boto3
@@ -63,7 +64,10 @@ iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
                    aws_access_key_id="testing", aws_secret_access_key="testing")
 trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
          "Principal": {"AWS": "arn:aws:iam::123456789012:root"}, "Action": ["sts:AssumeRole", "sts:TagSession"]}]}
-role = iam.create_role(RoleName=sys.argv[2], AssumeRolePolicyDocument=json.dumps(trust))
+try:
+    role = iam.create_role(RoleName=sys.argv[2], AssumeRolePolicyDocument=json.dumps(trust))
+except iam.exceptions.EntityAlreadyExistsException:  # pods share roles: the second one reuses it
+    role = iam.get_role(RoleName=sys.argv[2])
 print(role["Role"]["Arn"])
 "#;
         let out = run(Command::new(venv_bin("python")?).args(["-c", script, &self.endpoint, name]))?;

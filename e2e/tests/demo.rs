@@ -60,6 +60,9 @@ async fn up_pod_exec_down() {
     assert!(out.status.success(), "{}", text(&out));
     let out = demo(state.path(), &["pod", "team/idle"]);
     assert!(out.status.success(), "{}", text(&out));
+    // Pods share roles: a second pod with the same role is created like the first.
+    let out = demo(state.path(), &["pod", "team/web2", "--role", "web-reader"]);
+    assert!(out.status.success(), "{}", text(&out));
 
     let out = demo(
         state.path(),
@@ -79,6 +82,27 @@ async fn up_pod_exec_down() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "arn:aws:sts::123456789012:assumed-role/web-reader/team.web",
+        "{}",
+        text(&out)
+    );
+    let out = demo(
+        state.path(),
+        &[
+            "exec",
+            "team/web2",
+            "--",
+            "aws",
+            "sts",
+            "get-caller-identity",
+            "--query",
+            "Arn",
+            "--output",
+            "text",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "arn:aws:sts::123456789012:assumed-role/web-reader/team.web2",
         "{}",
         text(&out)
     );
