@@ -27,6 +27,7 @@ async fn every_kustomization_passes_a_server_side_dry_run() {
         "deploy/overlays/eks",
         "deploy/overlays/kind",
         "deploy/overlays/cert-manager",
+        "deploy/overlays/eks-cert-manager",
         "deploy/overlays/monitoring",
     ] {
         let out = cluster
@@ -37,6 +38,11 @@ async fn every_kustomization_passes_a_server_side_dry_run() {
     }
     let eks = cluster.kubectl(&["kustomize", &path("deploy/overlays/eks")]).unwrap();
     assert!(eks.contains("--host-interface=eni+"));
+    let both = cluster.kubectl(&["kustomize", &path("deploy/overlays/eks-cert-manager")]).unwrap();
+    assert!(
+        both.contains("--host-interface=eni+") && both.contains("cert-manager.io/inject-ca-from"),
+        "{both}"
+    );
     let kind = cluster.kubectl(&["kustomize", &path("deploy/overlays/kind")]).unwrap();
     assert!(kind.contains("--host-interface=veth+"));
 
