@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 pub async fn wait_agent_exit(agent_admin: SocketAddr, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(agent_admin)).await
-        {
-            Ok(Err(_)) => return Ok(()),
-            Ok(Ok(_)) | Err(_) => {}
+        // Refused: nothing listens any more. A connection, or no answer at all, means wait on.
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(agent_admin));
+        if let Ok(Err(_)) = attempt.await {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(format!(

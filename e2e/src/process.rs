@@ -59,6 +59,21 @@ impl ChildGuard {
         Ok(self.child.try_wait()?.map(|status| status.code()))
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; its exit code, or an error naming
+    /// `what` did not happen.
+    pub async fn wait_exit(&mut self, timeout: Duration, what: &str) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.try_wait()? {
+                return Ok(code);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still runs after {timeout:?}: {what}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits up to `grace` for the process to exit; returns its exit code.
     pub fn terminate(&mut self, grace: Duration) -> Result<Option<i32>> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -64,48 +64,16 @@ async fn up_pod_exec_down() {
     let out = demo(state.path(), &["pod", "team/web2", "--role", "web-reader"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let out = demo(
-        state.path(),
-        &[
-            "exec",
-            "team/web",
-            "--",
-            "aws",
-            "sts",
-            "get-caller-identity",
-            "--query",
-            "Arn",
-            "--output",
-            "text",
-        ],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "arn:aws:sts::123456789012:assumed-role/web-reader/team.web",
-        "{}",
-        text(&out)
-    );
-    let out = demo(
-        state.path(),
-        &[
-            "exec",
-            "team/web2",
-            "--",
-            "aws",
-            "sts",
-            "get-caller-identity",
-            "--query",
-            "Arn",
-            "--output",
-            "text",
-        ],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "arn:aws:sts::123456789012:assumed-role/web-reader/team.web2",
-        "{}",
-        text(&out)
-    );
+    for pod in ["web", "web2"] {
+        let who = ["sts", "get-caller-identity", "--query", "Arn", "--output", "text"];
+        let out = demo(state.path(), &[&["exec", &format!("team/{pod}"), "--", "aws"][..], &who].concat());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("arn:aws:sts::123456789012:assumed-role/web-reader/team.{pod}"),
+            "{}",
+            text(&out)
+        );
+    }
     let out = demo(state.path(), &["exec", "team/idle", "--", "aws", "sts", "get-caller-identity"]);
     assert!(!out.status.success());
     let out = demo(state.path(), &["exec", "team/nobody", "--", "true"]);

@@ -372,7 +372,7 @@ async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_jo
     use imdsgate_e2e::bed::{AgentBed, BedPlan};
     use imdsgate_e2e::process::ChildGuard;
     use imdsgate_e2e::tools::workspace_bin;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let mut bed = AgentBed::start(BedPlan::default()).await.expect("bed");
     let agent_bin = workspace_bin("imdsgate-agent").unwrap();
@@ -394,14 +394,8 @@ async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_jo
 
     let mut agent = bed.agent.take().unwrap();
     assert_eq!(agent.child.terminate(Duration::from_secs(15)).unwrap(), Some(0));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = uninstall.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "uninstall did not finish after the agent exited");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status =
+        uninstall.wait_exit(Duration::from_secs(15), "uninstall after the agent exited").await.unwrap();
     assert_eq!(status, Some(0), "{}", uninstall.log_tail(20));
     assert!(!bed.node.nat_rules().unwrap().contains("IMDSGATE"), "rule removed");
 
@@ -454,13 +448,6 @@ async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_jo
     tokio::time::sleep(Duration::from_secs(3)).await;
     wait.check_running().expect("waits while a node is not done");
     status(2);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let code = loop {
-        if let Some(code) = wait.try_wait().unwrap() {
-            break code;
-        }
-        assert!(Instant::now() < deadline, "wait-daemonset did not notice every node done");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let code = wait.wait_exit(Duration::from_secs(15), "wait-daemonset with every node done").await.unwrap();
     assert_eq!(code, Some(0), "{}", wait.log_tail(10));
 }
