@@ -38,6 +38,9 @@ pub enum Denial {
     Sts(#[from] StsError),
 }
 
+/// The longest refusal text sent back to an agent, in bytes.
+pub const MAX_STATUS_MESSAGE: usize = 512;
+
 impl Denial {
     /// The stable reason the agent acts on.
     pub fn reason(&self) -> Reason {
@@ -57,9 +60,17 @@ impl Denial {
         }
     }
 
-    /// The gRPC status for this denial: the one place denials become statuses.
+    /// The gRPC status for this denial: the one place denials become statuses. The text may echo
+    /// what a pod sent (a role annotation, say); it is cut to [`MAX_STATUS_MESSAGE`] bytes, as an
+    /// unbounded one overflows the HTTP/2 trailer and fails every call on the agent's connection.
     pub fn to_status(&self) -> tonic::Status {
-        self.reason().status(self.to_string())
+        let mut message = self.to_string();
+        if message.len() > MAX_STATUS_MESSAGE {
+            let cut = (0..=MAX_STATUS_MESSAGE).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push_str("… (cut)");
+        }
+        self.reason().status(message)
     }
 }
 
@@ -276,6 +287,17 @@ pub(crate) mod tests {
             assert_eq!(denial.reason(), Reason::InvalidArgument, "{ip} {uid} {role}");
             assert_eq!(denial.to_status().code(), tonic::Code::InvalidArgument);
         }
+    }
+    #[test]
+    fn refusal_texts_echoing_huge_fields_are_cut() {
+        let huge = "ä".repeat(60_000);
+        let denial = Ask::parse("10.0.0.1", "u-1", &huge).unwrap_err();
+        let status = denial.to_status();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE + 10, "{}", status.message().len());
+        assert!(status.message().contains("role \"ää") && status.message().ends_with("… (cut)"), "{}", status.message());
+        let short = Ask::parse("nope", "u-1", "r").unwrap_err().to_status();
+        assert!(short.message().ends_with("pod_ip \"nope\" is not an IP address"), "{}", short.message());
     }
 
     #[test]

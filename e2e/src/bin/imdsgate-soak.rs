@@ -23,7 +23,9 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--minutes" => args.minutes = value()?.parse().context("--minutes")?,
             "--pods" => args.pods = value()?.parse().context("--pods")?,
-            "--sample-seconds" => args.sample_every = Duration::from_secs(value()?.parse().context("--sample-seconds")?),
+            "--sample-seconds" => {
+                args.sample_every = Duration::from_secs(value()?.parse().context("--sample-seconds")?)
+            }
             other => bail!("unknown argument {other:?} (--minutes N, --pods N, --sample-seconds N)"),
         }
     }
@@ -58,7 +60,10 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 #[tokio::main]
@@ -67,7 +72,10 @@ async fn main() -> Result<()> {
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let roles = ["soak-a", "soak-b"];
     let pods: Vec<BedPod> = (0..args.pods)
-        .map(|i| BedPod::new("soak", leak(format!("p{i}")), leak(format!("10.200.2.{}", 10 + i))).role(roles[i % 2]))
+        .map(|i| {
+            BedPod::new("soak", leak(format!("p{i}")), leak(format!("10.200.2.{}", 10 + i)))
+                .role(roles[i % 2])
+        })
         .collect();
     let bed = AgentBed::start(BedPlan {
         namespaces: vec![("soak", "arn:aws:iam::123456789012:role/soak-.*")],
@@ -83,9 +91,19 @@ async fn main() -> Result<()> {
     println!("soak: {} pods, {:.1} minutes, a sample every {:?}", args.pods, args.minutes, args.sample_every);
     println!(
         "{:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>6}",
-        "minute", "agentKiB", "agentFDs", "serverKiB", "serverFDs", "p50ms", "p99ms", "requests", "churned", "wrong"
+        "minute",
+        "agentKiB",
+        "agentFDs",
+        "serverKiB",
+        "serverFDs",
+        "p50ms",
+        "p99ms",
+        "requests",
+        "churned",
+        "wrong"
     );
-    let (mut latencies, mut requests, mut churned, mut wrong, mut failed) = (Vec::new(), 0u64, 0u64, 0u64, 0u64);
+    let (mut latencies, mut requests, mut churned, mut wrong, mut failed) =
+        (Vec::new(), 0u64, 0u64, 0u64, 0u64);
     let mut samples: Vec<(f64, u64, u64)> = Vec::new();
     let mut next_sample = Instant::now();
     let mut round = 0usize;
