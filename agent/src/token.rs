@@ -308,4 +308,145 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"third");
         assert_eq!(files_in(&dir.path().join("sub")), ["token.key"]);
     }
+
+    /// Properties of tokens: bound to the key, the pod and the lifetime that issued them; no
+    /// edit of a token's text yields another valid token; hostile text never panics.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+
+        fn config() -> Config {
+            Config { cases: 256, failure_persistence: None, ..Config::default() }
+        }
+
+        fn uid() -> impl Strategy<Value = String> {
+            prop_oneof!["[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", ".{0,40}",]
+        }
+
+        /// Issue time and TTL: any second from 1970 to far beyond 2100, any allowed TTL.
+        fn issued() -> impl Strategy<Value = (u64, u64)> {
+            (1u64..(1 << 40), MIN_TTL..=MAX_TTL)
+        }
+
+        /// A time offset from issuance, often near the expiry.
+        fn offset(ttl: u64) -> impl Strategy<Value = i64> {
+            let ttl = ttl as i64;
+            prop_oneof![-100_000i64..3 * ttl, (ttl - 2)..(ttl + 2)]
+        }
+
+        /// Whether `mutated` differs from `token` only by whitespace around it, which `verify`
+        /// deliberately trims (it is the same token).
+        fn same_token(token: &str, mutated: &str) -> bool {
+            mutated.trim() == token
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn a_token_verifies_only_for_its_key_and_pod_and_only_before_its_expiry(
+                key in any::<[u8; 32]>(),
+                other_key in any::<[u8; 32]>(),
+                (pod, other_pod) in (uid(), uid()),
+                ((issued_at, ttl), dt) in issued().prop_flat_map(|(at, ttl)| (Just((at, ttl)), offset(ttl))),
+            ) {
+                let key = TokenKey::from_bytes(key);
+                let token = key.issue(&pod, Duration::from_secs(ttl), at(issued_at));
+                let now = at(issued_at.saturating_add_signed(dt));
+                let expected = if (dt as i128) < ttl as i128 { Ok(()) } else { Err(TokenError::Expired) };
+                prop_assert_eq!(key.verify(&token, &pod, now), expected, "dt {} ttl {}", dt, ttl);
+                if other_pod != pod {
+                    prop_assert_eq!(key.verify(&token, &other_pod, now), Err(TokenError::Foreign));
+                }
+                if other_key != key.0 {
+                    let other = TokenKey::from_bytes(other_key);
+                    prop_assert_eq!(other.verify(&token, &pod, now), Err(TokenError::Foreign));
+                }
+            }
+
+            #[test]
+            fn no_single_character_edit_truncation_or_extension_yields_a_valid_token(
+                key in any::<[u8; 32]>(),
+                pod in uid(),
+                (issued_at, ttl) in issued(),
+                at_index in any::<usize>(),
+                replacement in prop_oneof![
+                    3 => prop::sample::select(
+                        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/= \t\n."
+                            .chars()
+                            .collect::<Vec<_>>()
+                    ),
+                    1 => any::<char>(),
+                ],
+                cut in any::<usize>(),
+                (prefix, suffix) in (".{0,3}", ".{0,3}"),
+            ) {
+                let key = TokenKey::from_bytes(key);
+                let now = at(issued_at);
+                let token = key.issue(&pod, Duration::from_secs(ttl), now);
+                prop_assert_eq!(key.verify(&token, &pod, now), Ok(()));
+                let i = at_index % token.len();
+                let original = token.as_bytes()[i] as char;
+                if replacement != original {
+                    let mut edited = token.clone();
+                    edited.replace_range(i..i + 1, &replacement.to_string());
+                    prop_assert!(key.verify(&edited, &pod, now).is_err(), "{:?} -> {:?}", token, edited);
+                }
+                let truncated = &token[..cut % token.len()];
+                prop_assert!(key.verify(truncated, &pod, now).is_err(), "{:?}", truncated);
+                let extended = format!("{prefix}{token}{suffix}");
+                if !same_token(&token, &extended) {
+                    prop_assert!(key.verify(&extended, &pod, now).is_err(), "{:?}", extended);
+                }
+            }
+
+            #[test]
+            fn a_raw_token_with_any_expiry_and_tag_but_the_right_mac_is_refused(
+                key in any::<[u8; 32]>(),
+                raw in prop::collection::vec(any::<u8>(), 40),
+                pod in uid(),
+            ) {
+                let key = TokenKey::from_bytes(key);
+                let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+                let expiry: [u8; 8] = raw[..8].try_into().unwrap();
+                let genuine = key.mac(&expiry, &pod).finalize().into_bytes();
+                prop_assume!(genuine.as_slice() != &raw[8..]);
+                prop_assert_eq!(key.verify(&token, &pod, at(0)), Err(TokenError::Foreign));
+            }
+
+            #[test]
+            fn arbitrary_text_is_refused_without_panicking(
+                text in ".{0,200}",
+                pod in uid(),
+                now in any::<u64>(),
+            ) {
+                let key = TokenKey::from_bytes([3; 32]);
+                let now = SystemTime::UNIX_EPOCH
+                    .checked_add(Duration::from_secs(now))
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                prop_assert!(key.verify(&text, &pod, now).is_err());
+            }
+
+            #[test]
+            fn the_ttl_header_is_an_integer_from_1_to_21600(
+                text in prop_oneof![
+                    "[ \t]{0,2}[+-]?[0-9]{1,7}[ \t]{0,2}",
+                    "0*(1|21600|21601|0|18446744073709551615|18446744073709551616)",
+                    "[0-9.,eE+_ x-]{0,8}",
+                    ".{0,12}",
+                ],
+            ) {
+                // Stated without the parser: optional sign `+`, decimal digits, value in range.
+                let trimmed = text.trim();
+                let digits = trimmed.strip_prefix('+').unwrap_or(trimmed);
+                let value = (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| {
+                    let significant = digits.trim_start_matches('0');
+                    if significant.len() > 6 { u64::MAX } else { significant.parse::<u64>().unwrap_or(0) }
+                });
+                let expected = value.filter(|v| (1..=21_600).contains(v)).map(Duration::from_secs);
+                prop_assert_eq!(parse_ttl(Some(&text)), expected, "{:?}", text);
+            }
+        }
+    }
 }

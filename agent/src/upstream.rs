@@ -309,4 +309,130 @@ mod tests {
         }
         assert_eq!(CanonicalPath::parse(&format!("/{}", "a".repeat(MAX_PATH))), Err(TooLong));
     }
+
+    /// Properties over generated paths: the parser accepts exactly the canonical language, hands
+    /// back its input unchanged, and no allow-list ever lets the node's identity through.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+
+        fn config() -> Config {
+            Config { cases: 256, failure_persistence: None, ..Config::default() }
+        }
+
+        /// Characters that make paths interesting, and now and then any character at all.
+        fn path_char() -> impl Strategy<Value = char> {
+            prop_oneof![
+                8 => prop::sample::select(
+                    "/////....aAiImM-_~:+=,@%2eEfF09\\;?# \0\n\t\r\u{7f}\u{131}\u{130}\u{ff41}\u{200b}"
+                        .chars()
+                        .collect::<Vec<_>>()
+                ),
+                1 => any::<char>(),
+            ]
+        }
+
+        fn path_text() -> impl Strategy<Value = String> {
+            let segment = prop_oneof![
+                3 => "[A-Za-z0-9._~:+=,@-]{1,6}",
+                1 => prop::sample::select(vec![
+                    "", ".", "..", "...", ".a", "a.", "%2e", "%2E%2e", "a b", "a\\b", "\u{e9}",
+                ])
+                    .prop_map(String::from),
+            ];
+            prop_oneof![
+                // Close to canonical: mostly valid segments, some empty, dot-only or odd.
+                2 => prop::collection::vec(segment, 0..6).prop_map(|s| format!("/{}", s.join("/"))),
+                1 => prop::collection::vec(path_char(), 0..48).prop_map(|v| v.into_iter().collect()),
+                1 => prop::collection::vec(path_char(), 0..48)
+                    .prop_map(|v| format!("/{}", v.into_iter().collect::<String>())),
+                // Long ones, around the length limit.
+                1 => (1000..1030usize, path_char()).prop_map(|(n, c)| {
+                    let mut s = format!("/{}", "a".repeat(n - 1));
+                    s.push(c);
+                    s
+                }),
+            ]
+        }
+
+        /// The canonical language, stated independently of the parser.
+        fn is_canonical(path: &str) -> bool {
+            static SHAPE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+                regex::Regex::new(r"^/(?:[A-Za-z0-9._~:+=,@-]+/)*[A-Za-z0-9._~:+=,@-]*$").unwrap()
+            });
+            path.len() <= MAX_PATH
+                && SHAPE.is_match(path)
+                && path[1..].split('/').all(|segment| segment.is_empty() || segment.contains(|c| c != '.'))
+        }
+
+        /// Spellings of the node's identity segments that a lenient service might fold onto them.
+        fn identity_segment() -> impl Strategy<Value = String> {
+            let base = prop::sample::select(vec!["iam", "identity-credentials", "identity_credentials"]);
+            let punct =
+                prop::collection::vec(prop::sample::select(vec!["", ".", "-", "_", "~", ":", "@"]), 2);
+            (base, punct, any::<u64>()).prop_map(|(base, punct, case)| {
+                let cased: String = base
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| if case >> (i % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                    .collect();
+                format!("{}{cased}{}", punct[0], punct[1])
+            })
+        }
+
+        fn canonical_segment() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9._~:+=,@-]{1,12}".prop_filter("not a dot segment", |s| s.contains(|c| c != '.'))
+        }
+
+        proptest! {
+            // Pure and cheap: many more cases in the same time.
+            #![proptest_config(Config { cases: 2048, ..config() })]
+
+            #[test]
+            fn parse_accepts_exactly_the_canonical_language_and_returns_its_input(path in path_text()) {
+                let parsed = CanonicalPath::parse(&path);
+                prop_assert_eq!(parsed.is_ok(), is_canonical(&path), "{:?} -> {:?}", path, parsed);
+                if let Ok(canonical) = parsed {
+                    prop_assert_eq!(canonical.as_str(), path.as_str());
+                    prop_assert_eq!(canonical.to_string(), path.clone());
+                    let again = CanonicalPath::parse(canonical.as_str());
+                    prop_assert_eq!(again, Ok(canonical.clone()), "idempotent");
+                    let segments: Vec<&str> = canonical.segments().collect();
+                    prop_assert_eq!(segments.join("/"), path[1..].to_string());
+                }
+            }
+
+            #[test]
+            fn no_allow_list_lets_a_segment_naming_the_nodes_identity_through(
+                before in prop::collection::vec(canonical_segment(), 0..4),
+                identity in identity_segment(),
+                after in prop::collection::vec(canonical_segment(), 0..4),
+                trailing_slash in any::<bool>(),
+                list in 0..4usize,
+            ) {
+                type Lists = Vec<(Vec<String>, AllowList)>;
+                static LISTS: std::sync::LazyLock<Lists> = std::sync::LazyLock::new(|| {
+                    [
+                        vec![".*".to_string()],
+                        vec!["^/.*$".to_string(), "iam".to_string()],
+                        vec!["(?i).*iam.*".to_string(), "(?i).*identity.*".to_string()],
+                        DEFAULT_ALLOW.iter().map(|p| p.to_string()).collect(),
+                    ]
+                    .into_iter()
+                    .map(|patterns| (patterns.clone(), AllowList::new(&patterns).unwrap()))
+                    .collect()
+                });
+                let (patterns, allow) = &LISTS[list];
+                let segments: Vec<String> = before.iter().chain([&identity]).chain(&after).cloned().collect();
+                let mut path = format!("/{}", segments.join("/"));
+                if trailing_slash {
+                    path.push('/');
+                }
+                let canonical = CanonicalPath::parse(&path).unwrap();
+                prop_assert!(canonical.names_node_identity(), "{}", path);
+                prop_assert!(!allow.allows(&canonical), "{} allowed by {:?}", path, patterns);
+            }
+        }
+    }
 }

@@ -295,7 +295,11 @@ pub(crate) mod tests {
         let status = denial.to_status();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().len() <= MAX_STATUS_MESSAGE + 10, "{}", status.message().len());
-        assert!(status.message().contains("role \"ää") && status.message().ends_with("… (cut)"), "{}", status.message());
+        assert!(
+            status.message().contains("role \"ää") && status.message().ends_with("… (cut)"),
+            "{}",
+            status.message()
+        );
         let short = Ask::parse("nope", "u-1", "r").unwrap_err().to_status();
         assert!(short.message().ends_with("pod_ip \"nope\" is not an IP address"), "{}", short.message());
     }

@@ -97,8 +97,9 @@ fn session_char(c: char) -> bool {
 }
 
 /// A valid role session name: characters outside `[\w+=,.@-]` become `-`; longer than 64
-/// characters is cut and suffixed with a hash of the whole (80 bits, so distinct names stay
-/// distinct even against a deliberate search); shorter than 2 is padded. Only default names
+/// characters is cut and suffixed with `_` and a hash of the whole (80 bits, so distinct names
+/// stay distinct even against a deliberate search; `_` never appears in a namespace or pod name,
+/// so no pod can be named after another's cut name); shorter than 2 is padded. Only default names
 /// (`<namespace>.<pod>`) are ever cut: an override that does not fit is refused.
 pub fn sanitize(raw: &str) -> String {
     let mut name: String = raw.chars().map(|c| if session_char(c) { c } else { '-' }).collect();
@@ -106,7 +107,7 @@ pub fn sanitize(raw: &str) -> String {
         let digest = Sha256::digest(raw.as_bytes());
         let suffix = hex::encode(&digest[..10]);
         name.truncate(MAX_SESSION_NAME - suffix.len() - 1);
-        name.push('-');
+        name.push('_');
         name.push_str(&suffix);
     }
     while name.len() < 2 {
@@ -198,6 +199,17 @@ mod tests {
     }
 
     #[test]
+    fn no_pod_can_be_named_after_another_pods_cut_session_name() {
+        let long = format!("web-{}", "a".repeat(70));
+        let cut = session_name("team-a", &long, None);
+        assert_eq!(cut.len(), MAX_SESSION_NAME);
+        // The crafted twin: a valid pod name spelling the cut name's tail.
+        let twin = cut.strip_prefix("team-a.").unwrap().replace('_', "-");
+        assert_ne!(session_name("team-a", &twin, None), cut, "{cut}");
+        assert!(cut[MAX_SESSION_NAME - 21..].starts_with('_'), "{cut}");
+    }
+
+    #[test]
     fn long_names_are_cut_with_a_hash_and_stay_unique() {
         let a = sanitize(&format!("{}.{}", "n".repeat(40), "a".repeat(60)));
         let b = sanitize(&format!("{}.{}b", "n".repeat(40), "a".repeat(59)));
@@ -240,5 +252,140 @@ mod tests {
         let with_id = SessionKey::for_pod(&p, arn(), &TagConfig::default());
         assert_ne!(plain, with_id);
         assert_eq!(with_id.external_id.as_deref(), Some("ext"));
+    }
+
+    /// Properties of session names: always valid for STS, deterministic, distinct for distinct
+    /// pods (long ones told apart by their 80-bit hash), readable when short; an override is
+    /// accepted exactly when STS would take `<namespace>@<override>` as written.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+        use std::collections::HashMap;
+
+        fn config() -> Config {
+            Config { cases: 256, failure_persistence: None, ..Config::default() }
+        }
+
+        /// STS's RoleSessionName: `[\w+=,.@-]{2,64}`, with `\w` as AWS means it (ASCII).
+        fn sts_accepts(name: &str) -> bool {
+            static STS: std::sync::LazyLock<regex::Regex> =
+                std::sync::LazyLock::new(|| regex::Regex::new(r"^[A-Za-z0-9_+=,.@-]{2,64}$").unwrap());
+            STS.is_match(name)
+        }
+
+        /// A Kubernetes namespace: a DNS-1123 label.
+        fn namespace() -> impl Strategy<Value = String> {
+            prop_oneof!["[a-z0-9]", "[a-z0-9][a-z0-9-]{0,61}[a-z0-9]", "team-[a-z]{1,3}"]
+        }
+
+        /// A pod name: a DNS-1123 subdomain, often long (generated names, StatefulSets).
+        fn pod_name() -> impl Strategy<Value = String> {
+            let label = "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?";
+            prop_oneof![
+                prop::collection::vec(label, 1..4).prop_map(|l| l.join(".")),
+                "[a-z]{1,8}-[a-z0-9]{5,10}-[a-z0-9]{5}",
+                (1..240usize, "[a-z0-9]{1,4}").prop_map(|(n, tail)| format!("{}{tail}", "a".repeat(n))),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn every_session_name_is_valid_for_sts_and_deterministic(
+                raw in prop_oneof![".{0,100}", "[a-z.@-]{60,70}", any::<String>()],
+                namespace in ".{0,70}",
+                pod in ".{0,70}",
+                chosen in prop::option::of(".{0,70}"),
+            ) {
+                let name = sanitize(&raw);
+                prop_assert!(sts_accepts(&name), "{:?} -> {:?}", raw, name);
+                prop_assert_eq!(sanitize(&raw), name, "deterministic");
+                let name = session_name(&namespace, &pod, chosen.as_deref());
+                prop_assert!(sts_accepts(&name), "{:?} {:?} {:?} -> {:?}", namespace, pod, chosen, name);
+                prop_assert_eq!(session_name(&namespace, &pod, chosen.as_deref()), name);
+            }
+
+            #[test]
+            fn a_short_name_reads_as_its_pod_and_a_long_one_keeps_its_start(
+                namespace in namespace(),
+                pod in pod_name(),
+            ) {
+                let whole = format!("{namespace}.{pod}");
+                let name = session_name(&namespace, &pod, None);
+                if whole.len() <= MAX_SESSION_NAME {
+                    prop_assert_eq!(name, whole);
+                } else {
+                    prop_assert_eq!(name.len(), MAX_SESSION_NAME);
+                    prop_assert!(name.starts_with(&whole[..MAX_SESSION_NAME - 21]), "{} -> {}", whole, name);
+                    prop_assert!(
+                        name[MAX_SESSION_NAME - 21..].starts_with('_')
+                            && name[MAX_SESSION_NAME - 20..]
+                                .bytes()
+                                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                        "{} ends in its hash", name
+                    );
+                }
+            }
+
+            /// Distinct pods and overrides in one batch (many sharing long prefixes, so that most
+            /// are cut) never get the same name, and an override never reads as a default name.
+            #[test]
+            fn distinct_pods_and_overrides_get_distinct_names(
+                namespaces in prop::collection::vec(namespace(), 1..4),
+                pods in prop::collection::vec((any::<prop::sample::Index>(), pod_name(), 0..3usize), 1..48),
+                prefix in "[a-z0-9]{50,70}",
+            ) {
+                let mut seen: HashMap<String, (String, String, bool)> = HashMap::new();
+                for (ns, pod, shape) in &pods {
+                    let ns = ns.get(&namespaces).clone();
+                    let (pod, chosen) = match shape {
+                        // Long names sharing a prefix: cut, told apart by the hash only.
+                        0 => (format!("{prefix}{pod}"), None),
+                        1 => (pod.clone(), None),
+                        _ if ns.len() + 1 < MAX_SESSION_NAME => {
+                            let room = MAX_SESSION_NAME - ns.len() - 1;
+                            (pod.clone(), Some(pod.chars().take(room).collect::<String>()))
+                        }
+                        _ => (pod.clone(), None),
+                    };
+                    if let Some(chosen) = &chosen {
+                        prop_assert_eq!(check_override(&ns, chosen), Ok(()));
+                    }
+                    let name = session_name(&ns, &pod, chosen.as_deref());
+                    let who = (ns.clone(), chosen.clone().unwrap_or(pod.clone()), chosen.is_some());
+                    if let Some(before) = seen.insert(name.clone(), who.clone()) {
+                        prop_assert_eq!(&before, &who, "{:?} and {:?} share {:?}", before, who, name);
+                    }
+                    if chosen.is_some() {
+                        prop_assert!(name.starts_with(&format!("{ns}{OVERRIDE_SEPARATOR}")), "{}", name);
+                    } else {
+                        prop_assert!(!name.contains(OVERRIDE_SEPARATOR), "{}", name);
+                    }
+                }
+            }
+
+            /// `check_override` accepts exactly the overrides for which STS takes
+            /// `<namespace>@<override>` as written, and those are then used as written.
+            #[test]
+            fn an_override_is_accepted_iff_sts_takes_it_as_written(
+                namespace in namespace(),
+                chosen in prop_oneof![
+                    "[A-Za-z0-9_+=,.@-]{0,70}",
+                    "[A-Za-z0-9_+=,.@ /:*\n\t\u{e9}\u{130}-]{0,70}",
+                    ".{0,8}",
+                ],
+                pod in pod_name(),
+            ) {
+                let written = format!("{namespace}{OVERRIDE_SEPARATOR}{chosen}");
+                let expected = !chosen.is_empty() && sts_accepts(&written);
+                let verdict = check_override(&namespace, &chosen);
+                prop_assert_eq!(verdict.is_ok(), expected, "{:?}: {:?}", written, verdict);
+                if expected {
+                    prop_assert_eq!(session_name(&namespace, &pod, Some(&chosen)), written);
+                }
+            }
+        }
     }
 }
