@@ -34,7 +34,12 @@ pub struct ServerClientConfig {
 struct Replica {
     addr: SocketAddr,
     channel: Channel,
+    /// When a call to it last failed as unreachable (ms since the client started; 0: never).
+    failed_at_ms: std::sync::atomic::AtomicU64,
 }
+
+/// For this long after a replica failed, calls try the others first.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
 struct Replicas {
     addrs: Vec<SocketAddr>,
@@ -48,6 +53,8 @@ pub struct ServerClient {
     tls: Arc<Reloading<ClientTlsConfig>>,
     replicas: RwLock<Arc<Replicas>>,
     next: AtomicUsize,
+    /// The clock of the replicas' `failed_at_ms`.
+    started: std::time::Instant,
     token: Mutex<Option<(SystemTime, String)>>,
     metrics: Metrics,
 }
@@ -76,6 +83,7 @@ impl ServerClient {
             tls,
             replicas: RwLock::new(Arc::new(empty)),
             next: AtomicUsize::new(0),
+            started: std::time::Instant::now(),
             token: Mutex::new(None),
             metrics,
         }))
@@ -112,7 +120,11 @@ impl ServerClient {
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30));
-                Some(Replica { addr: *addr, channel: endpoint.connect_lazy() })
+                Some(Replica {
+                    addr: *addr,
+                    channel: endpoint.connect_lazy(),
+                    failed_at_ms: Default::default(),
+                })
             })
             .collect();
         tracing::info!(replicas = ?resolved, "imdsgate server replicas");
@@ -235,17 +247,39 @@ impl ServerClient {
             return agree(futures::future::join_all(all).await);
         }
         let mut last = ServerError::Unreachable(format!("no address for {}", self.config.host));
-        for _ in 0..replicas.list.len() {
-            let replica = &replicas.list[self.next.fetch_add(1, Ordering::Relaxed) % replicas.list.len()];
+        for replica in self.attempt_order(&replicas.list) {
             match self.call_one(replica, pod_ip, &pod_uid, &role, token).await {
                 Err(ServerError::Unreachable(why)) => {
+                    replica.failed_at_ms.store(self.now_ms().max(1), Ordering::Relaxed);
                     tracing::warn!(replica = %replica.addr, why, "server replica failed; trying another");
                     last = ServerError::Unreachable(format!("{}: {why}", replica.addr));
                 }
-                answer => return answer,
+                answer => {
+                    replica.failed_at_ms.store(0, Ordering::Relaxed);
+                    return answer;
+                }
             }
         }
         Err(last)
+    }
+
+    /// Every replica once, in turn from a rotating start (spreading the load), replicas that
+    /// failed within [`SUSPECT_FOR`] last: a retry never goes back to the replica that just
+    /// failed, and a dead replica is not tried first by every call.
+    fn attempt_order<'a>(&self, list: &'a [Replica]) -> Vec<&'a Replica> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let suspect_ms = SUSPECT_FOR.as_millis() as u64;
+        let mut order: Vec<&Replica> = (0..list.len()).map(|i| &list[(start + i) % list.len()]).collect();
+        order.sort_by_key(|r| {
+            let failed = r.failed_at_ms.load(Ordering::Relaxed);
+            failed != 0 && now.saturating_sub(failed) < suspect_ms
+        });
+        order
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// One replica's answer; `Unreachable` when another replica may answer instead.

@@ -104,6 +104,15 @@ pub struct AgentBed {
 
 impl AgentBed {
     pub async fn start(plan: BedPlan) -> Result<AgentBed> {
+        Self::start_with(plan, |_| None).await
+    }
+
+    /// [`AgentBed::start`], with the server's STS endpoint chosen once moto runs (`None`: moto
+    /// itself; a fault-injecting proxy in front of it, say).
+    pub async fn start_with(
+        plan: BedPlan,
+        sts_endpoint: impl FnOnce(&Sts) -> Option<String>,
+    ) -> Result<AgentBed> {
         let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
         let (cluster, sts) = (cluster?, sts?);
         install_rbac(&cluster)?;
@@ -146,8 +155,10 @@ impl AgentBed {
         }
         server_args.extend(plan.server_args.iter().cloned());
         let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
-        let server =
-            ServerProcess::start(&cluster, &sts, &tls, &server_args).await.context("server starts")?;
+        let endpoint = sts_endpoint(&sts).unwrap_or_else(|| sts.endpoint().to_string());
+        let server = ServerProcess::start_at(&cluster, &endpoint, &tls, &server_args)
+            .await
+            .context("server starts")?;
         node.forward_to_host(cluster.port()).await?;
         node.forward_to_host(server.grpc.port()).await?;
         let mut bed = AgentBed {

@@ -291,12 +291,97 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Stops kube-apiserver (SIGTERM, as a rolling restart does) and starts it again on the same
+    /// port with the same flags and data (etcd keeps running), plus `extra_args`; waits until it is
+    /// ready again. Returns how long it was away.
+    pub async fn restart_apiserver(&mut self, extra_args: &[&str]) -> Result<Duration> {
+        let args = cmdline(self._apiserver.id())?;
+        let (program, flags) = args.split_first().context("kube-apiserver has no command line")?;
+        let stopped = Instant::now();
+        // A graceful stop first (it stops listening at once, then drains); what still runs after
+        // 5 s is killed, as the kubelet would after its grace period.
+        if self._apiserver.terminate(Duration::from_secs(5)).is_err() {
+            let _ = Command::new("kill").args(["-KILL", &self._apiserver.id().to_string()]).status();
+            while self._apiserver.try_wait()?.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
+        let apiserver = ChildGuard::spawn(
+            "kube-apiserver",
+            Command::new(program).args(flags).args(extra_args),
+            &self.dir().join(format!("kube-apiserver-{n}.log")),
+        )?;
+        self._apiserver = apiserver;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            self._apiserver.check_running()?;
+            let ready = self
+                .client
+                .request_text(http::Request::get("/readyz").body(Vec::new()).expect("static request"))
+                .await;
+            if matches!(ready.as_deref(), Ok("ok")) {
+                return Ok(stopped.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("kube-apiserver not ready after a restart:\n{}", self._apiserver.log_tail(30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// etcd's client URL (`http://127.0.0.1:<port>`).
+    pub fn etcd_url(&self) -> Result<String> {
+        cmdline(self._etcd.id())?
+            .iter()
+            .find_map(|a| a.to_str()?.strip_prefix("--listen-client-urls=").map(str::to_string))
+            .context("etcd has no --listen-client-urls")
+    }
+
+    /// Compacts etcd at its current revision (through its v3 HTTP/JSON gateway, physically: the
+    /// history is gone), so any watch resuming from an older resourceVersion gets 410 Gone.
+    /// Returns the revision.
+    pub fn compact_etcd(&self) -> Result<i64> {
+        let url = self.etcd_url()?;
+        let post = |path: &str, body: &str| -> Result<serde_json::Value> {
+            let out = run(Command::new("curl")
+                .args(["-sS", "-m", "10", "-X", "POST", "-H", "Content-Type: application/json"])
+                .arg(format!("{url}{path}"))
+                .args(["-d", body]))?;
+            serde_json::from_str(&out).with_context(|| format!("etcd {path} answered {out}"))
+        };
+        // Any range answers with the store's current revision in its header ("Lw==" is "/").
+        let range = post("/v3/kv/range", r#"{"key":"Lw==","count_only":true}"#)?;
+        let revision: i64 = range["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .or_else(|| range["header"]["revision"].as_i64())
+            .with_context(|| format!("no revision in {range}"))?;
+        let done = post("/v3/kv/compaction", &format!(r#"{{"revision":"{revision}","physical":true}}"#))?;
+        if done.get("error").is_some() || done.get("code").is_some() {
+            bail!("etcd refused the compaction at {revision}: {done}");
+        }
+        Ok(revision)
+    }
+
     /// Applies a multi-document YAML file (or a kustomize directory with `-k`) as admin.
     pub fn apply(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["apply"];
         all.extend_from_slice(args);
         self.kubectl(&all)
     }
+}
+
+/// A process's command line, program first.
+fn cmdline(pid: u32) -> Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let raw =
+        std::fs::read(format!("/proc/{pid}/cmdline")).with_context(|| format!("process {pid} is gone"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+        .collect())
 }
 
 /// 32 random hex characters (the admin's bearer token: other local users must not guess it).

@@ -110,6 +110,17 @@ impl ServerProcess {
         tls: &TlsFiles,
         extra_args: &[&str],
     ) -> Result<ServerProcess> {
+        Self::start_at(cluster, sts.endpoint(), tls, extra_args).await
+    }
+
+    /// [`ServerProcess::start`] with STS at `sts_endpoint` (a fault-injecting proxy in front of
+    /// moto, say).
+    pub async fn start_at(
+        cluster: &Cluster,
+        sts_endpoint: &str,
+        tls: &TlsFiles,
+        extra_args: &[&str],
+    ) -> Result<ServerProcess> {
         let dir = tempfile::Builder::new().prefix("imdsgate-e2e-server-").tempdir()?;
         let kubeconfig = cluster.service_account_kubeconfig("imdsgate", "imdsgate-server").await?;
         let grpc: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -123,7 +134,7 @@ impl ServerProcess {
                 .arg(format!("--tls-cert={}", tls.server_cert.display()))
                 .arg(format!("--tls-key={}", tls.server_key.display()))
                 .arg(format!("--tls-client-ca={}", tls.ca.display()))
-                .arg(format!("--sts-endpoint={}", sts.endpoint()))
+                .arg(format!("--sts-endpoint={sts_endpoint}"))
                 .arg(format!("--region={REGION}"))
                 .args(extra_args)
                 .env("AWS_ACCESS_KEY_ID", "testing")
@@ -269,7 +280,35 @@ impl AgentProcess {
         )
     }
 
+    /// Starts another agent process against the same state directory without waiting for it to
+    /// be ready (one that cannot reach a server never is): returns once its IMDS port listens.
+    pub async fn restart_unready(self, setup: &AgentSetup<'_>, extra_args: &[&str]) -> Result<AgentProcess> {
+        let AgentProcess { mut child, dir, _fake_imds, .. } = self;
+        child.terminate(Duration::from_secs(15))?;
+        drop(child);
+        let mut agent = Self::spawn_in(setup, dir, _fake_imds, extra_args).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while setup.node.wait_listening(agent.listen_port, Duration::from_millis(200)).await.is_err() {
+            agent.child.check_running()?;
+            if Instant::now() > deadline {
+                bail!("imdsgate-agent does not listen after 30 s; its log:\n{}", agent.child.log_tail(40));
+            }
+        }
+        Ok(agent)
+    }
+
     async fn start_in(
+        setup: &AgentSetup<'_>,
+        dir: TempDir,
+        fake_imds: Option<ChildGuard>,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
+        let mut agent = Self::spawn_in(setup, dir, fake_imds, extra_args).await?;
+        agent.wait_ready(Duration::from_secs(30)).await?;
+        Ok(agent)
+    }
+
+    async fn spawn_in(
         setup: &AgentSetup<'_>,
         dir: TempDir,
         fake_imds: Option<ChildGuard>,
@@ -312,16 +351,14 @@ impl AgentProcess {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
             )),
         )?;
-        let mut agent = AgentProcess {
+        Ok(AgentProcess {
             child,
             admin_port,
             listen_port,
             node_ns: setup.node.name().to_string(),
             _fake_imds: fake_imds,
             dir,
-        };
-        agent.wait_ready(Duration::from_secs(30)).await?;
-        Ok(agent)
+        })
     }
 
     /// Waits until the agent's `/readyz` answers 200 (watch synced, server reachable).

@@ -7,6 +7,7 @@ pub mod bed;
 pub mod cluster;
 pub mod components;
 pub mod demo;
+pub mod faults;
 pub mod load;
 pub mod netns;
 pub mod pki;

@@ -155,6 +155,45 @@ impl NodeNs {
         wait_listening_in(ns, port, Duration::from_secs(10)).await
     }
 
+    /// Makes `listen_ip:listen_port` inside the node namespace lead to `127.0.0.1:host_port` on the
+    /// machine: a second server replica at another loopback address of the node behind the same
+    /// port as the first, say.
+    pub async fn forward_to_host_at(
+        &self,
+        listen_ip: Ipv4Addr,
+        listen_port: u16,
+        host_port: u16,
+    ) -> Result<()> {
+        let socket: PathBuf =
+            self.dir.path().join(format!("relay-{listen_ip}-{listen_port}-{host_port}.sock"));
+        let host_side = ChildGuard::spawn(
+            "relay (host side)",
+            Command::new("socat")
+                .arg(format!("UNIX-LISTEN:{},fork", socket.display()))
+                .arg(format!("TCP:127.0.0.1:{host_port}")),
+            &self.dir.path().join(format!("relay-{listen_ip}-{listen_port}-host.log")),
+        )?;
+        let ns_side = ChildGuard::spawn(
+            "relay (namespace side)",
+            self.command("socat")
+                .arg(format!("TCP-LISTEN:{listen_port},bind={listen_ip},reuseaddr,fork"))
+                .arg(format!("UNIX-CONNECT:{}", socket.display())),
+            &self.dir.path().join(format!("relay-{listen_ip}-{listen_port}-ns.log")),
+        )?;
+        self.relays.lock().expect("relays lock").extend([host_side, ns_side]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = run(self.command("ss").args(["-Hltn", &format!("src {listen_ip}:{listen_port}")]))?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on {listen_ip}:{listen_port} in {}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The reverse relay: TCP `port` on the node namespace's loopback (the agent's admin port, say)
     /// made reachable from the machine's loopback, at the port returned (for a scraper outside).
     pub async fn expose_on_host(&self, port: u16) -> Result<u16> {

@@ -232,11 +232,11 @@ async fn render_dashboard(bed: &AgentBed, prometheus: &Prometheus, png: &str) {
     let mut round = 0u64;
     while start.elapsed() < Duration::from_secs(300) {
         bed.imds_get(bed.pod("team-a/worker"), CREDENTIALS);
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             bed.imds_get(bed.pod("team-a/plain"), CREDENTIALS);
             bed.imds_get(bed.pod("team-a/rogue"), "/latest/meta-data/iam/security-credentials/admin");
         }
-        if round % 60 == 0 {
+        if round.is_multiple_of(60) {
             bed.aws_cli(bed.pod("team-a/worker"));
         }
         round += 1;

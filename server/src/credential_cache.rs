@@ -389,18 +389,21 @@ impl CredentialCache {
             let now = (inner.clock)();
             let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
             // The session may have been dropped (pod deleted) while STS answered.
+            // No session was made: the call gave way to waiting pods, or STS was unavailable (an
+            // outage is not the pod's doing: its retries are paced by the backoff, and must not
+            // spend the allowance meant for annotation changes). A refusal (Denied) keeps it spent.
+            if charged
+                && matches!(result, Err(StsError::Deferred | StsError::Unavailable(_)))
+                && let Some((tokens, _)) =
+                    inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.pod_uid)
+            {
+                *tokens = (*tokens + 1.0).min(SESSION_BURST);
+            }
             if let Some(entry) = entries.get_mut(&key) {
                 entry.inflight = None;
                 match &result {
                     // Gave way to waiting pods: not a failure, nothing to back off from.
-                    Err(StsError::Deferred) => {
-                        if charged
-                            && let Some((tokens, _)) =
-                                inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.pod_uid)
-                        {
-                            *tokens = (*tokens + 1.0).min(SESSION_BURST);
-                        }
-                    }
+                    Err(StsError::Deferred) => {}
                     Ok(issued) => {
                         entry.current = Some(issued.clone());
                         entry.failures = 0;
