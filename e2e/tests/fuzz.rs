@@ -9,14 +9,12 @@
 //! `IMDSGATE_FUZZ_SEED` changes the seed (`scripts/fuzz.sh` sets both). Every summary is printed
 //! on stderr (`--nocapture` shows it).
 //!
-//! Findings the tests count and print rather than fail on (none leaks or admits anything; each
-//! report says how often it happened, with examples): the webhook answers a review whose own
-//! `apiVersion`/`kind` are not an AdmissionReview's with 200 and echoes them
-//! (`foreign_type_meta_answered`); it refuses a pod CREATE without an object with an empty
-//! `response.uid` (`refusals_without_the_uid`). Once fixed, turn each into a violation. (The gRPC
-//! server used to echo an invalid field whole into `grpc-message`, which past the client's 16 KiB
-//! header limit failed the call or the whole HTTP/2 connection: `oversized_transport_errors`, now
-//! asserted to be 0.)
+//! Findings these fuzzers made, fixed and now asserted (each report still counts them): the webhook
+//! answered a review whose own `apiVersion`/`kind` were not an AdmissionReview's with 200, echoing
+//! them (`foreign_type_meta_answered`, now a 400); it refused a pod CREATE without an object with
+//! an empty `response.uid` (`refusals_without_the_uid`); the gRPC server echoed an invalid field
+//! whole into `grpc-message`, which past the client's 16 KiB header limit failed the call or the
+//! whole HTTP/2 connection (`oversized_transport_errors`).
 
 use imdsgate_e2e::bed::{ACCOUNT, AgentBed, BedPlan, BedPod, NODE};
 use imdsgate_e2e::components::{grpc_client, http_get};
@@ -1162,6 +1160,9 @@ async fn webhook_fuzzing_never_panics_and_never_admits_what_it_must_refuse() {
         report.must_refuse_sent > 0 && report.must_refuse_refused == report.must_refuse_sent,
         "{report:?}"
     );
+    // Fixed findings, now violations: a foreign envelope is a 400, and a refusal keeps the uid.
+    assert_eq!(report.foreign_type_meta_answered, 0, "{:?}", report.foreign_type_meta_examples);
+    assert_eq!(report.refusals_without_the_uid, 0, "{:?}", report.refusals_without_the_uid_examples);
     assert!(report.allowed > 0 && report.denied > 0, "the fuzzing reached both decisions: {report:?}");
     bed.server.child.check_running().expect("the server still runs");
     assert_eq!(http_get(bed.server.admin, "/healthz").await.unwrap().0, 200, "server /healthz");

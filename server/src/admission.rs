@@ -161,6 +161,12 @@ impl Admission {
     pub async fn review(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, String> {
         let review: AdmissionReview<DynamicObject> =
             serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+        if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
+            return Err(format!(
+                "not an admission.k8s.io/v1 AdmissionReview: apiVersion {:?}, kind {:?}",
+                review.types.api_version, review.types.kind
+            ));
+        }
         let request: AdmissionRequest<DynamicObject> =
             review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())?;
         let response = AdmissionResponse::from(&request);
@@ -186,7 +192,9 @@ impl Admission {
             return Ok(response.into_review());
         }
         let Some(object) = &request.object else {
-            return Ok(AdmissionResponse::invalid("the request carries no pod").into_review());
+            // Refused with the request's uid (`AdmissionResponse::invalid` drops it, and the
+            // apiserver would not take the answer).
+            return Ok(response.deny("imdsgate: the request carries no pod").into_review());
         };
         let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
             Ok(pod) => pod,
@@ -784,9 +792,28 @@ mod review_tests {
     #[tokio::test]
     async fn malformed_bodies_are_errors_not_panics() {
         let a = admission();
-        for body in [&b""[..], b"{", b"null", b"{\"kind\":\"AdmissionReview\"}", &[0xff, 0xfe][..]] {
+        let foreign = serde_json::to_vec(&json!({
+            "apiVersion": "x", "kind": "y",
+            "request": {"uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "t",
+                "operation": "CREATE", "userInfo": {}, "object": null}
+        }))
+        .unwrap();
+        for body in [&b""[..], b"{", b"null", b"{\"kind\":\"AdmissionReview\"}", &[0xff, 0xfe][..], &foreign]
+        {
             assert!(a.review(body).await.is_err(), "{:?}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[tokio::test]
+    async fn a_pod_review_without_the_pod_is_refused_with_its_uid() {
+        let a = admission();
+        let r = response(&a.review(&review_body("Pod", "team", serde_json::Value::Null)).await.unwrap());
+        assert_eq!(r["allowed"], false, "{r}");
+        assert_eq!(
+            r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "the apiserver matches answers by uid: {r}"
+        );
     }
 
     #[tokio::test]
