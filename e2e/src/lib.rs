@@ -13,7 +13,9 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod seeded;
 pub mod sts;
+pub mod text;
 pub mod tools;
 
 pub use cluster::{Cluster, PodSpec};

@@ -63,71 +63,15 @@ impl Budget {
     }
 }
 
-/// SplitMix64, as in `imdsgate-fuzz`: case `i` of seed `s` is always the same.
-#[derive(Clone)]
-struct Rng(u64);
+use imdsgate_e2e::seeded::SplitMix as Rng;
 
-impl Rng {
-    fn for_case(seed: u64, index: u64) -> Rng {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)
-            ^ 0x5DEE_CE66);
-        rng.next_u64();
-        rng
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn percent(&mut self, p: usize) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-
-    /// A random string of printable and not so printable characters.
-    fn string(&mut self, max: usize) -> String {
-        let n = self.below(max + 1);
-        (0..n)
-            .map(|_| match self.below(10) {
-                0 => char::from_u32(self.below(0x20) as u32).unwrap_or('x'),
-                1 => *self.pick(&[
-                    '\u{e9}',
-                    '\u{202e}',
-                    '\u{0131}',
-                    '\u{ff0f}',
-                    '\u{1f600}',
-                    '\u{fffd}',
-                    '\u{0}',
-                ]),
-                _ => (b'a' + self.below(26) as u8) as char,
-            })
-            .collect()
-    }
-
-    fn uuid(&mut self) -> String {
-        let h = format!("{:016x}{:016x}", self.next_u64(), self.next_u64());
-        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-    }
+/// Case `index` of seed `seed` is always the same.
+fn rng_for_case(seed: u64, index: u64) -> Rng {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)
+        ^ 0x5DEE_CE66);
+    rng.next_u64();
+    rng
 }
 
 /// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
@@ -202,23 +146,7 @@ async fn fuzz_from(pod: &PodNs, args: Vec<String>) -> (Option<i32>, Value) {
 
 /// `%XX` decoded (invalid escapes kept) and lowercased.
 fn decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).to_lowercase()
+    imdsgate_e2e::text::percent_decode(s).to_lowercase()
 }
 
 /// Whether a request (`METHOD target`) that reached the node's metadata service asks for the
@@ -979,7 +907,7 @@ async fn webhook_fuzzing_never_panics_and_never_admits_what_it_must_refuse() {
         return;
     }
     // The oracle itself catches what it must (it is what the fuzzing relies on).
-    let mut rng = Rng::for_case(0, 0);
+    let mut rng = rng_for_case(0, 0);
     for i in 0..12 {
         let (what, r) = must_refuse_case(i, "u", &mut rng);
         if i != 6 && i != 7 && i != 9 && i != 10 && i != 11 {
@@ -1019,7 +947,7 @@ async fn webhook_fuzzing_never_panics_and_never_admits_what_it_must_refuse() {
         run_workers(&budget, CI_WEBHOOK_REVIEWS, 4, move |index| {
             let (report, connector) = (report.clone(), connector.clone());
             async move {
-                let mut rng = Rng::for_case(seed, index);
+                let mut rng = rng_for_case(seed, index);
                 let uid = rng.uuid();
                 let case_started = Instant::now();
                 let mut mutations: Vec<&'static str> = Vec::new();
@@ -1446,7 +1374,7 @@ async fn grpc_fuzzing_from_an_authenticated_agent_never_panics_or_leaks() {
         run_workers(&budget, CI_GRPC_CALLS, 48, move |index| {
             let (shared, client, oversized_client) = (shared.clone(), client.clone(), oversized_client.clone());
             async move {
-                let mut rng = Rng::for_case(shared.seed, index);
+                let mut rng = rng_for_case(shared.seed, index);
                 let mut req = if index % 400 == 199 {
                     // Over the server's 4 MiB message limit.
                     GetCredentialsRequest { pod_ip: "10.200.1.10".into(), pod_uid: "u".repeat(5 << 20), role: "app-alpha".into() }

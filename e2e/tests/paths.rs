@@ -8,6 +8,7 @@ use imdsgate_e2e::bed::{AgentBed, BedPlan, BedPod};
 use imdsgate_e2e::e2e_enabled;
 use imdsgate_e2e::netns::{NodeNs, PodNs};
 use imdsgate_e2e::process::{ChildGuard, run};
+use imdsgate_e2e::text::percent_decode;
 use imdsgate_e2e::tools::{venv_bin, workspace_bin, workspace_root};
 use std::process::{Command, Output};
 
@@ -42,27 +43,6 @@ fn curl(pod: &PodNs, args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// `%XX` decoded (invalid escapes kept as they are).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a request target names the node's identity in any spelling: decoded (twice, for

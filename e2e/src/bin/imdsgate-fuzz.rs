@@ -75,63 +75,18 @@ struct Cli {
 // ---------------------------------------------------------------------------------------------
 // A small deterministic generator (SplitMix64): no dependency whose stream could change.
 
-#[derive(Clone)]
-struct Rng(u64);
+use imdsgate_e2e::seeded::SplitMix as Rng;
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut rng = Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B);
-        rng.next_u64();
-        rng
-    }
+/// A generator seeded from `seed`.
+fn rng_new(seed: u64) -> Rng {
+    let mut rng = Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B);
+    rng.next_u64();
+    rng
+}
 
-    /// The generator of request `index` of the run with `seed`.
-    fn for_case(seed: u64, index: u64) -> Rng {
-        Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
-    /// True `percent` times in a hundred.
-    fn percent(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-
-    /// Random bytes, as many as [`Rng::size`] says.
-    fn sized_bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.size(max);
-        self.bytes(n)
-    }
-
-    /// A size spread over orders of magnitude, up to `max`.
-    fn size(&mut self, max: usize) -> usize {
-        let bits = self.below(usize::BITS as usize - max.leading_zeros() as usize + 1);
-        self.below((1usize << bits).min(max) + 1)
-    }
+/// The generator of request `index` of the run with `seed`.
+fn rng_for_case(seed: u64, index: u64) -> Rng {
+    rng_new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1540,7 +1495,7 @@ async fn fuzz(cli: Cli) -> Summary {
                 if index >= end {
                     break;
                 }
-                let case = generate(&ctx, &mut Rng::for_case(seed, index));
+                let case = generate(&ctx, &mut rng_for_case(seed, index));
                 let out = run_case(target, &case, answer_timeout).await;
                 if verbose {
                     eprintln!(
@@ -1597,8 +1552,8 @@ mod tests {
     fn the_same_seed_and_index_make_the_same_request() {
         let ctx = Ctx { token: "t0k3n".into(), roles: vec!["a".into(), "b".into()] };
         for i in 0..200 {
-            let a = generate(&ctx, &mut Rng::for_case(7, i));
-            let b = generate(&ctx, &mut Rng::for_case(7, i));
+            let a = generate(&ctx, &mut rng_for_case(7, i));
+            let b = generate(&ctx, &mut rng_for_case(7, i));
             assert_eq!(a.raw, b.raw);
         }
     }
