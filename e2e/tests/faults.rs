@@ -819,9 +819,14 @@ async fn expired_server_and_foreign_agent_certificates_fail_closed_visibly() {
     }
     // The server's own metric shows its certificate's expiry in the past.
     assert!(server_expiry > 0.0 && server_expiry < now_ms() as f64 / 1000.0, "{server_expiry}");
-    // The server logs refused handshakes (there is no server metric for them: see the report).
+    // The server logs refused handshakes and counts them.
     assert!(stale_log.contains("TLS handshake refused"), "expired: the server logged nothing:\n{stale_log}");
     assert!(server_log.contains("TLS handshake refused"), "foreign CA: the server logged nothing");
+    let refused = imdsgate_e2e::components::metric_value(
+        &server_metrics,
+        "imdsgate_server_tls_handshake_failures_total{outcome=\"refused\"}",
+    );
+    assert!(refused >= 1.0, "foreign CA: refused handshakes not counted:\n{server_metrics}");
     eprintln!(
         "certificates: server log on the foreign agent: {:?}; server metrics mentioning tls/handshake: {:?}",
         server_log.lines().rfind(|l| l.contains("TLS handshake refused")),

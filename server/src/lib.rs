@@ -464,6 +464,7 @@ impl Validated {
             Arc::new(move || ns.get() && pods.get())
         };
         let closing_streams = revocations.clone();
+        let handshake_failures = metrics.tls_handshake_failures.clone();
         let service = CredentialsService {
             pod_wait: args.pod_wait,
             authn,
@@ -474,7 +475,7 @@ impl Validated {
             synced,
             metrics,
         };
-        let incoming = tls_server::incoming(grpc_listener, tls);
+        let incoming = tls_server::incoming(grpc_listener, tls, handshake_failures);
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(CredentialsServer::new(service))

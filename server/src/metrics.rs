@@ -85,6 +85,14 @@ pub struct Metrics {
     pub pods_on_server_nodes: Gauge,
     pub ready: Gauge,
     pub certificate_expiry: ExpiryGauges,
+    /// gRPC connections whose mutual-TLS handshake failed: `refused` (no valid client
+    /// certificate from the CA, say) or `timed_out`.
+    pub tls_handshake_failures: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -116,7 +124,11 @@ impl Metrics {
             pods_on_server_nodes: Gauge::default(),
             ready: Gauge::default(),
             certificate_expiry: ExpiryGauges::default(),
+            tls_handshake_failures: Family::default(),
         };
+        for outcome in ["refused", "timed_out"] {
+            metrics.tls_handshake_failures.get_or_create(&OutcomeLabels { outcome }).inc_by(0);
+        }
         // Every STS result exists from the start at 0, so rate() sees the first failure.
         for result in [StsResult::Success, StsResult::Denied, StsResult::Unavailable] {
             metrics.sts_calls.get_or_create(&StsLabels { result }).inc_by(0);
@@ -173,6 +185,11 @@ impl Metrics {
             "pods_on_server_nodes",
             "Pods outside the exempt namespaces running on server nodes (should be 0)",
             self.pods_on_server_nodes.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "gRPC connections whose mutual-TLS handshake failed, by outcome (refused, timed_out)",
+            self.tls_handshake_failures.clone(),
         );
         register_common(r, &self.ready, &self.certificate_expiry);
         Arc::new(root)

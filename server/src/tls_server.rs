@@ -3,8 +3,11 @@
 //! tasks with a deadline, so a slow or hostile client cannot stall the accept loop; failed accepts
 //! back off (the shared [`accept_with_backoff`]).
 
+use crate::metrics::OutcomeLabels;
 use imdsgate_core::http_server::{Backoff, accept_with_backoff};
 use imdsgate_core::tls::{self, Reloading, TlsError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use std::path::{Path, PathBuf};
@@ -46,6 +49,7 @@ pub fn reloading_config(
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<Reloading<ServerConfig>>,
+    failures: Family<OutcomeLabels, Counter>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -57,15 +61,23 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let tx = tx.clone();
+            let (tx, failures) = (tx.clone(), failures.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let outcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
+                        return;
                     }
-                    Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
+                    Ok(Err(error)) => {
+                        tracing::info!(%peer, %error, "TLS handshake refused");
+                        "refused"
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        "timed_out"
+                    }
+                };
+                failures.get_or_create(&OutcomeLabels { outcome }).inc();
             });
         }
     });
