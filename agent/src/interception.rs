@@ -102,20 +102,25 @@ impl Interception {
             .collect()
     }
 
-    /// Installs (or repairs) the chain and the jumps; safe to run again and again.
-    pub fn install(&self) -> Result<(), IptablesError> {
+    /// Installs (or repairs) the chain and the jumps; safe to run again and again. Says whether it
+    /// changed anything: `false` means the rule was already exactly in place.
+    pub fn install(&self) -> Result<bool, IptablesError> {
         let ipt = iptables::new(self.ipv6).map_err(|e| err("cannot run iptables", e))?;
+        let mut changed = false;
         if !ipt.chain_exists(TABLE, CHAIN).map_err(|e| err("listing chains", e))? {
             ipt.new_chain(TABLE, CHAIN).map_err(|e| err("creating chain", e))?;
+            changed = true;
         }
         // The wanted DNAT rule goes in first; stale ones (another port or address) go after.
         let dnat = self.dnat_rule();
         if !ipt.exists(TABLE, CHAIN, &dnat).map_err(|e| err("checking DNAT rule", e))? {
             ipt.insert(TABLE, CHAIN, &dnat, 1).map_err(|e| err("inserting DNAT rule", e))?;
+            changed = true;
         }
         for rule in rules_of(&ipt, CHAIN)? {
             if rule != dnat {
                 ipt.delete(TABLE, CHAIN, &rule).map_err(|e| err("removing stale DNAT rule", e))?;
+                changed = true;
             }
         }
         // The jumps must be the first rules of PREROUTING, in order; extra jumps are removed.
@@ -125,39 +130,14 @@ impl Interception {
             for rule in wanted.iter().rev() {
                 ipt.insert(TABLE, "PREROUTING", rule, 1).map_err(|e| err("inserting jump", e))?;
             }
+            changed = true;
         }
-        remove_jumps(&ipt, wanted.len())
+        Ok(remove_jumps(&ipt, wanted.len())? > 0 || changed)
     }
 
     /// `ipv4` or `ipv6`: the metric label of this rule.
     pub fn family(&self) -> &'static str {
         if self.ipv6 { "ipv6" } else { "ipv4" }
-    }
-
-    /// Whether the chain, its one DNAT rule and the jumps at the top of PREROUTING are exactly what
-    /// [`Self::install`] leaves, with no other jump to the chain.
-    pub fn in_place(&self) -> Result<bool, IptablesError> {
-        let ipt = iptables::new(self.ipv6).map_err(|e| err("cannot run iptables", e))?;
-        if !ipt.chain_exists(TABLE, CHAIN).map_err(|e| err("listing chains", e))? {
-            return Ok(false);
-        }
-        if rules_of(&ipt, CHAIN)? != [self.dnat_rule()] {
-            return Ok(false);
-        }
-        let wanted = self.jump_rules();
-        let current = rules_of(&ipt, "PREROUTING")?;
-        let target = format!("-j {CHAIN}");
-        let jumps = current.iter().filter(|r| r.ends_with(&target)).count();
-        Ok(jumps == wanted.len() && current.iter().take(wanted.len()).eq(wanted.iter()))
-    }
-
-    /// Puts the rule back if it is not in place; says whether it had to.
-    fn repair(&self) -> Result<bool, IptablesError> {
-        if self.in_place()? {
-            return Ok(false);
-        }
-        self.install()?;
-        Ok(true)
     }
 
     /// Removes the jumps and the chain (`imdsgate-agent iptables uninstall`).
@@ -184,7 +164,7 @@ pub async fn keep(rules: Vec<Interception>, metrics: Metrics, every: Duration) {
         for rule in &rules {
             let labels = FamilyLabels { family: rule.family() };
             let checked = rule.clone();
-            let present = match tokio::task::spawn_blocking(move || checked.repair()).await {
+            let present = match tokio::task::spawn_blocking(move || checked.install()).await {
                 Ok(Ok(false)) => true,
                 Ok(Ok(true)) => {
                     metrics.rule_repairs.get_or_create(&labels).inc();
@@ -233,10 +213,11 @@ fn rules_of(ipt: &iptables::IPTables, chain: &str) -> Result<Vec<String>, Iptabl
 }
 
 /// Deletes every PREROUTING jump to the chain after the first `keep` rules, by position from the
-/// bottom so positions stay valid.
-fn remove_jumps(ipt: &iptables::IPTables, keep: usize) -> Result<(), IptablesError> {
+/// bottom so positions stay valid; returns how many it deleted.
+fn remove_jumps(ipt: &iptables::IPTables, keep: usize) -> Result<usize, IptablesError> {
     let rules = rules_of(ipt, "PREROUTING")?;
     let target = format!("-j {CHAIN}");
+    let mut removed = 0;
     for (index, rule) in rules.iter().enumerate().rev() {
         if index >= keep && rule.ends_with(&target) {
             let position = (index + 1).to_string();
@@ -249,9 +230,10 @@ fn remove_jumps(ipt: &iptables::IPTables, keep: usize) -> Result<(), IptablesErr
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 #[cfg(test)]
