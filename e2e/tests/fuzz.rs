@@ -782,22 +782,6 @@ fn must_be_refused(r: &Value) -> Option<&'static str> {
     }
 }
 
-/// A TLS client for the webhook that trusts the bed's CA.
-fn webhook_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// One HTTP request over a fresh TLS connection: (status, body); status 0 when nothing came back.
 async fn webhook_call(
     connector: &tokio_rustls::TlsConnector,
@@ -935,7 +919,7 @@ async fn webhook_fuzzing_never_panics_and_never_admits_what_it_must_refuse() {
     bed.cluster.create_labelled_node(SERVER_NODE, &[("imdsgate.io/server-node", "true")]).await.unwrap();
     bed.cluster.create_namespace(LOCKED, &[]).await.unwrap();
     let addr = bed.webhook.unwrap();
-    let connector = Arc::new(webhook_connector(&bed.pki.ca.cert_pem()));
+    let connector = Arc::new(imdsgate_e2e::components::tls_connector(&bed.pki.ca.cert_pem()));
     let server_pid = bed.server.child.id();
     let rss_before = rss_kib(server_pid);
 

@@ -10,7 +10,6 @@ use imdsgate_e2e::tools::workspace_bin;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,18 +71,8 @@ fn closed_after(v: &Value) -> Vec<u64> {
 
 /// One AdmissionReview POSTed over TLS from 127.0.0.1; returns the status and body.
 async fn review(webhook: SocketAddr, ca_pem: &str) -> (u16, String) {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    use rustls::pki_types::ServerName;
+    let connector = imdsgate_e2e::components::tls_connector(ca_pem);
     let tcp = tokio::net::TcpStream::connect(webhook).await.unwrap();
     let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     let body = serde_json::json!({
