@@ -9,6 +9,7 @@
 //! credentials are asked of every server replica and served only if all agree, so a replica whose
 //! watch lags behind the one that revoked cannot hand the revoked credentials straight back.
 
+use crate::credential_document::credentials_json;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
@@ -38,14 +39,14 @@ pub struct CachedCreds {
 
 impl CachedCreds {
     pub fn new(creds: Creds) -> CachedCreds {
-        let document = crate::imds::credentials_json(&creds, false).into();
+        let document = credentials_json(&creds, false).into();
         CachedCreds { creds, document, extended: std::sync::OnceLock::new() }
     }
 
     /// The `security-credentials` document, or with `AccountId` for `-extended`.
     pub fn document(&self, extended: bool) -> bytes::Bytes {
         if extended {
-            self.extended.get_or_init(|| crate::imds::credentials_json(&self.creds, true).into()).clone()
+            self.extended.get_or_init(|| credentials_json(&self.creds, true).into()).clone()
         } else {
             self.document.clone()
         }

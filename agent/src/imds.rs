@@ -3,7 +3,8 @@
 //! source IP; a request never gets another pod's credentials or the node's role. Every refusal is
 //! an [`ImdsError`], turned into an HTTP status in one place ([`ImdsError::status`]).
 
-use crate::credential_cache::{CachedCreds, CredentialCache, Creds, ServerError};
+use crate::credential_cache::{CachedCreds, CredentialCache, ServerError};
+use crate::credential_document::info_json;
 use crate::metrics::{
     Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
 };
@@ -14,7 +15,6 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
-use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -371,49 +371,6 @@ fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
         return Err(ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)));
     }
     Ok(name)
-}
-
-fn utc(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t).map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
-}
-
-fn quoted(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// The credentials document exactly as IMDS writes it.
-pub fn credentials_json(c: &Creds, extended: bool) -> String {
-    let mut fields = vec![
-        ("Code", quoted("Success")),
-        ("LastUpdated", quoted(&utc(c.issued_at))),
-        ("Type", quoted("AWS-HMAC")),
-        ("AccessKeyId", quoted(&c.access_key_id)),
-        ("SecretAccessKey", quoted(&c.secret_access_key)),
-        ("Token", quoted(&c.session_token)),
-        ("Expiration", quoted(&utc(c.expiration))),
-    ];
-    if extended {
-        fields.push(("AccountId", quoted(&c.account_id)));
-    }
-    document(&fields)
-}
-
-/// `iam/info` describing the pod's role as if it were an instance profile.
-pub fn info_json(c: &Creds) -> String {
-    let profile_arn = c.role_arn.replacen(":role/", ":instance-profile/", 1);
-    let digest = Sha256::digest(c.role_arn.as_bytes());
-    let profile_id = format!("AIPA{}", hex::encode_upper(&digest[..8]));
-    document(&[
-        ("Code", quoted("Success")),
-        ("LastUpdated", quoted(&utc(c.issued_at))),
-        ("InstanceProfileArn", quoted(&profile_arn)),
-        ("InstanceProfileId", quoted(&profile_id)),
-    ])
-}
-
-fn document(fields: &[(&str, String)]) -> String {
-    let body: Vec<String> = fields.iter().map(|(k, v)| format!("  \"{k}\" : {v}")).collect();
-    format!("{{\n{}\n}}", body.join(",\n"))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

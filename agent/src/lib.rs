@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod credential_cache;
+pub mod credential_document;
 pub mod imds;
 pub mod interception;
 pub mod listener;
@@ -20,9 +21,10 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
+use imdsgate_core::common_args::CommonArgs;
 use imdsgate_core::http_server::Budget;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, parse_duration};
+use imdsgate_core::process::{bad_config, init_logging, parse_args, parse_duration};
 use imdsgate_core::watch::{self, Synced, Update};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -148,10 +150,6 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_IDENTITY_TOKEN_FILE", default_value = "/var/run/secrets/imdsgate/token")]
     pub identity_token_file: PathBuf,
 
-    /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
-    #[arg(long, env = "IMDSGATE_KUBECONFIG", global = true)]
-    pub kubeconfig: Option<PathBuf>,
-
     /// Most IMDS requests from this node's pods served at once; more get 503 (SDKs retry).
     #[arg(long, env = "IMDSGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
@@ -171,9 +169,9 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_RULE_CHECK_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub rule_check_interval: Duration,
 
-    /// Log format.
-    #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    // --kubeconfig and --log-format, declared once for both binaries.
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// How long SIGTERM waits for in-flight requests. The iptables rule stays.
     #[arg(long, env = "IMDSGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -230,7 +228,7 @@ impl Args {
             Ok(args) => args,
             Err(code) => return code,
         };
-        init_logging(args.log_format);
+        init_logging(args.common.log_format);
         match &args.command {
             Some(Command::Iptables { action: IptablesAction::Uninstall { after_agent_exit } }) => {
                 let admin = SocketAddr::from(([127, 0, 0, 1], args.admin_listen.port()));
@@ -243,7 +241,8 @@ impl Args {
                 });
             }
             Some(Command::WaitDaemonset { daemonset, timeout }) => {
-                let (kubeconfig, target, timeout) = (args.kubeconfig.clone(), daemonset.clone(), *timeout);
+                let (kubeconfig, target, timeout) =
+                    (args.common.kubeconfig.clone(), daemonset.clone(), *timeout);
                 return imdsgate_core::process::run_to_exit("imdsgate-agent", async move {
                     Ok::<_, String>(uninstall::wait_daemonset(kubeconfig.as_deref(), &target, timeout).await)
                 });
@@ -388,7 +387,7 @@ impl Validated {
             Ok(key) => key,
             Err(error) => return Ok(bad_config(error)),
         };
-        let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
+        let client = match imdsgate_core::process::kube_client(args.common.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
         };

@@ -1,10 +1,11 @@
 //! What the imdsgate agent and server share: the pod index and the watch driver that feeds it, the
 //! admin HTTP endpoint, the hardened HTTP server behind every listener, TLS files with reload,
-//! logging, shutdown and start-up errors.
+//! logging, shutdown and start-up errors, and the flags both binaries take alike.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cert_expiry;
+pub mod common_args;
 pub mod events;
 pub mod http_server;
 pub mod pod_index;

@@ -25,8 +25,9 @@ use anyhow::{Context, anyhow};
 use clap::Parser;
 use futures::StreamExt;
 use imdsgate_core::admin::Admin;
+use imdsgate_core::common_args::CommonArgs;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::process::{LogFormat, bad_config, init_logging, parse_args, parse_duration};
+use imdsgate_core::process::{bad_config, init_logging, parse_args, parse_duration};
 use imdsgate_core::watch::{self, Synced, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::v1::credentials_server::CredentialsServer;
@@ -61,10 +62,6 @@ const CERT_EXPIRY_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Parser)]
 #[command(name = "imdsgate-server", version)]
 pub struct Args {
-    /// Kubeconfig file; by default the in-cluster ServiceAccount, then $KUBECONFIG.
-    #[arg(long, env = "IMDSGATE_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-
     /// Address of the gRPC (mutual TLS) listener for agents.
     #[arg(long, env = "IMDSGATE_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
@@ -134,9 +131,9 @@ pub struct Args {
     #[arg(long, env = "IMDSGATE_ALLOW_UNBOUND_AGENTS")]
     pub allow_unbound_agents: bool,
 
-    /// Log format.
-    #[arg(long, env = "IMDSGATE_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    // --kubeconfig and --log-format, declared once for both binaries.
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, env = "IMDSGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
@@ -268,7 +265,7 @@ impl Args {
             Ok(args) => args,
             Err(code) => return code,
         };
-        init_logging(args.log_format);
+        init_logging(args.common.log_format);
         let validated = match args.validate() {
             Ok(v) => v,
             Err(error) => return bad_config(format!("{error:#}")),
@@ -323,7 +320,7 @@ impl Args {
 impl Validated {
     async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, mut base_arn, server_node_labels, tls, webhook } = self;
-        let client = match imdsgate_core::process::kube_client(args.kubeconfig.as_deref()).await {
+        let client = match imdsgate_core::process::kube_client(args.common.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
         };
