@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Builds the pinned kube-apiserver, kubectl and etcd from the Go module proxy into a cache outside the
 # clone and prints the directory holding them as its last line. A warm call only checks the cache.
+# `k8s-bins.sh cluster` also builds what a real cluster runs: kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy and CoreDNS (scripts/cluster.sh).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
 . "$here/versions.sh"
 
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/imdsgate/k8s/${K8S_VERSION}-etcd-${ETCD_VERSION}
-bins=(kube-apiserver kubectl etcd)
+k8s_cmds=(kube-apiserver kubectl)
+if [ "${1:-}" = cluster ]; then
+  k8s_cmds+=(kube-controller-manager kube-scheduler kubelet kube-proxy)
+  bins=("${k8s_cmds[@]}" etcd coredns)
+else
+  bins=("${k8s_cmds[@]}" etcd)
+fi
 
 have_all() {
   for b in "${bins[@]}"; do [ -x "$cache/$b" ] || return 1; done
@@ -25,7 +33,7 @@ trap 'rm -rf "$work"' EXIT
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
 build_k8s() {
-  echo "k8s-bins: building kube-apiserver and kubectl $K8S_VERSION (first run only; several minutes)" >&2
+  echo "k8s-bins: building ${k8s_cmds[*]} $K8S_VERSION (first run only; several minutes)" >&2
   local mod="$work/k8s"
   mkdir -p "$mod"
   cd "$mod"
@@ -40,20 +48,15 @@ build_k8s() {
       echo "replace $m => $m $staging_version"
     done
   } >>go.mod
-  cat >tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for c in "${k8s_cmds[@]}"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+    printf ')\n'
+  } >tools.go
   go mod tidy >"$work/k8s-tidy.log" 2>&1 || { tail -30 "$work/k8s-tidy.log" >&2; echo "k8s-bins: go mod tidy for kubernetes failed" >&2; exit 1; }
   go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${K8S_VERSION#v1.}" \
-    -o "$cache/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
-    >"$work/k8s-build.log" 2>&1 || { tail -30 "$work/k8s-build.log" >&2; echo "k8s-bins: building kube-apiserver failed" >&2; exit 1; }
+    -o "$cache/" "${k8s_cmds[@]/#/k8s.io/kubernetes/cmd/}" \
+    >"$work/k8s-build.log" 2>&1 || { tail -30 "$work/k8s-build.log" >&2; echo "k8s-bins: building ${k8s_cmds[*]} failed" >&2; exit 1; }
 }
 
 build_etcd() {
@@ -75,7 +78,23 @@ GO
     >"$work/etcd-build.log" 2>&1 || { tail -30 "$work/etcd-build.log" >&2; echo "k8s-bins: building etcd failed" >&2; exit 1; }
 }
 
+build_coredns() {
+  echo "k8s-bins: building coredns $COREDNS_VERSION (first run only)" >&2
+  local mod="$work/coredns"
+  mkdir -p "$mod"
+  cd "$mod"
+  go mod init imdsgate.local/corednsbin >/dev/null 2>&1
+  echo "require github.com/coredns/coredns $COREDNS_VERSION" >>go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' >tools.go
+  go mod tidy >"$work/coredns-tidy.log" 2>&1 || { tail -30 "$work/coredns-tidy.log" >&2; echo "k8s-bins: go mod tidy for coredns failed" >&2; exit 1; }
+  go build -trimpath -ldflags "-s -w" -o "$cache/coredns" github.com/coredns/coredns \
+    >"$work/coredns-build.log" 2>&1 || { tail -30 "$work/coredns-build.log" >&2; echo "k8s-bins: building coredns failed" >&2; exit 1; }
+}
+
 [ -x "$cache/etcd" ] || build_etcd
-{ [ -x "$cache/kube-apiserver" ] && [ -x "$cache/kubectl" ]; } || build_k8s
+for c in "${k8s_cmds[@]}"; do
+  [ -x "$cache/$c" ] || { build_k8s; break; }
+done
+if [ "${1:-}" = cluster ] && [ ! -x "$cache/coredns" ]; then build_coredns; fi
 have_all || { echo "k8s-bins: binaries missing in $cache after build" >&2; exit 1; }
 echo "$cache"

@@ -2,7 +2,8 @@
 # Installs what the test bed needs on a fresh machine, idempotently:
 #   apt   Debian packages (iptables, iproute2, socat, procps, openssl, curl)
 #   venv  the project's Python virtualenv (.venv) with the pinned moto[server] and aws CLI
-#   k8s   the pinned kube-apiserver, kubectl and etcd (scripts/k8s-bins.sh)
+#   k8s   the pinned kube-apiserver, kubectl and etcd (scripts/k8s-bins.sh); `all` also builds
+#         what the real cluster runs (kubelet, kube-proxy, scheduler, controller-manager, CoreDNS)
 #   tools the pinned helm, prometheus and promtool (scripts/tool-bins.sh)
 # With no argument (or `all`) it does all four and prints the Kubernetes binaries' directory and
 # then the tools' directory as the last two lines of stdout (everything else goes to stderr). A
@@ -40,7 +41,7 @@ setup_venv() {
 }
 
 setup_k8s() {
-  "$here/k8s-bins.sh" | tail -n 1
+  "$here/k8s-bins.sh" "$@" | tail -n 1
 }
 
 setup_tools() {
@@ -53,6 +54,6 @@ case "${1:-all}" in
   k8s) setup_k8s ;;
   tools) setup_tools ;;
   base) setup_apt; setup_venv; setup_k8s ;;
-  all) setup_apt; setup_venv; setup_k8s; setup_tools ;;
+  all) setup_apt; setup_venv; setup_k8s cluster; setup_tools ;;
   *) echo "usage: scripts/setup.sh [apt|venv|k8s|tools|base|all]" >&2; exit 64 ;;
 esac

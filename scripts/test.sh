@@ -15,6 +15,10 @@ cleanup_leftovers() {
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
   done
+  local d
+  for d in /tmp/imdsgate-e2e-realcluster-*; do
+    [ -d "$d" ] && bash "$here/cluster.sh" down --dir "$d" >&2 || true
+  done
 }
 
 start=$(date +%s)
