@@ -1,12 +1,14 @@
 //! The server on real parts: its own process with the shipped RBAC on a real apiserver, moto as
 //! STS, and a tonic client with a test CA standing in for agents.
 
-use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, install_rbac};
+use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, http_get, install_rbac};
+use imdsgate_e2e::process::free_port;
 use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
 use imdsgate_proto::Reason;
 use imdsgate_proto::v1::credentials_client::CredentialsClient;
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
 use k8s_openapi::api::core::v1::Pod;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -23,6 +25,12 @@ struct Bed {
 
 impl Bed {
     async fn start(server_args: &[&str]) -> Bed {
+        Bed::start_with(server_args, None, None).await
+    }
+
+    /// [`Bed::start`] with the server's STS at `sts_endpoint` instead of moto, and its admission
+    /// webhook on `webhook_port` (off when None).
+    async fn start_with(server_args: &[&str], sts_endpoint: Option<&str>, webhook_port: Option<u16>) -> Bed {
         let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
         let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
         install_rbac(&cluster).expect("shipped RBAC applies");
@@ -69,8 +77,17 @@ impl Bed {
             cluster.set_pod_status(ns, name, &[ip], "Running").await.unwrap();
         }
         let pki = Pki::new().unwrap();
-        let server =
-            ServerProcess::start(&cluster, &sts, &pki.files(), server_args).await.expect("server starts");
+        let tls = pki.files();
+        let mut args: Vec<String> = server_args.iter().map(|a| a.to_string()).collect();
+        if let Some(port) = webhook_port {
+            args.push(format!("--webhook-listen=127.0.0.1:{port}"));
+            args.push(format!("--webhook-tls-cert={}", tls.server_cert.display()));
+            args.push(format!("--webhook-tls-key={}", tls.server_key.display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = ServerProcess::start_at(&cluster, sts_endpoint.unwrap_or(sts.endpoint()), &tls, &args)
+            .await
+            .expect("server starts");
         Bed { cluster, sts, pki, server, token_a }
     }
 
@@ -127,6 +144,75 @@ impl Bed {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The webhook's answer (the AdmissionReview's `response`) for a pod in `namespace`, POSTed over
+/// TLS as the apiserver would.
+async fn review(
+    webhook: SocketAddr,
+    ca_pem: &str,
+    namespace: &str,
+    pod: serde_json::Value,
+) -> serde_json::Value {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = imdsgate_e2e::components::tls_connector(ca_pem);
+    let tcp = tokio::net::TcpStream::connect(webhook).await.expect("the webhook listens");
+    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let body = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "server-review-1",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "name": "p",
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": { "username": "tester" },
+            "object": pod,
+            "dryRun": false
+        }
+    })
+    .to_string();
+    let request = format!(
+        "POST /validate/pods HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await.expect("an answer");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let (_, json) = text.split_once("\r\n\r\n").expect("a body");
+    serde_json::from_str::<serde_json::Value>(json).expect("an AdmissionReview")["response"].clone()
+}
+
+/// A pod manifest for [`review`].
+fn pod_manifest(role: Option<&str>, host_network: bool) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "p", "annotations": role.map(|r| serde_json::json!({ "iam.amazonaws.com/role": r })) },
+        "spec": { "hostNetwork": host_network, "containers": [{ "name": "c", "image": "registry.invalid/app:1" }] }
+    })
+}
+
+/// Forwards every connection to 127.0.0.1:`listen` on to 127.0.0.1:`upstream` (STS coming back).
+async fn relay(listen: u16, upstream: u16) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen)).await.expect("the STS port is free");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
 }
 
 fn denied(result: Result<GetCredentialsResponse, tonic::Status>) -> (tonic::Code, Option<Reason>) {
@@ -345,11 +431,110 @@ async fn autodetected_base_arn_intermediate_role_and_session_tags() {
         "--cluster-name=prod",
     ])
     .await;
+    // Detected at start, normally before the first request; ready does not wait for it.
+    bed.wait_metric_at_least("imdsgate_server_aws_identity_ready", 1.0).await;
     let web = bed.uid("team-a", "web").await;
     let creds =
         bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials through the intermediate role");
     assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
     assert_eq!(bed.caller_arn(&creds).await, "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web");
+}
+
+#[tokio::test]
+async fn a_server_whose_own_aws_credentials_fail_stays_up_and_ready_and_serves_once_they_work() {
+    if !e2e_enabled("a_server_whose_own_aws_credentials_fail_stays_up_and_ready_and_serves_once_they_work") {
+        return;
+    }
+    // The server cannot reach STS with its own credentials (as a server pod that cannot reach
+    // its node's metadata service at hop limit 1): nothing listens on its STS port yet.
+    let sts_port = free_port().unwrap();
+    let webhook_port = free_port().unwrap();
+    let webhook: SocketAddr = ([127, 0, 0, 1], webhook_port).into();
+    let mut bed = Bed::start_with(
+        &["--role-base-arn-autodetect"],
+        Some(&format!("http://127.0.0.1:{sts_port}")),
+        Some(webhook_port),
+    )
+    .await;
+    let ca = bed.pki.ca.cert_pem();
+    let identity = "imdsgate_server_aws_identity_ready";
+
+    // Up and ready (its watches synced) all the same: the webhook must answer.
+    bed.server.wait_ready(Duration::from_secs(1)).await.expect("ready without AWS credentials");
+    let r = review(webhook, &ca, "team-a", pod_manifest(None, false)).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    let r = review(webhook, &ca, "team-a", pod_manifest(None, true)).await;
+    assert_eq!(r["allowed"], false, "placement is still enforced: {r}");
+    // A role name cannot be checked without the base: admitted, with a warning saying why.
+    let r = review(webhook, &ca, "team-a", pod_manifest(Some("app-reader"), false)).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert!(
+        r["warnings"][0].as_str().unwrap_or_default().contains("has not yet determined its role base ARN"),
+        "{r}"
+    );
+
+    // Each failed attempt is logged as an error, with the cause and what to do, and retried
+    // (1 s, 2 s, 4 s… at most a minute apart) while the process stays up.
+    let failure = "cannot determine its role base ARN";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = std::fs::read_to_string(bed.server.child.log_path()).unwrap_or_default();
+        if log.lines().filter(|l| l.contains(failure)).count() >= 2 {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no second failed attempt logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let logged = log.lines().find(|l| l.contains(failure)).unwrap();
+    assert!(
+        logged.contains("ERROR")
+            && logged.contains("Connection refused")
+            && logged.contains("IRSA")
+            && logged.contains("hop limit of 2 on the server node group")
+            && logged.contains("hostNetwork"),
+        "{logged}"
+    );
+    bed.server.child.check_running().expect("still running");
+    bed.server.wait_ready(Duration::from_secs(1)).await.expect("still ready");
+
+    // Pods get nothing, fail closed, and are told why (their agent retries on UNAVAILABLE).
+    let web = bed.uid("team-a", "web").await;
+    let status = bed.ask("10.1.0.10", &web, "app-reader").await.expect_err("no credentials without the base");
+    assert_eq!(
+        (status.code(), Reason::of(&status)),
+        (tonic::Code::Unavailable, Some(Reason::StsUnavailable))
+    );
+    let message = status.message();
+    assert!(
+        message.starts_with(
+            "the server has not yet determined its role base ARN because its own AWS credentials failed: \
+             GetCallerIdentity failed: "
+        ) && message.contains("Connection refused"),
+        "{message}"
+    );
+    let exposed = http_get(bed.server.admin, "/metrics").await.unwrap().1;
+    assert!(exposed.lines().any(|l| l == format!("{identity} 0")), "{identity} is 0");
+
+    // STS becomes reachable: the next attempt (backoff below a minute) detects the base.
+    let relay = relay(sts_port, bed.sts.port()).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while bed.server.metric(identity).await.unwrap() < 1.0 {
+        assert!(Instant::now() < deadline, "the base was never detected; log:\n{}", bed.server.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(bed.server.child.log_path()).unwrap_or_default();
+    assert!(log.contains("role base ARN detected"), "{log}");
+    let creds = bed.ask("10.1.0.10", &web, "app-reader").await.expect("credentials once the base is known");
+    assert_eq!(creds.role_arn, "arn:aws:iam::123456789012:role/app-reader");
+    let r = review(webhook, &ca, "team-a", pod_manifest(Some("app-reader"), false)).await;
+    assert_eq!(
+        (r["allowed"].clone(), r["warnings"].clone()),
+        (serde_json::json!(true), serde_json::Value::Null),
+        "{r}"
+    );
+    let r = review(webhook, &ca, "team-a", pod_manifest(Some("admin"), false)).await;
+    assert_eq!(r["allowed"], false, "roles are checked again: {r}");
+    relay.abort();
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 //! code the server uses at request time, and session-name overrides that STS would not take as
 //! written. Every denial says exactly what to change.
 
-use crate::authorizer::Authorizer;
+use crate::authorizer::{Authorizer, Denial};
 use imdsgate_core::pod_index::annotation;
 use k8s_openapi::api::core::v1::{Affinity, Binding, Namespace, Node, Pod, Toleration};
 use kube::api::DynamicObject;
@@ -52,6 +52,10 @@ pub enum Verdict {
     Allow,
     Exempt,
     Deny(DenyReason, String),
+    /// Admitted with a warning: the role check needs the base ARN, which the server has not
+    /// detected yet (its own AWS credentials fail). Refusing would block every such pod for as
+    /// long; the server still refuses the role at request time, once it can decide.
+    RoleUnchecked(String),
 }
 
 /// A taint as `--server-node-taint` names it: `key[=value]:Effect`.
@@ -233,6 +237,7 @@ impl Admission {
         let (decision, reason) = match &verdict {
             Verdict::Allow => ("allowed", "permitted"),
             Verdict::Exempt => ("allowed", "exempt_namespace"),
+            Verdict::RoleUnchecked(_) => ("allowed", "role_unchecked"),
             Verdict::Deny(reason, _) if warn_only => ("warned", reason.as_str()),
             Verdict::Deny(reason, _) => ("denied", reason.as_str()),
         };
@@ -246,6 +251,11 @@ impl Admission {
         tracing::info!(namespace, pod = name, ?operation, decision, reason, "admission");
         match verdict {
             Verdict::Allow | Verdict::Exempt => response.into_review(),
+            Verdict::RoleUnchecked(message) => {
+                let mut response = response;
+                response.warnings = Some(vec![format!("imdsgate: {message}")]);
+                response.into_review()
+            }
             Verdict::Deny(_, message) if warn_only => {
                 let mut response = response;
                 response.warnings =
@@ -330,23 +340,28 @@ impl Admission {
         let role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION)
             .filter(|_| !unchanged(imdsgate_core::pod_index::ROLE_ANNOTATION));
         if let Some(annotation) = role {
-            let resolved = match crate::role::resolve(annotation, self.authorizer.base_arn.as_ref()) {
+            let resolved = match self.authorizer.resolve_role(annotation) {
                 Ok(arn) => arn,
-                Err(e) => {
+                Err(Denial::RoleInvalid(e)) => {
                     return Verdict::Deny(
                         DenyReason::RoleNotPermitted,
                         format!("annotation iam.amazonaws.com/role: {e}"),
                     );
                 }
+                Err(other) => return unchecked(annotation, &other),
             };
             let policy = self.namespace_policy(namespace).await;
-            if let Err(why) = policy.check(&resolved, self.authorizer.base_arn.as_ref()) {
-                return Verdict::Deny(
-                    DenyReason::RoleNotPermitted,
-                    format!(
-                        "namespace {namespace} does not permit role {resolved}: {why}. Change the pod's iam.amazonaws.com/role, or the namespace's iam.amazonaws.com/permitted annotation."
-                    ),
-                );
+            match self.authorizer.check_policy(namespace, &policy, &resolved) {
+                Ok(()) => {}
+                Err(Denial::NamespaceForbids { why, .. }) => {
+                    return Verdict::Deny(
+                        DenyReason::RoleNotPermitted,
+                        format!(
+                            "namespace {namespace} does not permit role {resolved}: {why}. Change the pod's iam.amazonaws.com/role, or the namespace's iam.amazonaws.com/permitted annotation."
+                        ),
+                    );
+                }
+                Err(other) => return unchecked(annotation, &other),
             }
         }
         Verdict::Allow
@@ -384,6 +399,13 @@ impl Admission {
             }
         }
     }
+}
+
+/// The verdict on a role the server cannot check yet ([`Denial::BaseArnUnknown`]).
+fn unchecked(annotation: &str, why: &Denial) -> Verdict {
+    Verdict::RoleUnchecked(format!(
+        "iam.amazonaws.com/role {annotation:?} was not checked: {why}. The pod is admitted; the server refuses its credentials until it can check the role."
+    ))
 }
 
 /// Whether a node with `labels` is a server node.
@@ -759,7 +781,9 @@ mod review_tests {
             authorizer: Arc::new(Authorizer {
                 pods: Arc::new(PodIndex::new()),
                 namespaces,
-                base_arn: Some(crate::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+                base_arn: crate::role::RoleBase::fixed(Some(
+                    crate::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap(),
+                )),
                 tags: TagConfig::default(),
             }),
             client: None,
@@ -886,6 +910,57 @@ mod review_tests {
             reason: "role_not_permitted".into(),
         };
         assert_eq!(a.metrics.admissions.get_or_create(&warned).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn roles_that_need_an_undetected_base_arn_are_admitted_with_a_warning() {
+        let mut a = admission();
+        let authorizer = Authorizer {
+            pods: a.authorizer.pods.clone(),
+            namespaces: a.authorizer.namespaces.clone(),
+            base_arn: crate::role::RoleBase::detecting(),
+            tags: TagConfig::default(),
+        };
+        authorizer.base_arn.failed("GetCallerIdentity failed: no credentials".into());
+        a.authorizer = Arc::new(authorizer);
+        let pod = |role: &str| {
+            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p", "annotations": { "iam.amazonaws.com/role": role } },
+                    "spec": { "containers": [{ "name": "c", "image": "i" }] } })
+        };
+        // A name needs the base: not checked, admitted, and said so.
+        let r = response(&a.review(&review_body("Pod", "team", pod("admin"))).await.unwrap());
+        assert_eq!(r["allowed"], true, "{r}");
+        let warning = r["warnings"][0].as_str().unwrap();
+        assert!(
+            warning.contains("\"admin\" was not checked")
+                && warning.contains("has not yet determined its role base ARN")
+                && warning.contains("no credentials"),
+            "{warning}"
+        );
+        let unchecked =
+            crate::metrics::AdmissionLabels { decision: "allowed".into(), reason: "role_unchecked".into() };
+        assert_eq!(a.metrics.admissions.get_or_create(&unchecked).get(), 1);
+        // What needs no base is still decided: a full ARN the namespace does not permit.
+        let r = response(
+            &a.review(&review_body("Pod", "team", pod("arn:aws:iam::123456789012:role/admin")))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r["allowed"], false, "{r}");
+        // Once detected, names are checked again.
+        assert!(
+            a.authorizer
+                .base_arn
+                .detected(crate::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())
+        );
+        let r = response(&a.review(&review_body("Pod", "team", pod("admin"))).await.unwrap());
+        assert_eq!(r["allowed"], false, "{r}");
+        let r = response(&a.review(&review_body("Pod", "team", pod("app-reader"))).await.unwrap());
+        assert_eq!(
+            (r["allowed"].clone(), r["warnings"].clone()),
+            (json!(true), serde_json::Value::Null),
+            "{r}"
+        );
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 use crate::agent_auth::{AgentIdentity, AuthError};
 use crate::credential_cache::StsError;
 use crate::namespace_index::NamespaceIndex;
-use crate::role::{self, BaseArn, RoleError};
+use crate::policy::NamespacePolicy;
+use crate::role::{self, BasePending, RoleArn, RoleBase, RoleError};
 use crate::session::{SessionKey, TagConfig};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
@@ -36,6 +37,9 @@ pub enum Denial {
     NamespaceForbids { namespace: String, role: String, why: String },
     #[error("{0}")]
     Sts(#[from] StsError),
+    /// `--role-base-arn-autodetect` has not succeeded yet, and the answer depends on the base.
+    #[error("the server has not yet determined its role base ARN {0}")]
+    BaseArnUnknown(BasePending),
 }
 
 /// The longest refusal text sent back to an agent, in bytes.
@@ -56,7 +60,9 @@ impl Denial {
             Denial::NamespaceForbids { .. } => Reason::NamespaceForbids,
             Denial::SessionNameInvalid { .. } => Reason::SessionNameInvalid,
             Denial::Sts(StsError::Denied(_)) => Reason::StsDenied,
-            Denial::Sts(StsError::Unavailable(_) | StsError::Deferred) => Reason::StsUnavailable,
+            Denial::Sts(StsError::Unavailable(_) | StsError::Deferred) | Denial::BaseArnUnknown(_) => {
+                Reason::StsUnavailable
+            }
         }
     }
 
@@ -115,7 +121,9 @@ pub type Decision = Result<(Arc<PodInfo>, SessionKey), Refusal>;
 pub struct Authorizer {
     pub pods: Arc<PodIndex>,
     pub namespaces: Arc<NamespaceIndex>,
-    pub base_arn: Option<BaseArn>,
+    /// Joined to role names; with autodetection it may not be known yet, and what depends on it
+    /// is then refused with [`Denial::BaseArnUnknown`] (fail closed, and retried by the agent).
+    pub base_arn: RoleBase,
     pub tags: TagConfig,
 }
 
@@ -158,10 +166,8 @@ impl Authorizer {
             .role
             .as_deref()
             .ok_or_else(|| Denial::NoRole { namespace: pod.namespace.clone(), pod: pod.name.clone() })?;
-        let role = role::resolve(annotation, self.base_arn.as_ref())?;
-        self.namespaces.policy(&pod.namespace).check(&role, self.base_arn.as_ref()).map_err(|why| {
-            Denial::NamespaceForbids { namespace: pod.namespace.clone(), role: role.to_string(), why }
-        })?;
+        let role = self.resolve_role(annotation)?;
+        self.check_policy(&pod.namespace, &self.namespaces.policy(&pod.namespace), &role)?;
         // The webhook refuses such pods; pods it never saw (exempt, or older) are refused here.
         if let Some(chosen) = &pod.session_name {
             crate::session::check_override(&pod.namespace, chosen)
@@ -169,12 +175,48 @@ impl Authorizer {
         }
         Ok(SessionKey::for_pod(pod, role, &self.tags))
     }
+
+    /// A role annotation's ARN (the server's and the webhook's resolution). A name needs the base
+    /// ARN: while autodetection has not found it, [`Denial::BaseArnUnknown`].
+    pub fn resolve_role(&self, annotation: &str) -> Result<RoleArn, Denial> {
+        match role::resolve(annotation, self.base_arn.get()) {
+            Ok(role) => Ok(role),
+            Err(RoleError::NoBaseArn(name)) => Err(match self.base_arn.unknown_because() {
+                Some(cause) => Denial::BaseArnUnknown(cause),
+                None => Denial::RoleInvalid(RoleError::NoBaseArn(name)),
+            }),
+            Err(e) => Err(Denial::RoleInvalid(e)),
+        }
+    }
+
+    /// Whether `policy`, `namespace`'s, permits `role`. A refusal that a name glob (relative to
+    /// the base ARN) could have turned into a permission is [`Denial::BaseArnUnknown`] while
+    /// autodetection has not found the base.
+    pub fn check_policy(
+        &self,
+        namespace: &str,
+        policy: &NamespacePolicy,
+        role: &RoleArn,
+    ) -> Result<(), Denial> {
+        let base = self.base_arn.get();
+        policy.check(role, base).map_err(|why| {
+            let undecided =
+                if base.is_none() && policy.uses_base() { self.base_arn.unknown_because() } else { None };
+            match undecided {
+                Some(cause) => Denial::BaseArnUnknown(cause),
+                None => {
+                    Denial::NamespaceForbids { namespace: namespace.to_string(), role: role.to_string(), why }
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::policy::PERMITTED_ANNOTATION;
+    use crate::role::BaseArn;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use serde_json::json;
 
@@ -209,7 +251,7 @@ pub(crate) mod tests {
         Authorizer {
             pods,
             namespaces,
-            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            base_arn: RoleBase::fixed(Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())),
             tags: TagConfig::default(),
         }
     }
@@ -302,6 +344,74 @@ pub(crate) mod tests {
         );
         let short = Ask::parse("nope", "u-1", "r").unwrap_err().to_status();
         assert!(short.message().ends_with("pod_ip \"nope\" is not an IP address"), "{}", short.message());
+    }
+
+    #[test]
+    fn until_the_base_arn_is_detected_what_needs_it_is_unavailable_then_served() {
+        let mut a = authorizer();
+        a.base_arn = RoleBase::detecting();
+        a.pods.apply(&mk_pod(
+            "u-arn",
+            "team",
+            "arn",
+            "node-a",
+            "10.0.0.5",
+            Some("arn:aws:iam::123456789012:role/app"),
+        ));
+        let globbed: Namespace = serde_json::from_value(json!({ "metadata": { "name": "globbed",
+            "annotations": { crate::policy::ALLOWED_ROLES_ANNOTATION: "[\"app\"]" } } }))
+        .unwrap();
+        a.namespaces.apply(&globbed);
+        a.pods.apply(&mk_pod(
+            "u-glob",
+            "globbed",
+            "g",
+            "node-a",
+            "10.0.0.6",
+            Some("arn:aws:iam::123456789012:role/app"),
+        ));
+        let node_a = agent("node-a");
+
+        // Before the first answer, and after a failure: refused, fail closed, saying why.
+        let before = a.authorize(&ask("10.0.0.1", "u-app", "app"), &node_a).unwrap_err().denial.to_status();
+        assert_eq!(before.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            before.message(),
+            "the server has not yet determined its role base ARN (its first GetCallerIdentity, with its \
+             own AWS credentials, has not answered yet)"
+        );
+        a.base_arn.failed("GetCallerIdentity failed: dispatch failure: no credentials".into());
+
+        // A role name needs the base: refused, fail closed, with the cause; the pod is named (for
+        // its Event).
+        let refusal = a.authorize(&ask("10.0.0.1", "u-app", "app"), &node_a).unwrap_err();
+        assert_eq!(refusal.pod.as_ref().map(|p| p.name.as_str()), Some("app"));
+        let status = refusal.denial.to_status();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(Reason::of(&status), Some(Reason::StsUnavailable));
+        assert_eq!(
+            status.message(),
+            "the server has not yet determined its role base ARN because its own AWS credentials failed: \
+             GetCallerIdentity failed: dispatch failure: no credentials"
+        );
+        // So does a policy whose name globs are relative to it.
+        assert!(matches!(
+            a.authorize(&ask("10.0.0.6", "u-glob", "app"), &node_a).unwrap_err().denial,
+            Denial::BaseArnUnknown(_)
+        ));
+        // A full ARN under a full-ARN policy does not, and other refusals stay what they are.
+        assert!(a.authorize(&ask("10.0.0.5", "u-arn", "app"), &node_a).is_ok());
+        assert_eq!(reason(a.authorize(&ask("10.0.0.2", "u-none", "app"), &node_a)), Reason::NoRole);
+
+        assert!(a.base_arn.detected(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()));
+        let (_, key) = a.authorize(&ask("10.0.0.1", "u-app", "app"), &node_a).expect("served once detected");
+        assert_eq!(key.role_arn.as_str(), "arn:aws:iam::123456789012:role/app");
+        assert!(a.authorize(&ask("10.0.0.6", "u-glob", "app"), &node_a).is_ok());
+        assert_eq!(
+            reason(a.authorize(&ask("10.0.0.4", "u-evil", "admin"), &node_a)),
+            Reason::NamespaceForbids
+        );
+        assert!(!a.base_arn.detected(BaseArn::parse("arn:aws:iam::210987654321:role/").unwrap()), "set once");
     }
 
     #[test]

@@ -151,7 +151,7 @@ impl ExplainArgs {
         let authorizer = Arc::new(Authorizer {
             pods: Arc::new(PodIndex::new()),
             namespaces,
-            base_arn,
+            base_arn: crate::role::RoleBase::fixed(base_arn),
             tags: TagConfig::default(),
         });
         let admission = Admission {
@@ -168,6 +168,9 @@ impl ExplainArgs {
             Verdict::Exempt => e.pass(format!("admission webhook: namespace {namespace} is exempt")),
             Verdict::Deny(reason, message) => {
                 e.refuse(format!("admission webhook: would refuse it ({}): {message}", reason.as_str()))
+            }
+            Verdict::RoleUnchecked(message) => {
+                e.pass(format!("admission webhook: would admit it with a warning: {message}"))
             }
         }
         let origin = if from_file { "manifest" } else { "pod" };
@@ -260,7 +263,7 @@ fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool,
         return;
     };
     e.pass(format!("annotation {ROLE_ANNOTATION}: {role:?}"));
-    let arn = match crate::role::resolve(&role, authorizer.base_arn.as_ref()) {
+    let arn = match crate::role::resolve(&role, authorizer.base_arn.get()) {
         Ok(arn) => {
             e.pass(format!("role ARN: {arn}"));
             arn
@@ -275,7 +278,7 @@ fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool,
         e.refuse(format!("namespace {namespace} does not exist (it permits nothing)"));
         return;
     }
-    match policy.check(&arn, authorizer.base_arn.as_ref()) {
+    match policy.check(&arn, authorizer.base_arn.get()) {
         Ok(()) => e.pass(format!("namespace {namespace} permits it: {}", policy.describe())),
         Err(why) => {
             e.refuse(format!("namespace {namespace} does not permit it (reason NAMESPACE_FORBIDS): {why}"));

@@ -41,11 +41,11 @@ use std::time::Duration;
 
 use crate::agent_auth::AgentAuthenticator;
 use crate::authorizer::Authorizer;
-use crate::credential_cache::{CacheConfig, CredentialCache};
+use crate::credential_cache::{CacheConfig, CredentialCache, StsError};
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
 use crate::namespace_index::NamespaceIndex;
 use crate::revocation::Revocations;
-use crate::role::BaseArn;
+use crate::role::{BaseArn, RoleBase};
 use crate::service::CredentialsService;
 use crate::session::TagConfig;
 use crate::sts::{Sts, StsConfig};
@@ -54,6 +54,12 @@ const REFRESH_EVERY: Duration = Duration::from_secs(15);
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// How often the certificate expiry metric re-reads the TLS files.
 const CERT_EXPIRY_EVERY: Duration = Duration::from_secs(60);
+/// `--role-base-arn-autodetect` retries GetCallerIdentity after this long, doubling up to
+/// [`DETECT_RETRY_MAX`].
+const DETECT_RETRY_FIRST: Duration = Duration::from_secs(1);
+const DETECT_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long the start waits for the first attempt before it goes on without the base.
+const DETECT_FIRST_WAIT: Duration = Duration::from_secs(5);
 
 /// imdsgate-server: authorizes each pod's IAM role and obtains its credentials from STS.
 ///
@@ -319,7 +325,7 @@ impl Args {
 
 impl Validated {
     async fn serve(self) -> anyhow::Result<ExitCode> {
-        let Validated { args, mut base_arn, server_node_labels, tls, webhook } = self;
+        let Validated { args, base_arn, server_node_labels, tls, webhook } = self;
         let client = match imdsgate_core::process::kube_client(args.common.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
@@ -332,11 +338,28 @@ impl Validated {
             max_rps: args.sts_max_rps,
         };
         let sts = Arc::new(Sts::connect(&sts_config, metrics.clone()).await);
+        let base_arn = if args.role_base_arn_autodetect {
+            RoleBase::detecting()
+        } else {
+            metrics.aws_identity_ready.set(1);
+            RoleBase::fixed(base_arn)
+        };
+        let pods = Arc::new(PodIndex::new());
+        let namespaces = Arc::new(NamespaceIndex::new());
+        let authorizer = Arc::new(Authorizer {
+            pods: pods.clone(),
+            namespaces: namespaces.clone(),
+            base_arn,
+            tags: TagConfig { enabled: args.session_tags, cluster_name: args.cluster_name.clone() },
+        });
         if args.role_base_arn_autodetect {
-            let arn = sts.caller_arn().await.context("--role-base-arn-autodetect: GetCallerIdentity")?;
-            let base = BaseArn::from_caller_arn(&arn).context("--role-base-arn-autodetect")?;
-            tracing::info!(base = base.as_str(), "role base ARN detected");
-            base_arn = Some(base);
+            // Detection goes on in the background until it succeeds: a server whose own AWS
+            // credentials fail still starts, serves the webhook and says why pods get nothing,
+            // rather than crash-loop. Its first attempt is given a few seconds, so that normally
+            // the base is known before the first request.
+            let (first_done, first) = tokio::sync::oneshot::channel();
+            tokio::spawn(detect_base_arn(sts.clone(), authorizer.clone(), metrics.clone(), first_done));
+            let _ = tokio::time::timeout(DETECT_FIRST_WAIT, first).await;
         }
 
         let grpc_listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -358,16 +381,11 @@ impl Validated {
         };
         tls.spawn_watch(TLS_RELOAD_EVERY);
 
-        let pods = Arc::new(PodIndex::new());
-        let namespaces = Arc::new(NamespaceIndex::new());
-        let cache =
-            CredentialCache::new(Arc::new(sts), CacheConfig::new(args.session_duration), metrics.clone());
-        let authorizer = Arc::new(Authorizer {
-            pods: pods.clone(),
-            namespaces: namespaces.clone(),
-            base_arn,
-            tags: TagConfig { enabled: args.session_tags, cluster_name: args.cluster_name.clone() },
-        });
+        let cache = CredentialCache::new(
+            Arc::new(sts.clone()),
+            CacheConfig::new(args.session_duration),
+            metrics.clone(),
+        );
         let authn = Arc::new(AgentAuthenticator::new(
             Arc::new(client.clone()),
             &args.agent_token_audience,
@@ -504,6 +522,52 @@ impl Validated {
             }
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// What the server's log says when it cannot learn its own identity (see the README's "The
+/// server's own credentials").
+const SERVER_CREDENTIALS_HINT: &str = "the server's own AWS credentials (or STS) fail, so it cannot determine its role base ARN (--role-base-arn-autodetect); pods get no credentials for role names until it can. Give the server credentials pods cannot reach: IRSA for its ServiceAccount (aws.credentialsSource=irsa), a metadata hop limit of 2 on the server node group only (instanceProfile), or server.hostNetwork=true; or set --role-base-arn";
+
+/// `--role-base-arn-autodetect`: the base from the server's own identity (GetCallerIdentity),
+/// retried with a capped exponential backoff until it succeeds; each failure is logged and is
+/// what requests needing the base are told meanwhile. `first_done` hears when the first attempt
+/// has ended, either way.
+async fn detect_base_arn(
+    sts: Arc<Sts>,
+    authorizer: Arc<Authorizer>,
+    metrics: Metrics,
+    first_done: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut first_done = Some(first_done);
+    let mut retry = DETECT_RETRY_FIRST;
+    loop {
+        let detected = match sts.caller_arn().await {
+            Ok(arn) => BaseArn::from_caller_arn(&arn).map_err(|e| format!("GetCallerIdentity: {e}")),
+            Err(StsError::Denied(why)) => Err(format!("STS refused GetCallerIdentity: {why}")),
+            Err(StsError::Unavailable(why)) => Err(format!("GetCallerIdentity failed: {why}")),
+            Err(StsError::Deferred) => Err("GetCallerIdentity was deferred".into()),
+        };
+        match detected {
+            Ok(base) => {
+                tracing::info!(base = base.as_str(), "role base ARN detected");
+                authorizer.base_arn.detected(base);
+                metrics.aws_identity_ready.set(1);
+                if let Some(done) = first_done.take() {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            Err(cause) => {
+                tracing::error!(%cause, retry_in = ?retry, "{SERVER_CREDENTIALS_HINT}");
+                authorizer.base_arn.failed(cause);
+                if let Some(done) = first_done.take() {
+                    let _ = done.send(());
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(DETECT_RETRY_MAX);
+            }
+        }
     }
 }
 

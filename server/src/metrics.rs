@@ -84,6 +84,10 @@ pub struct Metrics {
     pub prefetches_skipped: Counter,
     pub pods_on_server_nodes: Gauge,
     pub ready: Gauge,
+    /// 1 once the role base ARN is known: at once with `--role-base-arn` (or without a base),
+    /// with `--role-base-arn-autodetect` once GetCallerIdentity answered with the server's own
+    /// credentials; 0 until then.
+    pub aws_identity_ready: Gauge,
     pub certificate_expiry: ExpiryGauges,
     /// gRPC connections whose mutual-TLS handshake failed: `refused` (no valid client
     /// certificate from the CA, say) or `timed_out`.
@@ -123,6 +127,7 @@ impl Metrics {
             prefetches_skipped: Counter::default(),
             pods_on_server_nodes: Gauge::default(),
             ready: Gauge::default(),
+            aws_identity_ready: Gauge::default(),
             certificate_expiry: ExpiryGauges::default(),
             tls_handshake_failures: Family::default(),
         };
@@ -190,6 +195,11 @@ impl Metrics {
             "tls_handshake_failures",
             "gRPC connections whose mutual-TLS handshake failed, by outcome (refused, timed_out)",
             self.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "aws_identity_ready",
+            "1 once the server knows its role base ARN (given, or detected with its own AWS credentials); 0 while --role-base-arn-autodetect keeps failing",
+            self.aws_identity_ready.clone(),
         );
         register_common(r, &self.ready, &self.certificate_expiry);
         Arc::new(root)

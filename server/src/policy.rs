@@ -86,6 +86,14 @@ impl NamespacePolicy {
         if permitted { Ok(()) } else { Err(format!("the namespace's policy does not permit role {role}")) }
     }
 
+    /// Whether a role's verdict can depend on the base ARN: `allowed-roles` with a name glob.
+    pub fn uses_base(&self) -> bool {
+        match self {
+            NamespacePolicy::AllowedRoles(globs) => globs.iter().any(|g| !g.trim().starts_with("arn:")),
+            _ => false,
+        }
+    }
+
     /// The policy as its annotation states it, for people.
     pub fn describe(&self) -> String {
         match self {

@@ -4,7 +4,7 @@
 //! pod's node, over the `WatchRevocations` stream, to drop its cached credentials. Agents never
 //! ask per request; the stream carries only changes.
 
-use crate::authorizer::Authorizer;
+use crate::authorizer::{Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use futures::{Stream, StreamExt};
 use imdsgate_core::{PodIndex, PodInfo};
@@ -109,9 +109,12 @@ impl Revocations {
         }
         let namespaces: HashSet<&str> = namespaces.iter().map(String::as_str).collect();
         for pod in self.pods.pods() {
+            // A base ARN not yet detected decides nothing: what agents hold (from another
+            // replica, say) stays until this server can tell.
             if pod.role.is_some()
                 && namespaces.contains(pod.namespace.as_str())
                 && let Err(denial) = self.authorizer.session_for(&pod)
+                && !matches!(denial, Denial::BaseArnUnknown(_))
             {
                 self.revoke(&pod, denial.reason());
             }
@@ -125,6 +128,8 @@ impl Revocations {
             return Some(Reason::WrongNode);
         }
         match self.authorizer.session_for(&pod) {
+            // Undecided, not refused: another replica may well have issued them rightly.
+            Err(Denial::BaseArnUnknown(_)) => None,
             Err(denial) => Some(denial.reason()),
             Ok(key) if key.role_arn.name() != held.role => Some(Reason::RoleMismatch),
             Ok(_) => None,
@@ -268,6 +273,24 @@ mod tests {
             got,
             ["u-gone:POD_NOT_FOUND", "u-app:ROLE_MISMATCH", "u-evil:NAMESPACE_FORBIDS", "u-b:WRONG_NODE"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_base_arn_not_yet_detected_revokes_nothing() {
+        let mut a = authorizer();
+        a.base_arn = crate::role::RoleBase::detecting();
+        let metrics = crate::metrics::Metrics::new();
+        let cache = CredentialCache::new(
+            Arc::new(FakeSts),
+            CacheConfig::new(Duration::from_secs(3600)),
+            metrics.clone(),
+        );
+        let r = Revocations::new(Arc::new(a), cache, metrics);
+        // What an agent holds from a replica that knows the base stays until this one can judge.
+        let mut stream = r.stream(&[held("u-app", "app")], Some("node-a".into()));
+        let changed = r.authorizer.namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/.*"));
+        r.recheck_namespaces(&changed.into_iter().collect::<Vec<_>>());
+        assert!(next(&mut stream).await.is_none());
     }
 
     #[tokio::test]
