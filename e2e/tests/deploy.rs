@@ -1,11 +1,14 @@
 //! deploy/ on a real apiserver: every kustomization passes a server-side dry run, the Secrets that
-//! scripts/gen-certs.sh writes are accepted, and each ServiceAccount has what it needs and nothing
-//! it should not.
+//! scripts/gen-certs.sh writes are accepted, an overlay that only sets another namespace moves the
+//! whole install there, and each ServiceAccount has what it needs and nothing it should not.
 
 use imdsgate_e2e::components::install_rbac;
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::tools::workspace_root;
 use imdsgate_e2e::{Cluster, e2e_enabled};
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::collections::BTreeMap;
 use std::process::Command;
 
 fn path(rel: &str) -> String {
@@ -59,6 +62,290 @@ async fn every_kustomization_passes_a_server_side_dry_run() {
             && out.contains("secret/imdsgate-agent-tls created"),
         "{out}"
     );
+}
+
+/// Every object of a multi-document YAML stream, by `Kind/name`.
+fn objects(yaml: &str) -> BTreeMap<String, Value> {
+    let mut all = BTreeMap::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = Value::deserialize(doc).expect("valid YAML");
+        if value.is_null() {
+            continue;
+        }
+        let key = format!("{}/{}", str_at(&value, &["kind"]), str_at(&value, &["metadata", "name"]));
+        assert!(all.insert(key.clone(), value).is_none(), "{key} rendered twice");
+    }
+    all
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |v, k| v.get(*k).unwrap_or(&Value::Null))
+}
+
+fn str_at(value: &Value, path: &[&str]) -> String {
+    at(value, path).as_str().unwrap_or_default().to_string()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_sequence().into_iter().flatten().map(|v| v.as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// The first container of a workload.
+fn container(workload: &Value) -> &Value {
+    &at(workload, &["spec", "template", "spec", "containers"])[0]
+}
+
+/// Every place in `object` that names the namespace `ns`, as `path: value`: a field equal to it
+/// (but a label value, a token audience or the webhook configuration's own name), a Service's DNS
+/// name in it (`x.<ns>.svc`), `<ns>:name` and `<ns>/name` references, and lists like `<ns>,b`.
+fn namespace_mentions(object: &Value, ns: &str) -> Vec<String> {
+    fn walk(value: &Value, path: String, ns: &str, hits: &mut Vec<String>) {
+        match value {
+            Value::Mapping(map) => {
+                for (key, value) in map {
+                    walk(value, format!("{path}.{}", key.as_str().unwrap_or("?")), ns, hits);
+                }
+            }
+            Value::Sequence(items) => {
+                for (i, value) in items.iter().enumerate() {
+                    walk(value, format!("{path}[{i}]"), ns, hits);
+                }
+            }
+            Value::String(s) => {
+                let not_a_namespace = path.contains(".labels.")
+                    || path.contains(".matchLabels.")
+                    || path.ends_with(".audience")
+                    || path.ends_with(".image")
+                    || path == ".metadata.name";
+                let names = if s == ns {
+                    !not_a_namespace
+                } else {
+                    s.contains(&format!(".{ns}.svc"))
+                        || (!not_a_namespace
+                            && s.split(['=', ',']).any(|t| {
+                                t == ns
+                                    || t.starts_with(&format!("{ns}:"))
+                                    || t.starts_with(&format!("{ns}/"))
+                            }))
+                };
+                if names {
+                    hits.push(format!("{path}: {s}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut hits = Vec::new();
+    walk(object, String::new(), ns, &mut hits);
+    hits
+}
+
+#[test]
+fn namespace_mentions_finds_the_forms_a_namespace_is_written_in() {
+    let object: Value = serde_yaml::from_str(
+        r#"
+metadata: {name: imdsgate, labels: {app.kubernetes.io/part-of: imdsgate}}
+spec:
+  image: imdsgate:0.1.0
+  audience: imdsgate
+  args:
+    - --server=https://imdsgate-server.imdsgate.svc:8443
+    - --agent-service-account=imdsgate:imdsgate-agent
+    - --webhook-exempt-namespaces=kube-system,imdsgate
+    - imdsgate/imdsgate-server
+    - --host-interface=eni+
+    - /etc/imdsgate/tls
+    - imdsgate.io/server-node
+    - pods.imdsgate.io
+    - imdsgate-server.imdsgate-renamed.svc
+  namespace: imdsgate
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        namespace_mentions(&object, "imdsgate"),
+        [
+            ".spec.args[0]: --server=https://imdsgate-server.imdsgate.svc:8443",
+            ".spec.args[1]: --agent-service-account=imdsgate:imdsgate-agent",
+            ".spec.args[2]: --webhook-exempt-namespaces=kube-system,imdsgate",
+            ".spec.args[3]: imdsgate/imdsgate-server",
+            ".spec.namespace: imdsgate",
+        ]
+    );
+}
+
+/// issue 11: the namespace was written into the agents' `--server`, the server's defaults and the
+/// webhook. An overlay that sets nothing but `namespace:` (over deploy/base, and over an overlay
+/// with the cert-manager component) must name no other namespace anywhere: the containers take
+/// theirs from the downward API (`$(POD_NAMESPACE)`), kustomize fills in the rest. The rendering
+/// passes a server-side dry run, and the Secrets of `gen-certs.sh --namespace` fit it.
+#[tokio::test]
+async fn an_overlay_that_only_sets_a_namespace_moves_the_whole_install() {
+    if !e2e_enabled("an_overlay_that_only_sets_a_namespace_moves_the_whole_install") {
+        return;
+    }
+    const NS: &str = "imdsgate-renamed";
+    let cluster = Cluster::start().await.expect("cluster");
+    cluster.kubectl(&["create", "namespace", NS]).unwrap();
+    cluster.apply(&["-f", &path("e2e/testdata/crd-standins.yaml")]).unwrap();
+    cluster.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"]).unwrap();
+
+    // kustomize takes other kustomizations by relative path only: the overlay sits next to a link
+    // to deploy/.
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(workspace_root().join("deploy"), dir.path().join("deploy")).unwrap();
+    let mut server_names = Vec::new();
+    for from in ["deploy/base", "deploy/overlays/eks-cert-manager"] {
+        // The check finds the namespace where the shipped kustomization names it...
+        let shipped = cluster.kubectl(&["kustomize", &path(from)]).unwrap();
+        let found: Vec<String> =
+            objects(&shipped).values().flat_map(|o| namespace_mentions(o, "imdsgate")).collect();
+        for want in [
+            ".metadata.namespace: imdsgate",
+            ".webhooks[0].clientConfig.service.namespace: imdsgate",
+            ".webhooks[0].namespaceSelector.matchExpressions[0].values[0]: imdsgate",
+            ".subjects[0].namespace: imdsgate",
+        ] {
+            assert!(found.iter().any(|f| f == want), "{from}: {want} not found in {found:#?}");
+        }
+        if from.ends_with("cert-manager") {
+            for want in [
+                ".spec.dnsNames[0]: imdsgate-server.imdsgate.svc",
+                ".metadata.annotations.cert-manager.io/inject-ca-from: imdsgate/imdsgate-server",
+            ] {
+                assert!(found.iter().any(|f| f == want), "{from}: {want} not found in {found:#?}");
+            }
+        }
+
+        // ...and nowhere in the overlay's.
+        let overlay = dir.path().join(from.replace('/', "-"));
+        std::fs::create_dir(&overlay).unwrap();
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {NS}\nresources:\n  - ../{from}\n"
+            ),
+        )
+        .unwrap();
+        let overlay = overlay.to_string_lossy().into_owned();
+        let rendered = cluster.kubectl(&["kustomize", &overlay]).unwrap();
+        assert!(!rendered.contains("$(IMDSGATE_NAMESPACE)"), "{from}: a var left:\n{rendered}");
+        let objects = objects(&rendered);
+        assert!(objects.contains_key(&format!("Namespace/{NS}")), "{from}: {:?}", objects.keys());
+        assert!(!objects.contains_key("Namespace/imdsgate"), "{from}");
+        for (key, object) in &objects {
+            let mentions = namespace_mentions(object, "imdsgate");
+            assert!(mentions.is_empty(), "{from}: {key} still names namespace imdsgate: {mentions:#?}");
+            let cluster_scoped =
+                ["Namespace/", "ClusterRole", "ValidatingWebhookConfiguration/", "CustomResource"]
+                    .iter()
+                    .any(|k| key.starts_with(k));
+            if !cluster_scoped {
+                assert_eq!(str_at(object, &["metadata", "namespace"]), NS, "{from}: {key}");
+            }
+        }
+        for binding in ["ClusterRoleBinding/imdsgate-server", "ClusterRoleBinding/imdsgate-agent"] {
+            assert_eq!(str_at(&objects[binding]["subjects"][0], &["namespace"]), NS, "{from}: {binding}");
+        }
+        let webhook = &objects["ValidatingWebhookConfiguration/imdsgate"]["webhooks"][0];
+        assert_eq!(str_at(webhook, &["clientConfig", "service", "namespace"]), NS, "{from}");
+        assert_eq!(
+            strings(&at(webhook, &["namespaceSelector", "matchExpressions"])[0]["values"]),
+            [NS, "kube-system"],
+            "{from}: the server's own namespace is exempt, so its pods start while no server answers"
+        );
+
+        // The containers' arguments name the namespace through $(POD_NAMESPACE), which the
+        // kubelet expands from the downward API.
+        let (agent, server) = (&objects["DaemonSet/imdsgate-agent"], &objects["Deployment/imdsgate-server"]);
+        for (workload, want) in [
+            (
+                agent,
+                &[
+                    "--server=https://imdsgate-server.$(POD_NAMESPACE).svc:8443",
+                    "--server-name=imdsgate-server.$(POD_NAMESPACE).svc",
+                ][..],
+            ),
+            (
+                server,
+                &[
+                    "--agent-service-account=$(POD_NAMESPACE):imdsgate-agent",
+                    "--webhook-exempt-namespaces=$(POD_NAMESPACE),kube-system",
+                ][..],
+            ),
+        ] {
+            let args = strings(&container(workload)["args"]);
+            for want in want {
+                assert!(args.iter().any(|a| a == want), "{from}: args lack {want}: {args:?}");
+            }
+            let env = container(workload)["env"].as_sequence().unwrap();
+            let pod_namespace = env.iter().find(|e| e["name"] == "POD_NAMESPACE").expect("POD_NAMESPACE");
+            assert_eq!(str_at(pod_namespace, &["valueFrom", "fieldRef", "fieldPath"]), "metadata.namespace");
+        }
+        let server_name = strings(&container(agent)["args"])
+            .iter()
+            .find_map(|a| a.strip_prefix("--server-name=").map(|n| n.replace("$(POD_NAMESPACE)", NS)))
+            .unwrap();
+        server_names.push(server_name);
+        let service = at(webhook, &["clientConfig", "service"]);
+        server_names.push(format!("{}.{}.svc", str_at(service, &["name"]), str_at(service, &["namespace"])));
+
+        if from.ends_with("cert-manager") {
+            let certificate = &objects["Certificate/imdsgate-server"];
+            assert_eq!(
+                strings(at(certificate, &["spec", "dnsNames"])),
+                [
+                    format!("imdsgate-server.{NS}.svc"),
+                    format!("imdsgate-server.{NS}.svc.cluster.local"),
+                    format!("imdsgate-webhook.{NS}.svc")
+                ],
+                "{from}"
+            );
+            assert_eq!(
+                str_at(
+                    &objects["ValidatingWebhookConfiguration/imdsgate"]["metadata"]["annotations"],
+                    &["cert-manager.io/inject-ca-from"]
+                ),
+                format!("{NS}/imdsgate-server")
+            );
+        }
+
+        let out = cluster
+            .apply(&["--dry-run=server", "-k", &overlay])
+            .unwrap_or_else(|e| panic!("{from} renamed does not apply: {e:#}"));
+        for want in [
+            "daemonset.apps/imdsgate-agent created (server dry run)",
+            "deployment.apps/imdsgate-server created (server dry run)",
+            "validatingwebhookconfiguration.admissionregistration.k8s.io/imdsgate created (server dry run)",
+        ] {
+            assert!(out.contains(want), "{from}:\n{out}");
+        }
+    }
+
+    // Without cert-manager: gen-certs.sh --namespace writes the Secrets there, and the server
+    // certificate carries the names the agents and the apiserver call in that namespace.
+    let certs = tempfile::tempdir().unwrap();
+    run(Command::new("bash").arg(path("scripts/gen-certs.sh")).args([
+        "--namespace",
+        NS,
+        "--out",
+        &certs.path().to_string_lossy(),
+    ]))
+    .unwrap();
+    let secrets = certs.path().join("secrets.yaml").to_string_lossy().into_owned();
+    let out = cluster.apply(&["--dry-run=server", "-f", &secrets]).unwrap();
+    assert!(
+        out.contains("secret/imdsgate-server-tls created")
+            && out.contains("secret/imdsgate-agent-tls created")
+    );
+    assert!(std::fs::read_to_string(&secrets).unwrap().contains(&format!("namespace: {NS}\n")));
+    let server_crt = certs.path().join("imdsgate-server.crt").to_string_lossy().into_owned();
+    let sans =
+        run(Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in", &server_crt]))
+            .unwrap();
+    for name in &server_names {
+        assert!(sans.contains(&format!("DNS:{name}")), "{name} not in {sans}");
+    }
 }
 
 #[tokio::test]

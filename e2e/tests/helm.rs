@@ -128,12 +128,24 @@ async fn every_values_file_lints_renders_and_passes_a_server_side_dry_run() {
 
     // The renamed install: every name and the namespace follow the values, so agents find the
     // server, the server accepts the agents' ServiceAccount and the webhook exempts its namespace.
+    // The containers name their namespace as deploy/base does, $(POD_NAMESPACE) from the downward
+    // API, which is the namespace the workloads are rendered into.
     let everything = workspace_root().join("deploy/helm/imdsgate/ci/everything-values.yaml");
     let objects = objects(&template(&["-f", &everything.to_string_lossy()], "imdsgate"));
+    for workload in ["DaemonSet/iam-agent", "Deployment/iam-server"] {
+        assert_eq!(str_at(&objects[workload], &["metadata", "namespace"]), "iam-system", "{workload}");
+        let env = &at(&objects[workload], &["spec", "template", "spec", "containers"])[0]["env"];
+        let pod_namespace = env.as_sequence().unwrap().iter().find(|e| e["name"] == "POD_NAMESPACE");
+        assert_eq!(
+            pod_namespace.map(|e| str_at(e, &["valueFrom", "fieldRef", "fieldPath"])).as_deref(),
+            Some("metadata.namespace"),
+            "{workload}: {env:?}"
+        );
+    }
     let agent = container_args(&objects["DaemonSet/iam-agent"]);
     for want in [
-        "--server=https://iam-server.iam-system.svc:18443",
-        "--server-name=iam-server.iam-system.svc",
+        "--server=https://iam-server.$(POD_NAMESPACE).svc:18443",
+        "--server-name=iam-server.$(POD_NAMESPACE).svc",
         "--listen=[::]:18181",
         "--admin-listen=0.0.0.0:19611",
         "--host-interface=cali+,eni+",
@@ -145,12 +157,12 @@ async fn every_values_file_lints_renders_and_passes_a_server_side_dry_run() {
     let server = container_args(&objects["Deployment/iam-server"]);
     for want in [
         "--role-base-arn=arn:aws:iam::123456789012:role/k8s/",
-        "--agent-service-account=iam-system:iam-agent",
+        "--agent-service-account=$(POD_NAMESPACE):iam-agent",
         "--listen=0.0.0.0:18443",
         "--webhook-listen=0.0.0.0:19443",
         "--server-node-selector=node-role.example.com/iam=yes",
         "--server-node-taint=node-role.example.com/iam=yes:NoExecute",
-        "--webhook-exempt-namespaces=iam-system,kube-system,monitoring",
+        "--webhook-exempt-namespaces=$(POD_NAMESPACE),kube-system,monitoring",
         "--webhook-mode=warn",
         "--pod-wait=2s",
     ] {
