@@ -235,7 +235,7 @@ control_plane() {
     --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
     --service-cluster-ip-range="$service_cidr" --authorization-mode=Node,RBAC \
     --enable-admission-plugins=NodeRestriction --allow-privileged=true \
-    --enable-aggregator-routing=true --profiling=false --v=0
+    --enable-aggregator-routing=true --kubelet-preferred-address-types=InternalIP --profiling=false --v=0
   kubeconfig "$dir/cp-admin.kubeconfig" https://127.0.0.1:6443 admin
   wait_until 90 kube-apiserver in_ns cp "$k8s/kubectl" --kubeconfig="$dir/cp-admin.kubeconfig" get --raw /readyz
   kubeconfig "$dir/controller-manager.kubeconfig" https://127.0.0.1:6443 controller-manager

@@ -12,6 +12,7 @@ pub mod load;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod real_cluster;
 pub mod prometheus;
 pub mod seeded;
 pub mod sts;

@@ -1,0 +1,256 @@
+//! imdsgate installed on a real multi-node cluster (scripts/cluster.sh: kubelets, containerd,
+//! kube-proxy and CoreDNS in node namespaces, images built from the repository's Dockerfile), the
+//! way the README's kind and EKS steps do it: namespace, `scripts/gen-certs.sh --apply`,
+//! `kubectl apply -k deploy/overlays/local`, the webhook's CA patch. Then, through kubectl and from
+//! inside real containers: placement, credentials, refusals, the webhook through its Service,
+//! rolling the agents and losing a server under load, and the uninstall.
+
+use imdsgate_e2e::e2e_enabled;
+use imdsgate_e2e::process::run;
+use imdsgate_e2e::real_cluster::RealCluster;
+use imdsgate_e2e::tools::{workspace_bin, workspace_root};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const ROLLOUT: Duration = Duration::from_secs(300);
+const STS: &str = "http://10.77.0.2:5000";
+
+fn path(rel: &str) -> String {
+    workspace_root().join(rel).to_string_lossy().into_owned()
+}
+
+/// Node names of the pods `kubectl get pods ARGS` lists, one per pod.
+fn pod_nodes(cluster: &RealCluster, ns: &str, selector: &str) -> Vec<String> {
+    let out = cluster
+        .kubectl(&["-n", ns, "get", "pods", "-l", selector, "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"])
+        .unwrap();
+    let mut nodes: Vec<String> = out.lines().map(str::to_owned).collect();
+    nodes.sort();
+    nodes
+}
+
+/// A pod of the workload image in `team-a` running `command`, with the role annotation if given.
+fn workload_pod(name: &str, role: Option<&str>, command: &[&str], restart: &str) -> String {
+    let annotations = role.map(|r| format!("  annotations:\n    iam.amazonaws.com/role: {r}\n")).unwrap_or_default();
+    let command = command.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: team-a\n{annotations}spec:\n  \
+         restartPolicy: {restart}\n  terminationGracePeriodSeconds: 1\n  containers:\n    - name: main\n      \
+         image: localhost/imdsgate/workload:dev\n      imagePullPolicy: Never\n      command: [{command}]\n      \
+         env:\n        - {{name: AWS_ENDPOINT_URL_STS, value: \"{STS}\"}}\n        - {{name: AWS_REGION, value: us-east-1}}\n"
+    )
+}
+
+/// Waits for a run-once pod to finish; its phase and logs.
+async fn finished(cluster: &RealCluster, name: &str) -> (String, String) {
+    let phase = cluster
+        .wait_for(&format!("pod {name} to finish"), Duration::from_secs(120), &[
+            "-n", "team-a", "get", "pod", name, "-o", "jsonpath={.status.phase}",
+        ], |p| p == "Succeeded" || p == "Failed")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.kubectl(&["-n", "team-a", "describe", "pod", name]).unwrap_or_default()));
+    let logs = cluster.kubectl(&["-n", "team-a", "logs", name]).unwrap_or_else(|e| format!("(no logs: {e:#})"));
+    (phase, logs)
+}
+
+/// The asker's JSON lines (from `kubectl logs`), one per round.
+fn rounds(cluster: &RealCluster, pod: &str) -> Vec<Value> {
+    let logs = cluster.kubectl(&["-n", "team-a", "logs", pod]).expect("asker logs");
+    logs.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect()
+}
+
+/// Rounds started in [from, to) (unix ms): how many, how many did not end in a 200 with
+/// credentials, how many carried something of the node's own metadata service.
+fn tally(rounds: &[Value], from: u64, to: u64) -> (usize, usize, usize) {
+    let window: Vec<&Value> =
+        rounds.iter().filter(|r| r["t"].as_u64().is_some_and(|t| t >= from && t < to)).collect();
+    let failed = window.iter().filter(|r| !(r["status"] == 200 && r["step"] == "creds")).count();
+    let node = window.iter().filter(|r| r["node"] == true).count();
+    (window.len(), failed, node)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn imdsgate_on_a_real_cluster() {
+    if !e2e_enabled("imdsgate_on_a_real_cluster") {
+        return;
+    }
+    let cluster = RealCluster::up().expect("scripts/cluster.sh up");
+    eprintln!("figure: cluster up in {:.1}s", cluster.up_time.as_secs_f64());
+    let k = |args: &[&str]| cluster.kubectl(args).unwrap_or_else(|e| panic!("kubectl {args:?}: {e:#}"));
+
+    // Install as the README says.
+    let installed = Instant::now();
+    k(&["apply", "-f", &path("deploy/base/namespace.yaml")]);
+    let certs = cluster.dir().join("imdsgate-certs");
+    let mut gen_certs = std::process::Command::new("bash");
+    gen_certs
+        .arg(path("scripts/gen-certs.sh"))
+        .args(["--apply", "--out"])
+        .arg(&certs)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env("PATH", format!("{}:{}", imdsgate_e2e::tools::k8s_bin_dir().unwrap().display(), std::env::var("PATH").unwrap()));
+    run(&mut gen_certs).expect("scripts/gen-certs.sh --apply");
+    k(&["apply", "-k", &path("deploy/overlays/local")]);
+    k(&[
+        "patch",
+        "validatingwebhookconfiguration",
+        "imdsgate",
+        "--type=json",
+        &format!("--patch-file={}", certs.join("webhook-cabundle-patch.json").display()),
+    ]);
+    let timeout = format!("--timeout={}s", ROLLOUT.as_secs());
+    for what in ["daemonset/imdsgate-agent", "deployment/imdsgate-server"] {
+        if let Err(e) = cluster.kubectl(&["-n", "imdsgate", "rollout", "status", what, &timeout]) {
+            panic!(
+                "{what} did not roll out: {e:#}\n{}\n{}\n{}",
+                cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default(),
+                cluster.kubectl(&["-n", "imdsgate", "describe", "pods"]).unwrap_or_default(),
+                cluster.logs_tail()
+            );
+        }
+    }
+    eprintln!("figure: installed and rolled out in {:.1}s", installed.elapsed().as_secs_f64());
+
+    // 1. Placement: agents on every worker and no server node; servers on the server nodes.
+    assert_eq!(pod_nodes(&cluster, "imdsgate", "app.kubernetes.io/name=imdsgate-agent"), vec!["worker-0"]);
+    assert_eq!(pod_nodes(&cluster, "imdsgate", "app.kubernetes.io/name=imdsgate-server"), vec!["server-0", "server-1"]);
+
+    // 2. Credentials from a real SDK inside a container; refusals for the others, with reasons.
+    k(&["create", "namespace", "team-a"]);
+    k(&["annotate", "namespace", "team-a", "iam.amazonaws.com/permitted=arn:aws:iam::123456789012:role/app-.*"]);
+    cluster.apply_yaml(&workload_pod("whoami", Some("app-reader"), &["imds-whoami"], "Never")).unwrap();
+    cluster.apply_yaml(&workload_pod("norole", None, &["imds-whoami"], "Never")).unwrap();
+    // A role the namespace stops permitting after the pod was admitted: the server refuses it.
+    cluster
+        .apply_yaml(&workload_pod("revoked", Some("app-writer"), &["sh", "-c", "sleep 8; exec imds-whoami"], "Never"))
+        .unwrap();
+    k(&[
+        "annotate",
+        "--overwrite",
+        "namespace",
+        "team-a",
+        "iam.amazonaws.com/permitted=arn:aws:iam::123456789012:role/app-reader",
+    ]);
+    let (phase, logs) = finished(&cluster, "whoami").await;
+    assert_eq!(phase, "Succeeded", "whoami: {logs}");
+    assert!(logs.contains("assumed-role/app-reader/team-a.whoami"), "whoami: {logs}");
+    // The SDK says what it got (404: no role for this pod; 403 or 503: refused); the pod's Events
+    // say why, with the reason code and the text the README's troubleshooting lists.
+    for (pod, status, reason) in [("norole", "404", "NO_ROLE"), ("revoked", "40", "NAMESPACE_FORBIDS")] {
+        let (phase, logs) = finished(&cluster, pod).await;
+        eprintln!("figure: {pod} logs: {}", logs.trim());
+        assert_eq!(phase, "Failed", "{pod}: {logs}");
+        assert!(!logs.contains("assumed-role"), "{pod}: {logs}");
+        assert!(!logs.contains("node-secret") && !logs.contains("NODEROLEKEY"), "{pod} saw the node's role: {logs}");
+        assert!(logs.contains(status), "{pod}'s logs do not show the refusal ({status}): {logs}");
+        let events = cluster
+            .wait_for(&format!("{pod}'s refusal Event"), Duration::from_secs(30), &[
+                "-n", "team-a", "get", "events", "--field-selector", &format!("involvedObject.name={pod}"),
+                "-o", "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+            ], |e| e.contains(reason))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        eprintln!("figure: {pod} events: {}", events.trim());
+    }
+    // A role the namespace does not permit is refused when the pod is created.
+    let refused = cluster
+        .apply_yaml(&workload_pod("unpermitted", Some("admin"), &["imds-whoami"], "Never"))
+        .expect_err("a pod with a role its namespace does not permit is refused");
+    assert!(format!("{refused:#}").contains("does not permit role"), "{refused:#}");
+
+    // 3. The webhook, called by the apiserver through its Service.
+    let pinned = workload_pod("pinned", Some("app-reader"), &["sleep", "60"], "Never")
+        .replace("spec:\n", "spec:\n  nodeSelector: {kubernetes.io/hostname: server-0}\n  tolerations: [{operator: Exists}]\n");
+    let refused = cluster.apply_yaml(&pinned).expect_err("a pod pinned to a server node is refused");
+    assert!(format!("{refused:#}").contains("imdsgate"), "{refused:#}");
+    assert!(format!("{refused:#}").contains("server node"), "{refused:#}");
+    let host = workload_pod("hostnet", Some("app-reader"), &["sleep", "60"], "Never")
+        .replace("spec:\n", "spec:\n  hostNetwork: true\n");
+    let refused = cluster.apply_yaml(&host).expect_err("a role-annotated hostNetwork pod is refused");
+    assert!(format!("{refused:#}").contains("hostNetwork"), "{refused:#}");
+
+    // 4. Under load (one round every 100 ms): roll the agents, then lose a server.
+    cluster
+        .apply_yaml(&workload_pod(
+            "asker",
+            Some("app-reader"),
+            &["imdsgate-asker", "--every-ms", "100", "--seconds", "590", "--timeout-ms", "2000", "--out", "/dev/stdout"],
+            "Never",
+        ))
+        .unwrap();
+    cluster
+        .wait_for("the asker's first credentials", Duration::from_secs(60), &["-n", "team-a", "logs", "asker"], |l| {
+            l.contains("\"step\":\"creds\"")
+        })
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (checks, missing) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let watcher = {
+        let (stop, checks, missing) = (stop.clone(), checks.clone(), missing.clone());
+        let worker = cluster.netns("worker-0");
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{worker}"))
+                    .args(["--", "iptables", "-w", "5", "-t", "nat", "-S"])
+                    .output();
+                checks.fetch_add(1, Ordering::Relaxed);
+                if !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("169.254.169.254")) {
+                    missing.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let roll_from = now_ms();
+    k(&["-n", "imdsgate", "rollout", "restart", "daemonset/imdsgate-agent"]);
+    k(&["-n", "imdsgate", "rollout", "status", "daemonset/imdsgate-agent", &timeout]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let roll_to = now_ms();
+    let server_pod = k(&[
+        "-n", "imdsgate", "get", "pods", "-l", "app.kubernetes.io/name=imdsgate-server", "-o", "jsonpath={.items[0].metadata.name}",
+    ]);
+    let kill_from = now_ms();
+    k(&["-n", "imdsgate", "delete", "pod", &server_pod, "--wait=true"]);
+    k(&["-n", "imdsgate", "rollout", "status", "deployment/imdsgate-server", &timeout]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kill_to = now_ms();
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let all = rounds(&cluster, "asker");
+    let (roll_n, roll_failed, roll_node) = tally(&all, roll_from, roll_to);
+    let (kill_n, kill_failed, kill_node) = tally(&all, kill_from, kill_to);
+    eprintln!(
+        "figure: agent rollout restart: {roll_n} rounds, {roll_failed} failed, {roll_node} from the node; rule \
+         checks {} missing {}",
+        checks.load(Ordering::Relaxed),
+        missing.load(Ordering::Relaxed)
+    );
+    eprintln!("figure: server pod deleted: {kill_n} rounds, {kill_failed} failed, {kill_node} from the node");
+    assert!(roll_n > 20 && kill_n > 20, "the asker ran through both ({roll_n}, {kill_n} rounds)");
+    assert_eq!(roll_node + kill_node, 0, "answers from the node's metadata service");
+    assert_eq!(missing.load(Ordering::Relaxed), 0, "the rule was missing during the agent's restart");
+    assert_eq!(kill_failed, 0, "requests failed while a server pod was deleted");
+
+    // 5. Uninstall: delete -k, then the documented `imdsgate-agent iptables uninstall` per node.
+    k(&["delete", "-k", &path("deploy/overlays/local"), "--wait=true", &timeout]);
+    let rules = cluster.nat_rules("worker-0").unwrap();
+    assert!(rules.contains("169.254.169.254"), "the rule stays after the agent is gone (fail closed):\n{rules}");
+    let agent = workspace_bin("imdsgate-agent").unwrap();
+    let mut nodes = BTreeSet::new();
+    for node in ["server-0", "server-1", "worker-0"] {
+        run(cluster.in_node(node, &agent.to_string_lossy()).args(["iptables", "uninstall"])).unwrap();
+        let rules = cluster.nat_rules(node).unwrap();
+        assert!(!rules.contains("169.254.169.254") && !rules.contains("IMDSGATE"), "{node}:\n{rules}");
+        nodes.insert(node);
+    }
+    assert_eq!(nodes.len(), 3);
+}
