@@ -19,7 +19,11 @@ use std::time::{Duration, SystemTime};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// How to reach the server.
+/// How often the server's name is looked up again while it resolves to nothing.
+const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
+
 pub struct ServerClientConfig {
     pub host: String,
     pub port: u16,
@@ -132,14 +136,15 @@ impl ServerClient {
             Arc::new(Replicas { addrs: resolved, tls, list });
     }
 
-    /// Refreshes every `every` until the process ends.
+    /// Refreshes every `every` until the process ends; every second while no replica is known
+    /// (at a node's start the cluster's DNS is often not answering yet, and the agent is not ready
+    /// until it reaches a server).
     pub fn spawn_refresh(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let wait = if this.current().list.is_empty() { every.min(UNRESOLVED_RETRY) } else { every };
+                tokio::time::sleep(wait).await;
                 this.refresh().await;
             }
         })
