@@ -363,7 +363,7 @@ impl Imds {
 }
 
 /// The role name a pod carries: the last path segment of its annotation.
-fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
+pub(crate) fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
     let annotation =
         pod.role.as_deref().ok_or_else(|| ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)))?;
     let name = annotation.trim_end_matches('/').rsplit('/').next().unwrap_or_default();

@@ -528,12 +528,33 @@ impl Validated {
     }
 }
 
+/// A pod with a role that just got its IP on this node has its credentials fetched now, as its
+/// own first request would (from its IP, bound to its UID), so that request is a cache hit. Not
+/// while another pod still claims one of its IPs: nothing is served there until that clears.
+fn prefetch(imds: &Arc<Imds>, pod: &Arc<imdsgate_core::PodInfo>) {
+    let Ok(role) = imds::role_name(pod) else { return };
+    let Some(peer) = pod.ips.first().copied() else { return };
+    if pod.ips.iter().any(|ip| imds.pods.by_ip(ip).len() != 1) {
+        return;
+    }
+    let (imds, pod, role) = (imds.clone(), pod.clone(), role.to_string());
+    tokio::spawn(async move {
+        if let Err(error) = imds.credentials.get(peer, &pod.uid, &pod.ips, &role).await {
+            tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "prefetch failed");
+        }
+    });
+}
+
 async fn watch_pods(client: kube::Client, node: String, imds: Arc<Imds>, synced: Synced, metrics: Metrics) {
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher(kube::Api::<Pod>::all(client), config).default_backoff();
     let forget = |change: Change| match change {
-        Change::Updated { pod, identity_changed: true } | Change::Removed(pod) => {
+        Change::Removed(pod) => {
             imds.credentials.forget(&pod.uid);
+        }
+        Change::Updated { pod, identity_changed: true } => {
+            imds.credentials.forget(&pod.uid);
+            prefetch(&imds, &pod);
         }
         Change::Added(pod) => {
             // Its IP was someone else's: whatever is cached for the previous owner is never served
@@ -543,6 +564,7 @@ async fn watch_pods(client: kube::Client, node: String, imds: Arc<Imds>, synced:
                     imds.credentials.forget(&previous.uid);
                 }
             }
+            prefetch(&imds, &pod);
         }
         _ => {}
     };

@@ -77,7 +77,8 @@ impl RealCluster {
             .spawn()?;
         child.stdin.take().expect("stdin").write_all(yaml.as_bytes())?;
         let out = child.wait_with_output()?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         if out.status.success() { Ok(text) } else { bail!("{}", text.trim()) }
     }
 

@@ -350,3 +350,31 @@ async fn a_rule_another_tool_deletes_is_put_back_and_counted() {
     assert!(bed.agent_log().contains("the interception rule was missing or altered; put back"));
     assert_eq!(stdout(&bed.aws_cli(bed.pod(WEB))), ASSUMED_WEB, "the pod is intercepted again");
 }
+
+#[tokio::test]
+async fn a_pod_with_a_role_is_fetched_before_its_first_request() {
+    if !e2e_enabled("a_pod_with_a_role_is_fetched_before_its_first_request") {
+        return;
+    }
+    let bed = start().await;
+    let metrics = || run(bed.node.command("curl").args(["-s", "http://127.0.0.1:9611/metrics"])).unwrap();
+    let sample = |s: &str| imdsgate_e2e::components::metric_value(&metrics(), s);
+    let (hits, misses) = ("imdsgate_agent_cache_hits_total", "imdsgate_agent_cache_misses_total");
+    // web and other carry a role: the agent fetches theirs as they appear on its node, before
+    // either asks (plain has no role: nothing to fetch).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sample(misses) < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "no prefetch:\n{}", metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sample(misses), 2.0, "one fetch per pod with a role:\n{}", metrics());
+    let hits_before = sample(hits);
+    for pod in [WEB, OTHER] {
+        let out = bed.aws_env(bed.pod(pod), workspace_bin("imds-whoami").unwrap()).output().unwrap();
+        assert!(out.status.success(), "{pod}: {}", stderr(&out));
+        assert!(stdout(&out).ends_with(&format!("/{}", pod.replace('/', "."))), "{}", stdout(&out));
+    }
+    assert_eq!(sample(misses), 2.0, "the first requests were cache hits:\n{}", metrics());
+    assert!(sample(hits) >= hits_before + 2.0, "{}", metrics());
+}

@@ -25,7 +25,16 @@ fn path(rel: &str) -> String {
 /// Node names of the pods `kubectl get pods ARGS` lists, one per pod.
 fn pod_nodes(cluster: &RealCluster, ns: &str, selector: &str) -> Vec<String> {
     let out = cluster
-        .kubectl(&["-n", ns, "get", "pods", "-l", selector, "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"])
+        .kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
+        ])
         .unwrap();
     let mut nodes: Vec<String> = out.lines().map(str::to_owned).collect();
     nodes.sort();
@@ -34,7 +43,8 @@ fn pod_nodes(cluster: &RealCluster, ns: &str, selector: &str) -> Vec<String> {
 
 /// A pod of the workload image in `team-a` running `command`, with the role annotation if given.
 fn workload_pod(name: &str, role: Option<&str>, command: &[&str], restart: &str) -> String {
-    let annotations = role.map(|r| format!("  annotations:\n    iam.amazonaws.com/role: {r}\n")).unwrap_or_default();
+    let annotations =
+        role.map(|r| format!("  annotations:\n    iam.amazonaws.com/role: {r}\n")).unwrap_or_default();
     let command = command.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: team-a\n{annotations}spec:\n  \
@@ -47,12 +57,21 @@ fn workload_pod(name: &str, role: Option<&str>, command: &[&str], restart: &str)
 /// Waits for a run-once pod to finish; its phase and logs.
 async fn finished(cluster: &RealCluster, name: &str) -> (String, String) {
     let phase = cluster
-        .wait_for(&format!("pod {name} to finish"), Duration::from_secs(120), &[
-            "-n", "team-a", "get", "pod", name, "-o", "jsonpath={.status.phase}",
-        ], |p| p == "Succeeded" || p == "Failed")
+        .wait_for(
+            &format!("pod {name} to finish"),
+            Duration::from_secs(120),
+            &["-n", "team-a", "get", "pod", name, "-o", "jsonpath={.status.phase}"],
+            |p| p == "Succeeded" || p == "Failed",
+        )
         .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.kubectl(&["-n", "team-a", "describe", "pod", name]).unwrap_or_default()));
-    let logs = cluster.kubectl(&["-n", "team-a", "logs", name]).unwrap_or_else(|e| format!("(no logs: {e:#})"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\n{}",
+                cluster.kubectl(&["-n", "team-a", "describe", "pod", name]).unwrap_or_default()
+            )
+        });
+    let logs =
+        cluster.kubectl(&["-n", "team-a", "logs", name]).unwrap_or_else(|e| format!("(no logs: {e:#})"));
     (phase, logs)
 }
 
@@ -95,7 +114,14 @@ async fn imdsgate_on_a_real_cluster() {
         .args(["--apply", "--out"])
         .arg(&certs)
         .env("KUBECONFIG", cluster.kubeconfig())
-        .env("PATH", format!("{}:{}", imdsgate_e2e::tools::k8s_bin_dir().unwrap().display(), std::env::var("PATH").unwrap()));
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                imdsgate_e2e::tools::k8s_bin_dir().unwrap().display(),
+                std::env::var("PATH").unwrap()
+            ),
+        );
     run(&mut gen_certs).expect("scripts/gen-certs.sh --apply");
     k(&["apply", "-k", &path("deploy/overlays/local")]);
     k(&[
@@ -120,16 +146,29 @@ async fn imdsgate_on_a_real_cluster() {
 
     // 1. Placement: agents on every worker and no server node; servers on the server nodes.
     assert_eq!(pod_nodes(&cluster, "imdsgate", "app.kubernetes.io/name=imdsgate-agent"), vec!["worker-0"]);
-    assert_eq!(pod_nodes(&cluster, "imdsgate", "app.kubernetes.io/name=imdsgate-server"), vec!["server-0", "server-1"]);
+    assert_eq!(
+        pod_nodes(&cluster, "imdsgate", "app.kubernetes.io/name=imdsgate-server"),
+        vec!["server-0", "server-1"]
+    );
 
     // 2. Credentials from a real SDK inside a container; refusals for the others, with reasons.
     k(&["create", "namespace", "team-a"]);
-    k(&["annotate", "namespace", "team-a", "iam.amazonaws.com/permitted=arn:aws:iam::123456789012:role/app-.*"]);
+    k(&[
+        "annotate",
+        "namespace",
+        "team-a",
+        "iam.amazonaws.com/permitted=arn:aws:iam::123456789012:role/app-.*",
+    ]);
     cluster.apply_yaml(&workload_pod("whoami", Some("app-reader"), &["imds-whoami"], "Never")).unwrap();
     cluster.apply_yaml(&workload_pod("norole", None, &["imds-whoami"], "Never")).unwrap();
     // A role the namespace stops permitting after the pod was admitted: the server refuses it.
     cluster
-        .apply_yaml(&workload_pod("revoked", Some("app-writer"), &["sh", "-c", "sleep 8; exec imds-whoami"], "Never"))
+        .apply_yaml(&workload_pod(
+            "revoked",
+            Some("app-writer"),
+            &["sh", "-c", "sleep 8; exec imds-whoami"],
+            "Never",
+        ))
         .unwrap();
     k(&[
         "annotate",
@@ -148,13 +187,27 @@ async fn imdsgate_on_a_real_cluster() {
         eprintln!("figure: {pod} logs: {}", logs.trim());
         assert_eq!(phase, "Failed", "{pod}: {logs}");
         assert!(!logs.contains("assumed-role"), "{pod}: {logs}");
-        assert!(!logs.contains("node-secret") && !logs.contains("NODEROLEKEY"), "{pod} saw the node's role: {logs}");
+        assert!(
+            !logs.contains("node-secret") && !logs.contains("NODEROLEKEY"),
+            "{pod} saw the node's role: {logs}"
+        );
         assert!(logs.contains(status), "{pod}'s logs do not show the refusal ({status}): {logs}");
         let events = cluster
-            .wait_for(&format!("{pod}'s refusal Event"), Duration::from_secs(30), &[
-                "-n", "team-a", "get", "events", "--field-selector", &format!("involvedObject.name={pod}"),
-                "-o", "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
-            ], |e| e.contains(reason))
+            .wait_for(
+                &format!("{pod}'s refusal Event"),
+                Duration::from_secs(30),
+                &[
+                    "-n",
+                    "team-a",
+                    "get",
+                    "events",
+                    "--field-selector",
+                    &format!("involvedObject.name={pod}"),
+                    "-o",
+                    "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+                ],
+                |e| e.contains(reason),
+            )
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("figure: {pod} events: {}", events.trim());
@@ -166,8 +219,10 @@ async fn imdsgate_on_a_real_cluster() {
     assert!(format!("{refused:#}").contains("does not permit role"), "{refused:#}");
 
     // 3. The webhook, called by the apiserver through its Service.
-    let pinned = workload_pod("pinned", Some("app-reader"), &["sleep", "60"], "Never")
-        .replace("spec:\n", "spec:\n  nodeSelector: {kubernetes.io/hostname: server-0}\n  tolerations: [{operator: Exists}]\n");
+    let pinned = workload_pod("pinned", Some("app-reader"), &["sleep", "60"], "Never").replace(
+        "spec:\n",
+        "spec:\n  nodeSelector: {kubernetes.io/hostname: server-0}\n  tolerations: [{operator: Exists}]\n",
+    );
     let refused = cluster.apply_yaml(&pinned).expect_err("a pod pinned to a server node is refused");
     assert!(format!("{refused:#}").contains("imdsgate"), "{refused:#}");
     assert!(format!("{refused:#}").contains("server node"), "{refused:#}");
@@ -181,14 +236,27 @@ async fn imdsgate_on_a_real_cluster() {
         .apply_yaml(&workload_pod(
             "asker",
             Some("app-reader"),
-            &["imdsgate-asker", "--every-ms", "100", "--seconds", "590", "--timeout-ms", "2000", "--out", "/dev/stdout"],
+            &[
+                "imdsgate-asker",
+                "--every-ms",
+                "100",
+                "--seconds",
+                "590",
+                "--timeout-ms",
+                "2000",
+                "--out",
+                "/dev/stdout",
+            ],
             "Never",
         ))
         .unwrap();
     cluster
-        .wait_for("the asker's first credentials", Duration::from_secs(60), &["-n", "team-a", "logs", "asker"], |l| {
-            l.contains("\"step\":\"creds\"")
-        })
+        .wait_for(
+            "the asker's first credentials",
+            Duration::from_secs(60),
+            &["-n", "team-a", "logs", "asker"],
+            |l| l.contains("\"step\":\"creds\""),
+        )
         .await
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -216,7 +284,14 @@ async fn imdsgate_on_a_real_cluster() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let roll_to = now_ms();
     let server_pod = k(&[
-        "-n", "imdsgate", "get", "pods", "-l", "app.kubernetes.io/name=imdsgate-server", "-o", "jsonpath={.items[0].metadata.name}",
+        "-n",
+        "imdsgate",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=imdsgate-server",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
     ]);
     let kill_from = now_ms();
     k(&["-n", "imdsgate", "delete", "pod", &server_pod, "--wait=true"]);
@@ -243,7 +318,10 @@ async fn imdsgate_on_a_real_cluster() {
     // 5. Uninstall: delete -k, then the documented `imdsgate-agent iptables uninstall` per node.
     k(&["delete", "-k", &path("deploy/overlays/local"), "--wait=true", &timeout]);
     let rules = cluster.nat_rules("worker-0").unwrap();
-    assert!(rules.contains("169.254.169.254"), "the rule stays after the agent is gone (fail closed):\n{rules}");
+    assert!(
+        rules.contains("169.254.169.254"),
+        "the rule stays after the agent is gone (fail closed):\n{rules}"
+    );
     let agent = workspace_bin("imdsgate-agent").unwrap();
     let mut nodes = BTreeSet::new();
     for node in ["server-0", "server-1", "worker-0"] {

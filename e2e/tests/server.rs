@@ -327,8 +327,10 @@ async fn a_new_pod_is_prefetched_and_sts_is_called_once_per_session() {
         )
         .await
         .unwrap();
-    bed.cluster.set_pod_status("team-a", "late", &["10.1.0.20"], "Running").await.unwrap();
+    // The Pod object alone (no IP yet, as while it is scheduled and its sandbox starts) is
+    // enough: its session is fetched before its IP appears.
     bed.wait_metric_at_least(success, before + 1.0).await;
+    bed.cluster.set_pod_status("team-a", "late", &["10.1.0.20"], "Running").await.unwrap();
 
     let misses = bed.server.metric("imdsgate_server_cache_misses_total").await.unwrap();
     let late = bed.uid("team-a", "late").await;

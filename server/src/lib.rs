@@ -651,6 +651,23 @@ impl PodWatch {
         }
     }
 
+    /// A pod that has no IP yet (just created, being scheduled, its sandbox starting) already
+    /// names its role: its credentials are fetched now, so they are ready when its IP appears
+    /// (the session does not depend on the IP; it is bound to the pod's UID and served only to
+    /// the agent of the pod's node asking from the pod's IP). Repeated status updates of the
+    /// same pending pod find the session cached or in flight and cost nothing.
+    fn prefetch_before_ip(&self, pod: &Pod) {
+        let unstarted = pod.metadata.deletion_timestamp.is_none()
+            && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true));
+        if !unstarted {
+            return;
+        }
+        let info = PodInfo::describe(pod);
+        if info.ips.is_empty() && !info.uid.is_empty() {
+            self.prefetch(&info);
+        }
+    }
+
     /// A pod with an IP and a permitted role gets its credentials fetched before it asks.
     fn prefetch(&self, pod: &PodInfo) {
         if !matches!(pod.phase.as_deref(), Some("Pending") | Some("Running")) || pod.role.is_none() {
@@ -677,7 +694,13 @@ async fn watch_pods(client: kube::Client, state: PodWatch, ns_synced: Synced, sy
         },
         |update| {
             match update {
-                Update::Apply(pod) => state.changed(state.pods.apply(&pod)),
+                Update::Apply(pod) => {
+                    let change = state.pods.apply(&pod);
+                    if matches!(change, Change::Unchanged) {
+                        state.prefetch_before_ip(&pod);
+                    }
+                    state.changed(change)
+                }
                 Update::Delete(pod) => state.changed(state.pods.delete(&pod)),
                 Update::Reset(all) => state.pods.reset(all.iter()).into_iter().for_each(|c| state.changed(c)),
             }
