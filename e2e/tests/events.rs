@@ -65,7 +65,9 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
             BedPod::new("team", "plain", "10.200.1.10"),
             BedPod::new("team", "mismatch", "10.200.1.11").role("app-reader"),
             BedPod::new("team", "greedy", "10.200.1.12").role("admin"),
-            BedPod::new("team", "stranded", "10.200.1.13").role("app-reader"),
+            // Its Pod object is created once no server replica answers (before, the agent would
+            // have fetched its credentials as it appeared).
+            BedPod::ghost("stranded", "10.200.1.13"),
             // Traffic from this address reaches node-a, but its pod runs on node-b.
             BedPod::ghost("elsewhere", "10.200.1.50"),
             // Its Pod object is created while STS is down.
@@ -108,7 +110,8 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
 
     // No server replica answers: the agent says so on the pod that asked.
     bed.server.child.terminate(Duration::from_secs(10)).unwrap();
-    let statuses = ask(&bed, "team/stranded", "app-reader", 3);
+    bed.create_pod_object(&BedPod::new("team", "stranded", "10.200.1.13").role("app-reader")).await.unwrap();
+    let statuses = ask(&bed, "ghost/stranded", "app-reader", 3);
     assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
     exactly_one(&bed, "team", "stranded", "SERVER_UNREACHABLE", "no imdsgate server replica answers").await;
 

@@ -8,7 +8,7 @@
 use imdsgate_e2e::e2e_enabled;
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::real_cluster::RealCluster;
-use imdsgate_e2e::tools::{workspace_bin, workspace_root};
+use imdsgate_e2e::tools::{tool_bin, workspace_bin, workspace_root};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -331,4 +331,60 @@ async fn imdsgate_on_a_real_cluster() {
         nodes.insert(node);
     }
     assert_eq!(nodes.len(), 3);
+
+    // 6. The Helm chart on the same cluster, in another namespace: installed, serving, and
+    //    uninstalled with its post-delete hook taking the rule off every node.
+    let helm = |args: &[&str]| {
+        run(std::process::Command::new(tool_bin("helm").unwrap())
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("HELM_CACHE_HOME", cluster.dir().join("helm-cache"))
+            .env("HELM_CONFIG_HOME", cluster.dir().join("helm-config"))
+            .env("HELM_DATA_HOME", cluster.dir().join("helm-data")))
+        .unwrap_or_else(|e| panic!("helm {args:?}: {e:#}\n{}", cluster.logs_tail()))
+    };
+    let helm_started = Instant::now();
+    helm(&[
+        "install",
+        "imdsgate",
+        &path("deploy/helm/imdsgate"),
+        "--namespace",
+        "imdsgate-helm",
+        "--create-namespace",
+        "--values",
+        &path("deploy/helm/imdsgate/ci/local-values.yaml"),
+        "--wait",
+        "--timeout",
+        "300s",
+    ]);
+    eprintln!("figure: helm install --wait in {:.1}s", helm_started.elapsed().as_secs_f64());
+    assert_eq!(
+        pod_nodes(&cluster, "imdsgate-helm", "app.kubernetes.io/name=imdsgate-agent"),
+        vec!["worker-0"]
+    );
+    cluster.apply_yaml(&workload_pod("whoami-helm", Some("app-reader"), &["imds-whoami"], "Never")).unwrap();
+    let (phase, logs) = finished(&cluster, "whoami-helm").await;
+    assert_eq!(phase, "Succeeded", "whoami-helm: {logs}");
+    assert!(logs.contains("assumed-role/app-reader/team-a.whoami-helm"), "whoami-helm: {logs}");
+    assert!(cluster.nat_rules("worker-0").unwrap().contains("169.254.169.254"));
+    let uninstall_started = Instant::now();
+    helm(&["uninstall", "imdsgate", "--namespace", "imdsgate-helm", "--wait", "--timeout", "300s"]);
+    eprintln!("figure: helm uninstall (hook included) in {:.1}s", uninstall_started.elapsed().as_secs_f64());
+    for node in ["server-0", "server-1", "worker-0"] {
+        let rules = cluster.nat_rules(node).unwrap();
+        assert!(
+            !rules.contains("169.254.169.254") && !rules.contains("IMDSGATE"),
+            "after helm uninstall, {node}:\n{rules}"
+        );
+    }
+    // The hook's DaemonSet and Job are deleted once done; their pods go with the garbage collector.
+    cluster
+        .wait_for(
+            "the uninstall to leave nothing",
+            Duration::from_secs(90),
+            &["-n", "imdsgate-helm", "get", "all,secrets,configmaps,serviceaccounts", "-o", "name"],
+            |left| !left.lines().any(|l| l.contains("imdsgate")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("helm uninstall left objects behind: {e:#}"));
 }
