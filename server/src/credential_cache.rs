@@ -17,7 +17,8 @@ use crate::session::SessionKey;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 /// Temporary credentials from STS (the type both sides of the contract share).
@@ -140,11 +141,48 @@ struct Inner {
     config: CacheConfig,
     clock: Clock,
     metrics: Metrics,
-    entries: Mutex<HashMap<SessionKey, Entry>>,
+    /// Sessions, sharded by their pod's UID.
+    entries: Shards<HashMap<SessionKey, Entry>>,
     /// The session each pod (by UID) holds.
-    owners: Mutex<HashMap<String, SessionKey>>,
+    owners: Shards<HashMap<String, SessionKey>>,
     /// Each live pod's allowance of new sessions: (tokens, when last counted).
     budgets: Mutex<HashMap<String, (f64, SystemTime)>>,
+}
+
+impl Inner {
+    /// Sessions held, counted shard by shard (never call it holding a shard's lock).
+    fn sessions(&self) -> usize {
+        self.entries.each().map(|shard| shard.len()).sum()
+    }
+}
+
+/// How many locks the cache's maps are split into.
+const SHARDS: usize = 32;
+
+/// A map split into independently locked shards by a pod's UID, so that concurrent requests for
+/// different pods rarely wait on the same lock (every request takes one, hits included). A
+/// caller holds at most one shard of a map at a time.
+struct Shards<M> {
+    shards: Vec<Mutex<M>>,
+}
+
+impl<M: Default> Shards<M> {
+    fn new() -> Self {
+        Shards { shards: (0..SHARDS).map(|_| Mutex::default()).collect() }
+    }
+
+    /// The shard holding `pod_uid`'s entries.
+    fn of(&self, pod_uid: &str) -> MutexGuard<'_, M> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        pod_uid.hash(&mut hasher);
+        let shard = &self.shards[(hasher.finish() % self.shards.len() as u64) as usize];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every shard, one after the other.
+    fn each(&self) -> impl Iterator<Item = MutexGuard<'_, M>> {
+        self.shards.iter().map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// How a request was answered (for metrics and tests).
@@ -173,8 +211,8 @@ impl CredentialCache {
                 config,
                 clock,
                 metrics,
-                entries: Mutex::new(HashMap::new()),
-                owners: Mutex::new(HashMap::new()),
+                entries: Shards::new(),
+                owners: Shards::new(),
                 budgets: Mutex::new(HashMap::new()),
             }),
         }
@@ -194,8 +232,13 @@ impl CredentialCache {
         let now = (self.inner.clock)();
         let min_remaining = self.inner.config.min_remaining();
         let (fetch, fallback) = {
-            let mut entries = self.lock_entries();
-            let entry = entries.entry(key.clone()).or_default();
+            let mut entries = self.inner.entries.of(&key.pod_uid);
+            // A hit must not copy the key: look it up first, insert only when absent.
+            let entry = if entries.contains_key(key) { entries.get_mut(key) } else { None };
+            let entry = match entry {
+                Some(entry) => entry,
+                None => entries.entry(key.clone()).or_default(),
+            };
             if let Some(current) = &entry.current {
                 let left = remaining(current, now);
                 if left >= min_remaining {
@@ -268,7 +311,12 @@ impl CredentialCache {
     /// Drops the sessions and allowances of pods for which `live` says no (a request that raced
     /// the pod's deletion may have put its session back; refreshing it would cost STS forever).
     pub fn retain_pods(&self, live: impl Fn(&str) -> bool) -> usize {
-        let dead: Vec<String> = self.lock_owners().keys().filter(|uid| !live(uid)).cloned().collect();
+        let dead: Vec<String> = self
+            .inner
+            .owners
+            .each()
+            .flat_map(|owners| owners.keys().filter(|uid| !live(uid)).cloned().collect::<Vec<_>>())
+            .collect();
         for uid in &dead {
             self.pod_gone(uid);
         }
@@ -299,7 +347,7 @@ impl CredentialCache {
 
     /// Forgets the pod `pod_uid` and drops its session.
     pub fn release(&self, pod_uid: &str) {
-        let old = self.lock_owners().remove(pod_uid);
+        let old = self.inner.owners.of(pod_uid).remove(pod_uid);
         if let Some(old) = old {
             self.drop_session(&old);
         }
@@ -307,24 +355,25 @@ impl CredentialCache {
 
     /// Whether the pod `pod_uid` holds a session.
     pub fn holds(&self, pod_uid: &str) -> bool {
-        self.lock_owners().contains_key(pod_uid)
+        self.inner.owners.of(pod_uid).contains_key(pod_uid)
     }
 
     /// Starts background refreshes for sessions close to expiry; returns how many it started.
     pub fn refresh_due(&self) -> usize {
         let now = (self.inner.clock)();
         let mut started = 0;
-        let mut entries = self.lock_entries();
-        let keys: Vec<SessionKey> = entries.keys().cloned().collect();
-        for key in keys {
-            let Some(entry) = entries.get_mut(&key) else { continue };
-            let due = entry
-                .current
-                .as_ref()
-                .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
-            if due && self.may_fetch(entry, now) {
-                drop(self.start_fetch(entry, key, false, false));
-                started += 1;
+        for mut entries in self.inner.entries.each() {
+            let keys: Vec<SessionKey> = entries.keys().cloned().collect();
+            for key in keys {
+                let Some(entry) = entries.get_mut(&key) else { continue };
+                let due = entry
+                    .current
+                    .as_ref()
+                    .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
+                if due && self.may_fetch(entry, now) {
+                    drop(self.start_fetch(entry, key, false, false));
+                    started += 1;
+                }
             }
         }
         started
@@ -351,7 +400,7 @@ impl CredentialCache {
 
     /// Number of sessions held.
     pub fn len(&self) -> usize {
-        self.lock_entries().len()
+        self.inner.sessions()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -387,7 +436,7 @@ impl CredentialCache {
         let task = tokio::spawn(async move {
             let result = inner.sts.assume_role(key.clone(), duration, call_urgency).await.map(Arc::new);
             let now = (inner.clock)();
-            let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut entries = inner.entries.of(&key.pod_uid);
             // The session may have been dropped (pod deleted) while STS answered.
             // No session was made: the call gave way to waiting pods, or STS was unavailable (an
             // outage is not the pod's doing: its retries are paced by the backoff, and must not
@@ -417,7 +466,8 @@ impl CredentialCache {
                     }
                 }
             }
-            inner.metrics.cached_sessions.set(entries.len() as i64);
+            drop(entries);
+            inner.metrics.cached_sessions.set(inner.sessions() as i64);
             result
         });
         let fetch = async move {
@@ -433,24 +483,22 @@ impl CredentialCache {
     /// Records that `key.pod_uid` now holds `key`; the session it held before (another role,
     /// session name or ExternalId) is dropped.
     fn register(&self, key: &SessionKey) {
-        let previous = self.lock_owners().insert(key.pod_uid.clone(), key.clone());
+        let previous = {
+            let mut owners = self.inner.owners.of(&key.pod_uid);
+            if owners.get(&key.pod_uid) == Some(key) {
+                // The usual case (every hit): nothing to copy or drop.
+                return;
+            }
+            owners.insert(key.pod_uid.clone(), key.clone())
+        };
         if let Some(previous) = previous.filter(|p| p != key) {
             self.drop_session(&previous);
         }
     }
 
     fn drop_session(&self, key: &SessionKey) {
-        let mut entries = self.lock_entries();
-        entries.remove(key);
-        self.inner.metrics.cached_sessions.set(entries.len() as i64);
-    }
-
-    fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Entry>> {
-        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionKey>> {
-        self.inner.owners.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.entries.of(&key.pod_uid).remove(key);
+        self.inner.metrics.cached_sessions.set(self.inner.sessions() as i64);
     }
 }
 
