@@ -90,26 +90,9 @@ fn main() -> Result<()> {
 }
 
 async fn bare(listen: SocketAddr, body_size: usize) -> Result<()> {
-    use http_body_util::Full;
-    let body = bytes::Bytes::from(vec![b'x'; body_size]);
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let body = body.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                let mut response = http::Response::new(Full::new(body.clone()));
-                response
-                    .headers_mut()
-                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    load::serve_bare(listener, bytes::Bytes::from(vec![b'x'; body_size]), std::future::pending()).await?;
+    Ok(())
 }
 
 async fn storm_client(path: String) -> Result<()> {
@@ -442,8 +425,9 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
         |what: &str| format!("imdsgate_server_sts_call_duration_seconds_{what}{{result=\"Success\"}}");
     let (sts_sum0, sts_count0) =
         (b.server.metric(&sts_sample("sum")).await?, b.server.metric(&sts_sample("count")).await?);
-    let creds =
-        storm(&b, storm_n, 2, "storm", &format!("/latest/meta-data/iam/security-credentials/{ROLE}")).await?;
+    let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE}");
+    let creds = storm(&b, storm_n, 2, "storm", &creds_path, StormMode::ObjectsFirst).await?;
+    let together = storm(&b, storm_n, 5, "together", &creds_path, StormMode::Together).await?;
     let (sts_sum, sts_count) = (
         b.server.metric(&sts_sample("sum")).await? - sts_sum0,
         b.server.metric(&sts_sample("count")).await? - sts_count0,
@@ -451,14 +435,26 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
     let sts_mean_ms = if sts_count > 0.0 { sts_sum / sts_count * 1000.0 } else { 0.0 };
     // --- 3. memory ---------------------------------------------------------------------------
     let cluster = &b.cluster;
-    let known = storm(&b, storm_n, 4, "known", "/latest/meta-data/iam/security-credentials/").await?;
+    let known = storm(
+        &b,
+        storm_n,
+        4,
+        "known",
+        "/latest/meta-data/iam/security-credentials/",
+        StormMode::ObjectsFirst,
+    )
+    .await?;
     r.line("## 2. Start storm");
     r.line("");
-    r.line(format!("{storm_n} pods with roles created at once on one node (objects on the real apiserver), then their IPs set through the status subresource, 32 at a time (all {storm_n} within {:.2} s). Each pod asks the moment its IP is set, once, from its own source address, and waits up to the agent's `--pod-wait` (2 s). First storm: the credentials (agent watch → server watch → STS AssumeRole in moto). Second storm, 200 other pods: the role name, which the agent answers from its own watch — the time for a pod to become known to its node.", creds.spread));
+    r.line(format!("{storm_n} pods with roles on one node (objects on the real apiserver), their IPs set through the status subresource, 32 at a time (all {storm_n} within {:.2} s). Each pod asks the moment its IP is set, once, from its own source address, and waits up to the agent's `--pod-wait` (2 s); latency is from the IP being set to the answer. Three storms of {storm_n} different pods: (1) credentials, the Pod objects created first and their IPs set once the server has prefetched their sessions (as when a pod is scheduled and its sandbox starts: the Pod object exists well before its IP); (2) credentials, each Pod object created and its IP set at once (the STS call is then inside the measurement); (3) the role name, which the agent answers from its own watch — the time for a pod to become known to its node.", creds.spread));
     r.line("");
     r.line("| storm | first requests | failed | p50 ms | p99 ms | max ms |");
     r.line("|---|---|---|---|---|---|");
-    for (name, st) in [("credentials", &creds), ("role name (pod known to the agent)", &known)] {
+    for (name, st) in [
+        ("credentials, Pod object first", &creds),
+        ("credentials, object and IP together", &together),
+        ("role name (pod known to the agent)", &known),
+    ] {
         r.line(format!(
             "| {name} | {} | {} | {} | {} | {} |",
             st.latencies.len(),
@@ -469,12 +465,21 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
         ));
     }
     r.line("");
-    r.line(format!("STS during the credentials storm: {sts_count:.0} AssumeRole calls (one per pod: prefetch and request share the call), mean {sts_mean_ms:.0} ms each as the server saw them; moto alone answers one call in {moto_latency:.1} ms, so the rest is moto serving 200 calls one after another (it is a single Python process)."));
+    r.line(format!("STS during the two credentials storms: {sts_count:.0} AssumeRole calls (one per pod: the server's prefetch when the Pod object appears, the agent's prefetch when its IP does, and the pod's request share the call), mean {sts_mean_ms:.0} ms each as the server saw them; moto alone answers one call in {moto_latency:.1} ms, so the rest is moto serving calls one after another (it is a single Python process)."));
+    r.line("");
+    let first_ok = creds.pct(0.5) <= 10_000.0 && creds.pct(1.0) <= 25_000.0;
+    r.line(format!(
+        "First request of a new pod whose Pod object existed before its IP: median {} ms, max {} ms (target ≤ 10 ms median, ≤ 25 ms max: {}). With object and IP together the STS call (moto, {moto_latency:.1} ms alone, queued behind the storm's other calls) is inside the figure: median {} ms.",
+        ms(creds.pct(0.5)),
+        ms(creds.pct(1.0)),
+        if first_ok { "met" } else { "NOT met" },
+        ms(together.pct(0.5))
+    ));
     r.line("");
     let known_p99 = known.pct(0.99) / 1000.0;
     r.line(format!(
         "Zero failed first requests: {}. Credentials ready within 100 ms of the IP appearing, emulator latency excluded: the part imdsgate controls — the pod known to its agent — takes p99 {known_p99:.1} ms ({}); credentials add the emulator's queue (mean {sts_mean_ms:.0} ms per call under the storm).",
-        if creds.failed == 0 && known.failed == 0 { "met" } else { "NOT met" },
+        if creds.failed == 0 && together.failed == 0 && known.failed == 0 { "met" } else { "NOT met" },
         if known_p99 <= 100.0 { "met" } else { "NOT met" }
     ));
     r.line("");
@@ -557,14 +562,31 @@ async fn all(out: std::path::PathBuf, seconds: u64, server_pods: usize) -> Resul
     r.line("");
 
     // --- 5. fan-in ---------------------------------------------------------------------------
-    let fan = fan_in(&b, seconds).await?;
+    // The first credentials storm's pods: their sessions are held by the server.
+    let pods_api = kube::Api::<Pod>::namespaced(b.cluster.client(), "bench");
+    let mut fan_pods = Vec::new();
+    for i in 1..=storm_n {
+        let pod = pods_api.get(&format!("storm-{i}")).await?;
+        fan_pods.push((format!("10.220.2.{i}"), pod.metadata.uid.context("uid")?));
+    }
     r.line("## 5. Server under fan-in");
     r.line("");
-    r.line(format!("{} concurrent gRPC callers over {} mutual-TLS connections (as many agents), all cache hits for one pod, {seconds} s, against one server.", fan.0, fan.1));
+    r.line(format!("Concurrent gRPC callers over mutual-TLS connections (as many agents, each caller on one connection), spread over {} pods whose sessions the server holds (all cache hits), {seconds} s per row, against one server. The credential cache is sharded 32 ways by pod UID.", fan_pods.len()));
     r.line("");
-    r.line("| requests/s | p50 ms | p99 ms | errors |");
-    r.line("|---|---|---|---|");
-    r.line(format!("| {:.0} | {} | {} | {} |", fan.2.rps, ms(fan.2.p50_us), ms(fan.2.p99_us), fan.2.errors));
+    r.line("| callers | connections | requests/s | p50 ms | p99 ms | errors |");
+    r.line("|---|---|---|---|---|---|");
+    for (callers, channels) in
+        [(64, 8), (64, 64), (512, 8), (512, 64), (512, 512), (2048, 8), (2048, 64), (2048, 512)]
+    {
+        let fan = fan_in(&b, seconds, callers, channels, &fan_pods).await?;
+        r.line(format!(
+            "| {callers} | {channels} | {:.0} | {} | {} | {} |",
+            fan.rps,
+            ms(fan.p50_us),
+            ms(fan.p99_us),
+            fan.errors
+        ));
+    }
     r.line("");
     r.line(format!("Total run: {:.0} s.", started.elapsed().as_secs_f64()));
     if let Ok(history) =
@@ -591,9 +613,24 @@ impl Storm {
     }
 }
 
+/// One storm pod's object: on the bench node, with the bench role.
+async fn create_storm_pod(cluster: &imdsgate_e2e::Cluster, name: &str) -> Result<Pod> {
+    cluster.create_pod(&PodSpec::new("bench", name, NODE).annotation("iam.amazonaws.com/role", ROLE)).await
+}
+
+/// How a storm's pods appear.
+#[derive(Clone, Copy, PartialEq)]
+enum StormMode {
+    /// Every Pod object is created first; IPs are set once the server has fetched (prefetched)
+    /// a session per pod, or after 60 s.
+    ObjectsFirst,
+    /// Each Pod object is created and its IP set right after.
+    Together,
+}
+
 /// `n` pods with roles on the bench node, IPs 10.220.<octet>.1..n in one network namespace; each
 /// asks for `path` once, the moment its IP is set.
-async fn storm(b: &Bed, n: usize, octet: u8, prefix: &str, path: &str) -> Result<Storm> {
+async fn storm(b: &Bed, n: usize, octet: u8, prefix: &str, path: &str, mode: StormMode) -> Result<Storm> {
     let first = Ipv4Addr::new(10, 220, octet, 1);
     let storm_ns = b.node.add_pod(first)?;
     let batch: String = (2..=n).map(|i| format!("addr add 10.220.{octet}.{i}/32 dev eth0\n")).collect();
@@ -613,15 +650,20 @@ async fn storm(b: &Bed, n: usize, octet: u8, prefix: &str, path: &str) -> Result
     let cluster = &b.cluster;
     let names: Vec<(String, Ipv4Addr)> =
         (1..=n).map(|i| (format!("{prefix}-{i}"), Ipv4Addr::new(10, 220, octet, i as u8))).collect();
-    futures::stream::iter(names.iter())
-        .map(|(name, _)| async move {
-            cluster
-                .create_pod(&PodSpec::new("bench", name, NODE).annotation("iam.amazonaws.com/role", ROLE))
-                .await
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await?;
+
+    if mode == StormMode::ObjectsFirst {
+        let sessions = "imdsgate_server_sts_calls_total{result=\"Success\"}";
+        let before = b.server.metric(sessions).await?;
+        futures::stream::iter(names.iter())
+            .map(|(name, _)| create_storm_pod(cluster, name))
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while b.server.metric(sessions).await? < before + n as f64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut client = storm_ns
         .command(std::env::current_exe()?)
         .args(["storm-client", "--path", path])
@@ -634,6 +676,9 @@ async fn storm(b: &Bed, n: usize, octet: u8, prefix: &str, path: &str) -> Result
         .map(|(name, ip)| {
             let stdin = stdin.clone();
             async move {
+                if mode == StormMode::Together {
+                    create_storm_pod(cluster, name).await?;
+                }
                 cluster.set_pod_status("bench", name, &[&ip.to_string()], "Running").await?;
                 // The pod asks the moment its IP is set.
                 writeln!(stdin.lock().expect("stdin"), "{ip}")?;
@@ -762,46 +807,48 @@ async fn sts_economy() -> (f64, usize, u64) {
     (sts.calls.load(Ordering::SeqCst) as f64 / pods as f64, pods, hours)
 }
 
-async fn fan_in(b: &Bed, seconds: u64) -> Result<(usize, usize, LoadReport)> {
+/// `callers` concurrent gRPC callers over `channels` mutual-TLS connections (as many agents),
+/// spread over `pods` (IP, UID) whose sessions the server holds: all cache hits.
+async fn fan_in(
+    b: &Bed,
+    seconds: u64,
+    callers: usize,
+    channels: usize,
+    pods: &[(String, String)],
+) -> Result<LoadReport> {
     let token = b
         .cluster
         .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&b.agent_pod))
         .await?;
-    let uid = kube::Api::<Pod>::namespaced(b.cluster.client(), "bench")
-        .get("load")
-        .await?
-        .metadata
-        .uid
-        .context("uid")?;
-    let channels = 8usize;
-    let per_channel = 8usize;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..channels {
-        let client = grpc_client(b.server.grpc, &b.pki.ca.cert_pem(), Some(&b.pki.agent)).await?;
-        for _ in 0..per_channel {
-            let (mut client, token, uid) = (client.clone(), token.clone(), uid.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0u64;
-                while Instant::now() < deadline {
-                    let mut req = tonic::Request::new(imdsgate_proto::v1::GetCredentialsRequest {
-                        pod_ip: "10.220.1.10".into(),
-                        pod_uid: uid.clone(),
-                        role: ROLE.into(),
-                    });
-                    req.metadata_mut()
-                        .insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
-                    let t = Instant::now();
-                    if client.get_credentials(req).await.is_err() {
-                        errors += 1;
-                    }
-                    lat.push(t.elapsed().as_micros() as u32);
+        clients.push(grpc_client(b.server.grpc, &b.pki.ca.cert_pem(), Some(&b.pki.agent)).await?);
+    }
+    let mut tasks = Vec::new();
+    for caller in 0..callers {
+        let mut client = clients[caller % channels].clone();
+        let (ip, uid) = pods[caller % pods.len()].clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let mut req = tonic::Request::new(imdsgate_proto::v1::GetCredentialsRequest {
+                    pod_ip: ip.clone(),
+                    pod_uid: uid.clone(),
+                    role: ROLE.into(),
+                });
+                req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+                let t = Instant::now();
+                if client.get_credentials(req).await.is_err() {
+                    errors += 1;
                 }
-                (lat, errors)
-            }));
-        }
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            (lat, errors)
+        }));
     }
     let (mut all, mut errors) = (Vec::new(), 0);
     for t in tasks {
@@ -809,6 +856,5 @@ async fn fan_in(b: &Bed, seconds: u64) -> Result<(usize, usize, LoadReport)> {
         all.extend(lat);
         errors += task_errors;
     }
-    let report = LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64());
-    Ok((channels * per_channel, channels, report))
+    Ok(LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64()))
 }
