@@ -420,3 +420,45 @@ pub fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
     .with_no_client_auth();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
+
+/// A Pod CREATE AdmissionReview in `namespace` as the apiserver sends it, with request uid `uid`.
+pub fn pod_review(uid: &str, namespace: &str, pod: serde_json::Value) -> String {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "name": pod["metadata"]["name"].clone(),
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": { "username": "tester" },
+            "object": pod,
+            "dryRun": false
+        }
+    })
+    .to_string()
+}
+
+/// POSTs `body` to the webhook's `/validate/pods` at `webhook` over TLS (trusting `ca_pem`, as the
+/// apiserver would) on a fresh connection; the HTTP status (0 if none) and the whole response.
+pub async fn post_review(webhook: SocketAddr, ca_pem: &str, body: &str) -> Result<(u16, String)> {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(webhook).await.context("the webhook listens")?;
+    let mut tls = tls_connector(ca_pem).connect(ServerName::try_from("localhost")?, tcp).await?;
+    let request = format!(
+        "POST /validate/pods HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw))
+        .await
+        .context("an answer")?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}

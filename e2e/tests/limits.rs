@@ -11,7 +11,6 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
 /// The agent's admin port inside the node namespace, bound to 127.0.0.1 by the harness.
@@ -71,43 +70,14 @@ fn closed_after(v: &Value) -> Vec<u64> {
 
 /// One AdmissionReview POSTed over TLS from 127.0.0.1; returns the status and body.
 async fn review(webhook: SocketAddr, ca_pem: &str) -> (u16, String) {
-    use rustls::pki_types::ServerName;
-    let connector = imdsgate_e2e::components::tls_connector(ca_pem);
-    let tcp = tokio::net::TcpStream::connect(webhook).await.unwrap();
-    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-    let body = serde_json::json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "limits-review-1",
-            "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "name": "p",
-            "namespace": "team-l",
-            "operation": "CREATE",
-            "userInfo": { "username": "tester" },
-            "object": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": { "name": "p", "namespace": "team-l" },
-                "spec": { "containers": [{ "name": "c", "image": "registry.invalid/app:1" }] }
-            },
-            "dryRun": false
-        }
-    })
-    .to_string();
-    let request = format!(
-        "POST /validate/pods HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ =
-        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await.expect("an answer");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "p", "namespace": "team-l" },
+        "spec": { "containers": [{ "name": "c", "image": "registry.invalid/app:1" }] }
+    });
+    let body = imdsgate_e2e::components::pod_review("limits-review-1", "team-l", pod);
+    imdsgate_e2e::components::post_review(webhook, ca_pem, &body).await.unwrap()
 }
 
 #[tokio::test]

@@ -154,38 +154,9 @@ async fn review(
     namespace: &str,
     pod: serde_json::Value,
 ) -> serde_json::Value {
-    use rustls::pki_types::ServerName;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let connector = imdsgate_e2e::components::tls_connector(ca_pem);
-    let tcp = tokio::net::TcpStream::connect(webhook).await.expect("the webhook listens");
-    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-    let body = serde_json::json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "server-review-1",
-            "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "name": "p",
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": { "username": "tester" },
-            "object": pod,
-            "dryRun": false
-        }
-    })
-    .to_string();
-    let request = format!(
-        "POST /validate/pods HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ =
-        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await.expect("an answer");
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = imdsgate_e2e::components::pod_review("server-review-1", namespace, pod);
+    let (status, text) = imdsgate_e2e::components::post_review(webhook, ca_pem, &body).await.unwrap();
+    assert_eq!(status, 200, "{text}");
     let (_, json) = text.split_once("\r\n\r\n").expect("a body");
     serde_json::from_str::<serde_json::Value>(json).expect("an AdmissionReview")["response"].clone()
 }
