@@ -136,6 +136,45 @@ async fn the_apiserver_rejects_what_the_webhook_denies() {
         .await,
         "tolerates imdsgate.io/server-node:NoSchedule",
     );
+    // A DaemonSet's pod, as its controller creates it: tolerating every taint (node-exporter, log
+    // shippers) and pinned to one node by `matchFields metadata.name`. Judged by that node.
+    let daemon_pod = |name: &str, node: &str| {
+        json!({
+            "metadata": { "name": name, "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "DaemonSet",
+                "name": "exporter", "uid": "0b5c1a4e-1d0e-4a55-9a3e-4a7d6f1c2b3a", "controller": true }] },
+            "spec": {
+                "tolerations": [{ "operator": "Exists" }],
+                "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+                    { "matchFields": [{ "key": "metadata.name", "operator": "In", "values": [node] }] }] } } }
+            }
+        })
+    };
+    create(&cluster, "team", daemon_pod("exporter-worker", "worker-1"))
+        .await
+        .expect("a DaemonSet pod pinned to a worker is admitted");
+    Api::<Pod>::namespaced(cluster.client(), "team")
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            "exporter-worker",
+            &PostParams::default(),
+            &json!({ "apiVersion": "v1", "kind": "Binding", "metadata": { "name": "exporter-worker", "namespace": "team" },
+                     "target": { "apiVersion": "v1", "kind": "Node", "name": "worker-1" } }),
+        )
+        .await
+        .expect("and bound there, as the scheduler would");
+    let relabel = json!({ "metadata": { "labels": { "pod-template-generation": "2" } } });
+    Api::<Pod>::namespaced(cluster.client(), "team")
+        .patch("exporter-worker", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .expect("and updated there");
+    rejected(
+        create(&cluster, "team", daemon_pod("exporter-server", "server-1")).await,
+        "imdsgate.io/server-node DoesNotExist",
+    );
+    // Without the pin, the owner reference alone changes nothing.
+    let mut forged = daemon_pod("exporter-forged", "worker-1");
+    forged["spec"].as_object_mut().unwrap().remove("affinity");
+    rejected(create(&cluster, "team", forged).await, "tolerates imdsgate.io/server-node:NoSchedule");
     rejected(
         create(
             &cluster,

@@ -1,6 +1,8 @@
 //! The admission webhook (`POST /validate/pods`, AdmissionReview v1, for pods and their
 //! `pods/binding` subresource): keeps pods off the server nodes — whose instance role may assume
-//! every pod role — and off nodes it cannot vouch for (unknown yet, or unreadable); refuses
+//! every pod role — and off nodes it cannot vouch for (unknown yet, or unreadable); a pod that
+//! tolerates the server taint but is bound (`spec.nodeName`) or pinned by name to one node (a
+//! DaemonSet's pod) is judged by that node; refuses
 //! hostNetwork pods (they bypass the agent and reach the node's own role) outside the exemptions;
 //! refuses, at creation, roles a namespace does not permit, with the same resolution and policy
 //! code the server uses at request time, and session-name overrides that STS would not take as
@@ -301,11 +303,44 @@ impl Admission {
         if self.config.exempt_namespaces.contains(namespace) {
             return Verdict::Exempt;
         }
-        if let Some(verdict) = check_placement(&self.config, pod) {
-            return verdict;
-        }
         let spec = pod.spec.clone().unwrap_or_default();
-        let old_node = old.and_then(|o| o.spec.as_ref()).and_then(|s| s.node_name.as_deref());
+        let bound = spec.node_name.as_deref().is_some_and(|n| !n.is_empty());
+        let pinned = pinned_node(spec.affinity.as_ref()).filter(|_| !bound);
+        match check_placement(&self.config, pod) {
+            None => {}
+            // A toleration of the server taint matters where the scheduler may choose the node. A
+            // pod bound to a node (spec.nodeName, judged below) or pinned to one by name (as the
+            // DaemonSet controller pins each of its pods) can run nowhere else: that node decides.
+            Some(Verdict::Deny(DenyReason::ServerTaintToleration, _)) if bound || pinned.is_some() => {}
+            Some(verdict) => return verdict,
+        }
+        // The pin decides however the pod was made (anyone can write a DaemonSet owner reference).
+        // On UPDATE, a pin and tolerations that did not change were judged at creation.
+        let old_spec = old.and_then(|o| o.spec.as_ref());
+        let pin_unchanged = old_spec
+            .is_some_and(|o| pinned_node(o.affinity.as_ref()) == pinned && o.tolerations == spec.tolerations);
+        if let Some(node) = pinned.as_deref().filter(|_| !pin_unchanged) {
+            match self.node_kind(node).await {
+                NodeKind::Ordinary => {}
+                NodeKind::Server => {
+                    return Verdict::Deny(
+                        DenyReason::ServerNodeAffinity,
+                        self.pinned_to_server_message(node),
+                    );
+                }
+                other => {
+                    return Verdict::Deny(
+                        DenyReason::UnknownNode,
+                        unknown_node_message(
+                            "the required node affinity's matchFields metadata.name",
+                            node,
+                            &other,
+                        ),
+                    );
+                }
+            }
+        }
+        let old_node = old_spec.and_then(|s| s.node_name.as_deref());
         if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty() && old_node != Some(*n)) {
             match self.node_kind(node).await {
                 NodeKind::Ordinary => {}
@@ -367,6 +402,14 @@ impl Admission {
         Verdict::Allow
     }
 
+    fn pinned_to_server_message(&self, node: &str) -> String {
+        let key = self.config.server_node_labels.keys().next().map(String::as_str).unwrap_or_default();
+        format!(
+            "the pod's required node affinity pins it to {node:?} (matchFields metadata.name, as a DaemonSet's pods are), an imdsgate server node (labels {}); server nodes run only the imdsgate server. A DaemonSet that must not run there should keep off server nodes with a required node affinity `{key} DoesNotExist` in its pod template (its controller then creates no pod there); one that must run there needs its namespace exempted (--webhook-exempt-namespaces).",
+            show_labels(&self.config.server_node_labels)
+        )
+    }
+
     async fn namespace_policy(&self, namespace: &str) -> Arc<crate::policy::NamespacePolicy> {
         if self.authorizer.namespaces.contains(namespace) {
             return self.authorizer.namespaces.policy(namespace);
@@ -424,7 +467,39 @@ fn unknown_node_message(field: &str, node: &str, kind: &NodeKind) -> String {
     }
 }
 
+/// The one node a pod's required node affinity allows, when every term pins it by name —
+/// `matchFields: [{key: metadata.name, operator: In, values: [<node>]}]`, as the DaemonSet
+/// controller pins each of its pods — and all name the same node. Anything else (several nodes or
+/// values, `matchExpressions` on a label such as `kubernetes.io/hostname`, which a node's owner
+/// sets) is no pin. Owner references play no part: anyone creating a pod can write them.
+pub fn pinned_node(affinity: Option<&Affinity>) -> Option<String> {
+    let terms = required_terms(affinity);
+    let mut pinned: Option<&str> = None;
+    for term in &terms {
+        let pins = term.match_fields.iter().flatten().filter_map(|r| match r.values.as_deref() {
+            Some([node]) if r.key == "metadata.name" && r.operator == "In" && !node.is_empty() => {
+                Some(node.as_str())
+            }
+            _ => None,
+        });
+        let mut pinned_here = false;
+        for node in pins {
+            if pinned.is_some_and(|p| p != node) {
+                return None;
+            }
+            pinned = Some(node);
+            pinned_here = true;
+        }
+        if !pinned_here {
+            return None;
+        }
+    }
+    pinned.map(str::to_string)
+}
+
 /// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations.
+/// A toleration of the server taint is refused here whatever the pod's node; the webhook lifts
+/// that refusal for a pod bound or pinned to one node once it has judged that node.
 pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
     let spec = pod.spec.clone().unwrap_or_default();
     let has_role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION).is_some();
@@ -743,6 +818,50 @@ mod tests {
         );
     }
 
+    fn pin(terms: serde_json::Value) -> Option<String> {
+        let affinity: Affinity = serde_json::from_value(json!({ "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": terms } } }))
+        .unwrap();
+        pinned_node(Some(&affinity))
+    }
+
+    #[test]
+    fn only_a_required_match_fields_name_in_one_node_in_every_term_is_a_pin() {
+        let name_in =
+            |nodes: serde_json::Value| json!({ "key": "metadata.name", "operator": "In", "values": nodes });
+        // As the DaemonSet controller writes it.
+        assert_eq!(
+            pin(json!([{ "matchFields": [name_in(json!(["worker-1"]))] }])).as_deref(),
+            Some("worker-1")
+        );
+        // Other requirements only narrow a pinned term; every term pinned to the same node.
+        assert_eq!(
+            pin(json!([
+                { "matchFields": [name_in(json!(["worker-1"]))],
+                  "matchExpressions": [{ "key": "zone", "operator": "In", "values": ["a"] }] },
+                { "matchFields": [name_in(json!(["worker-1"])), name_in(json!(["worker-1", "server-1"]))] }
+            ]))
+            .as_deref(),
+            Some("worker-1")
+        );
+        for not_a_pin in [
+            json!([{ "matchFields": [name_in(json!(["worker-1", "server-1"]))] }]),
+            json!([{ "matchFields": [name_in(json!([]))] }]),
+            json!([{ "matchFields": [name_in(json!([""]))] }]),
+            json!([{ "matchFields": [{ "key": "metadata.name", "operator": "NotIn", "values": ["server-1"] }] }]),
+            json!([{ "matchExpressions": [name_in(json!(["worker-1"]))] }]),
+            json!([{ "matchExpressions": [{ "key": "kubernetes.io/hostname", "operator": "In", "values": ["worker-1"] }] }]),
+            // Terms are alternatives: one unpinned term lets the scheduler choose.
+            json!([{ "matchFields": [name_in(json!(["worker-1"]))] }, { "matchExpressions": [{ "key": "zone", "operator": "Exists" }] }]),
+            json!([{ "matchFields": [name_in(json!(["worker-1"]))] }, { "matchFields": [name_in(json!(["server-1"]))] }]),
+            json!([{ "matchFields": [name_in(json!(["worker-1"])), name_in(json!(["server-1"]))] }]),
+            json!([]),
+        ] {
+            assert_eq!(pin(not_a_pin.clone()), None, "{not_a_pin}");
+        }
+        assert_eq!(pinned_node(None), None);
+    }
+
     #[test]
     fn messages_say_what_to_change() {
         let c = config();
@@ -982,6 +1101,187 @@ mod review_tests {
             a.decide_change("team", &pod("root", "node-x"), Some(&old)).await,
             Verdict::Deny(DenyReason::RoleNotPermitted, _)
         ));
+    }
+
+    /// An apiserver that knows two nodes, `worker-1` and the server node `server-1`, and
+    /// answers every other read of a node with 404; `broken-1` with a 500.
+    fn with_nodes(mut a: Admission) -> Admission {
+        let service = imdsgate_core::http_server::service_fn(
+            |req: http::Request<kube::client::Body>| async move {
+                let node = |name: &str, labels: serde_json::Value| json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name, "labels": labels } });
+                let (status, body) = match req.uri().path().strip_prefix("/api/v1/nodes/") {
+                    Some("worker-1") => {
+                        (200, node("worker-1", json!({ "kubernetes.io/hostname": "worker-1" })))
+                    }
+                    Some("server-1") => (200, node("server-1", json!({ "imdsgate.io/server-node": "true" }))),
+                    Some("broken-1") => (
+                        500,
+                        json!({ "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 500,
+                            "reason": "InternalError", "message": "etcdserver: request timed out" }),
+                    ),
+                    other => (
+                        404,
+                        json!({ "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404,
+                            "reason": "NotFound", "message": format!("nodes {other:?} not found") }),
+                    ),
+                };
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                        .unwrap(),
+                )
+            },
+        );
+        a.client = Some(kube::Client::new(service, "default"));
+        a
+    }
+
+    /// A pod as the DaemonSet controller makes it: owned by a DaemonSet, tolerating every taint,
+    /// pinned to `node` by `matchFields metadata.name`.
+    fn daemon_pod(node: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": "exporter-x7k2p", "ownerReferences": [{ "apiVersion": "apps/v1",
+                "kind": "DaemonSet", "name": "exporter", "uid": "0b5c1a4e-1d0e-4a55-9a3e-4a7d6f1c2b3a",
+                "controller": true, "blockOwnerDeletion": true }] },
+            "spec": {
+                "containers": [{ "name": "c", "image": "i" }],
+                "tolerations": [{ "operator": "Exists" },
+                                { "key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute" }],
+                "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+                    { "matchFields": [{ "key": "metadata.name", "operator": "In", "values": [node] }] }
+                ] } } }
+            }
+        }))
+        .unwrap()
+    }
+
+    fn deny_reason(v: Verdict) -> Option<DenyReason> {
+        match v {
+            Verdict::Deny(r, _) => Some(r),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_daemonset_pod_that_tolerates_everything_is_judged_by_the_node_it_is_pinned_to() {
+        let a = with_nodes(admission());
+        assert_eq!(a.decide("team", &daemon_pod("worker-1")).await, Verdict::Allow, "an ordinary node");
+
+        let Verdict::Deny(DenyReason::ServerNodeAffinity, message) =
+            a.decide("team", &daemon_pod("server-1")).await
+        else {
+            panic!("a server node")
+        };
+        assert!(
+            message.contains("\"server-1\"")
+                && message.contains("imdsgate.io/server-node DoesNotExist")
+                && message.contains("--webhook-exempt-namespaces"),
+            "{message}"
+        );
+
+        // A node the apiserver does not know could join as a server node; one it cannot read
+        // could be one: both fail closed, with what went wrong.
+        let Verdict::Deny(DenyReason::UnknownNode, message) = a.decide("team", &daemon_pod("future-1")).await
+        else {
+            panic!("an unknown node")
+        };
+        assert!(message.contains("\"future-1\"") && message.contains("does not exist"), "{message}");
+        let Verdict::Deny(DenyReason::UnknownNode, message) = a.decide("team", &daemon_pod("broken-1")).await
+        else {
+            panic!("an unreadable node")
+        };
+        assert!(message.contains("cannot read the node") && message.contains("try again"), "{message}");
+
+        // The pin lifts only the toleration: everything else is judged as for any pod.
+        let mut role = daemon_pod("worker-1");
+        role.metadata.annotations =
+            Some([("iam.amazonaws.com/role".to_string(), "admin".to_string())].into());
+        assert_eq!(deny_reason(a.decide("team", &role).await), Some(DenyReason::RoleNotPermitted));
+        let mut host = daemon_pod("worker-1");
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(deny_reason(a.decide("team", &host).await), Some(DenyReason::HostNetwork));
+        let mut selector = daemon_pod("worker-1");
+        selector.spec.as_mut().unwrap().node_selector =
+            Some([("imdsgate.io/server-node".to_string(), "true".to_string())].into());
+        assert_eq!(deny_reason(a.decide("team", &selector).await), Some(DenyReason::ServerNodeSelector));
+        // A pod bound to another node than its pin is judged by its binding.
+        let mut bound = daemon_pod("worker-1");
+        bound.spec.as_mut().unwrap().node_name = Some("server-1".into());
+        assert_eq!(deny_reason(a.decide("team", &bound).await), Some(DenyReason::ServerNodeName));
+    }
+
+    #[tokio::test]
+    async fn anything_short_of_a_pin_to_one_node_is_judged_as_before() {
+        let a = with_nodes(admission());
+        let with_terms = |terms: serde_json::Value| {
+            let mut p = daemon_pod("worker-1");
+            p.spec.as_mut().unwrap().affinity = Some(
+                serde_json::from_value(json!({ "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": terms } } }))
+                .unwrap(),
+            );
+            p
+        };
+        let two_nodes = with_terms(json!([{ "matchFields": [
+            { "key": "metadata.name", "operator": "In", "values": ["worker-1", "server-1"] }] }]));
+        let by_label = with_terms(json!([{ "matchExpressions": [
+            { "key": "kubernetes.io/hostname", "operator": "In", "values": ["worker-1"] }] }]));
+        let label_named_like_the_field = with_terms(json!([{ "matchExpressions": [
+            { "key": "metadata.name", "operator": "In", "values": ["worker-1"] }] }]));
+        // Owner references prove nothing: a forged one without the pin is any tolerating pod.
+        let mut forged = daemon_pod("worker-1");
+        forged.spec.as_mut().unwrap().affinity = None;
+        for (what, pod) in [
+            ("pinned to two nodes", two_nodes),
+            ("pinned by a node label", by_label),
+            ("metadata.name as a label", label_named_like_the_field),
+            ("a forged DaemonSet owner without a pin", forged),
+        ] {
+            assert_eq!(
+                deny_reason(a.decide("team", &pod).await),
+                Some(DenyReason::ServerTaintToleration),
+                "{what}"
+            );
+        }
+        // A pod already bound (spec.nodeName) that tolerates everything is judged by its node too.
+        let bound = |node: &str| -> Pod {
+            serde_json::from_value(json!({ "metadata": { "name": "p" }, "spec": { "nodeName": node,
+                "tolerations": [{ "operator": "Exists" }], "containers": [{ "name": "c", "image": "i" }] } }))
+            .unwrap()
+        };
+        assert_eq!(a.decide("team", &bound("worker-1")).await, Verdict::Allow);
+        assert_eq!(deny_reason(a.decide("team", &bound("server-1")).await), Some(DenyReason::ServerNodeName));
+        assert_eq!(deny_reason(a.decide("team", &bound("future-1")).await), Some(DenyReason::UnknownNode));
+        // Without tolerating the taint, a pin to a server node is refused all the same.
+        let mut intolerant = daemon_pod("server-1");
+        intolerant.spec.as_mut().unwrap().tolerations = None;
+        assert_eq!(deny_reason(a.decide("team", &intolerant).await), Some(DenyReason::ServerNodeAffinity));
+    }
+
+    #[tokio::test]
+    async fn a_pinned_pod_is_judged_again_only_when_its_pin_or_tolerations_change() {
+        let a = with_nodes(admission());
+        // Admitted when its node was a worker; the node has since left. Updates (a label, a
+        // finalizer's removal) must not be stuck on it.
+        let old = daemon_pod("gone-1");
+        let mut labelled = old.clone();
+        labelled.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+        assert_eq!(a.decide_change("team", &labelled, Some(&old)).await, Verdict::Allow);
+        // A new pin is judged.
+        let old = daemon_pod("worker-1");
+        assert_eq!(
+            deny_reason(a.decide_change("team", &daemon_pod("server-1"), Some(&old)).await),
+            Some(DenyReason::ServerNodeAffinity)
+        );
+        // So is a toleration added to a pod whose pin is unchanged.
+        let mut old = daemon_pod("server-1");
+        old.spec.as_mut().unwrap().tolerations = None;
+        assert_eq!(
+            deny_reason(a.decide_change("team", &daemon_pod("server-1"), Some(&old)).await),
+            Some(DenyReason::ServerNodeAffinity)
+        );
     }
 
     #[tokio::test]
