@@ -254,29 +254,29 @@ mod tests {
         let i = Interception {
             ipv6: false,
             target: Some("10.0.0.1".parse().unwrap()),
-            port: 8181,
+            port: 8183,
             interfaces: vec!["cali+".parse().unwrap(), "!eth0".parse().unwrap()],
         };
         assert_eq!(
             i.dnat_rule(),
-            "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
+            "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8183"
         );
         assert_eq!(i.jump_rules(), ["-i cali+ -j IMDSGATE", "! -i eth0 -j IMDSGATE"]);
         let v6 = Interception {
             ipv6: true,
             target: Some("fd00::1".parse().unwrap()),
-            port: 8181,
+            port: 8183,
             interfaces: vec![],
         };
         assert_eq!(
             v6.dnat_rule(),
-            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00::1]:8181"
+            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00::1]:8183"
         );
         assert_eq!(v6.jump_rules(), ["-j IMDSGATE"]);
         let redirect = Interception { target: None, ..v6 };
         assert_eq!(
             redirect.dnat_rule(),
-            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8181"
+            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8183"
         );
     }
 }

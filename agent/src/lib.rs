@@ -71,11 +71,12 @@ pub struct Args {
 
     /// Address of the IMDS listener that the iptables rules redirect to. The default `[::]` takes
     /// IPv4 and IPv6 (IPv4 only where the kernel has no IPv6).
-    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "[::]:8181", global = true)]
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "[::]:8183", global = true)]
     pub listen: SocketAddr,
 
-    /// Address of the admin HTTP listener (/healthz, /readyz, /metrics).
-    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:9611", global = true)]
+    /// Address of the admin HTTP listener (/healthz, /readyz, /metrics). The manifests bind it to
+    /// the node's IP ($(HOST_IP):8184), where the kubelet's probes and Prometheus reach it.
+    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:8184", global = true)]
     pub admin_listen: SocketAddr,
 
     /// Install the iptables rule that redirects pod traffic for 169.254.169.254:80 to --listen.
@@ -204,8 +205,9 @@ pub enum IptablesAction {
     /// Remove the IMDSGATE chain and its PREROUTING jumps (pods then reach the real metadata
     /// service: do this only when removing imdsgate).
     Uninstall {
-        /// First wait until the node's agent has exited (nothing answers on 127.0.0.1 at the
-        /// --admin-listen port), so it cannot put the rule back; give up after this long.
+        /// First wait until the node's agent has exited (nothing answers at --admin-listen, or at
+        /// 127.0.0.1 on its port when its address is 0.0.0.0 or [::]), so it cannot put the rule
+        /// back; give up after this long.
         #[arg(long, env = "IMDSGATE_AFTER_AGENT_EXIT", value_parser = parse_duration)]
         after_agent_exit: Option<Duration>,
     },
@@ -231,7 +233,10 @@ impl Args {
         init_logging(args.common.log_format);
         match &args.command {
             Some(Command::Iptables { action: IptablesAction::Uninstall { after_agent_exit } }) => {
-                let admin = SocketAddr::from(([127, 0, 0, 1], args.admin_listen.port()));
+                let admin = match args.admin_listen {
+                    any if any.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], any.port())),
+                    admin => admin,
+                };
                 let wait = *after_agent_exit;
                 return imdsgate_core::process::run_to_exit("imdsgate-agent", async move {
                     if let Some(timeout) = wait {

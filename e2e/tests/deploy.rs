@@ -1,6 +1,7 @@
 //! deploy/ on a real apiserver: every kustomization passes a server-side dry run, the Secrets that
 //! scripts/gen-certs.sh writes are accepted, an overlay that only sets another namespace moves the
-//! whole install there, and each ServiceAccount has what it needs and nothing it should not.
+//! whole install there, each ServiceAccount has what it needs and nothing it should not, the
+//! namespace admits the agent (Pod Security privileged) and an overlay moves the agent's ports.
 
 use imdsgate_e2e::components::install_rbac;
 use imdsgate_e2e::process::run;
@@ -408,4 +409,91 @@ async fn service_accounts_have_exactly_the_rights_they_need() {
     ] {
         assert!(!can("imdsgate-agent", verb, resource), "agent must not {verb} {resource}");
     }
+}
+
+/// The agent fails Pod Security's baseline (host network, NET_ADMIN, hostPath), so its namespace is
+/// privileged; the server alone would pass restricted. Each agent port is written once: an overlay
+/// that changes the containerPorts (and the admin port's annotation, a string) moves the listeners,
+/// and the admin port listens on the node's IP only.
+#[tokio::test]
+async fn the_agent_needs_a_privileged_namespace_and_an_overlay_moves_its_ports_in_one_place() {
+    if !e2e_enabled("the_agent_needs_a_privileged_namespace_and_an_overlay_moves_its_ports_in_one_place") {
+        return;
+    }
+    let cluster = Cluster::start().await.expect("cluster");
+    cluster.apply(&["-f", &path("deploy/base/namespace.yaml")]).unwrap();
+    let labels =
+        cluster.kubectl(&["get", "namespace", "imdsgate", "-o", "jsonpath={.metadata.labels}"]).unwrap();
+    for mode in ["enforce", "audit", "warn"] {
+        assert!(labels.contains(&format!(r#""pod-security.kubernetes.io/{mode}":"privileged""#)), "{labels}");
+    }
+
+    // What Pod Security says of each workload, from the warnings of a server-side dry run into a
+    // namespace that warns at a level.
+    let base = objects(&cluster.kubectl(&["kustomize", &path("deploy/base")]).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let warnings = |key: &str, level: &str| -> String {
+        let ns = format!("psa-{level}");
+        if cluster.kubectl(&["get", "namespace", &ns]).is_err() {
+            cluster.kubectl(&["create", "namespace", &ns]).unwrap();
+            cluster
+                .kubectl(&["label", "namespace", &ns, &format!("pod-security.kubernetes.io/warn={level}")])
+                .unwrap();
+        }
+        let mut object = base[key].clone();
+        object["metadata"]["namespace"] = Value::from(ns);
+        let file = dir.path().join("workload.yaml");
+        std::fs::write(&file, serde_yaml::to_string(&object).unwrap()).unwrap();
+        let out = cluster
+            .kubectl_output(&["apply".as_ref(), "--dry-run=server".as_ref(), "-f".as_ref(), file.as_os_str()])
+            .unwrap();
+        assert!(out.status.success(), "{key}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let agent = warnings("DaemonSet/imdsgate-agent", "baseline");
+    assert!(agent.contains(r#"would violate PodSecurity "baseline:latest""#), "{agent}");
+    assert!(agent.contains("hostNetwork=true") && agent.contains("NET_ADMIN"), "{agent}");
+    let server = warnings("Deployment/imdsgate-server", "restricted");
+    assert!(!server.contains("would violate PodSecurity"), "the server passes restricted: {server}");
+
+    // deploy/base: the vars put each containerPort into the args; the admin port on the node's IP.
+    let args = strings(&container(&base["DaemonSet/imdsgate-agent"])["args"]);
+    for want in ["--listen=[::]:8183", "--admin-listen=$(HOST_IP):8184"] {
+        assert!(args.iter().any(|a| a == want), "args lack {want}: {args:?}");
+    }
+
+    // An overlay that changes the ports as README says.
+    std::os::unix::fs::symlink(workspace_root().join("deploy"), dir.path().join("deploy")).unwrap();
+    let overlay = dir.path().join("ports");
+    std::fs::create_dir(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        r#"apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../deploy/overlays/eks]
+patches:
+  - target: {kind: DaemonSet, name: imdsgate-agent}
+    patch: |-
+      - {op: replace, path: /spec/template/spec/containers/0/ports/0/containerPort, value: 18183}
+      - {op: replace, path: /spec/template/spec/containers/0/ports/1/containerPort, value: 18184}
+      - {op: replace, path: /spec/template/metadata/annotations/prometheus.io~1port, value: "18184"}
+"#,
+    )
+    .unwrap();
+    let overlay = overlay.to_string_lossy().into_owned();
+    let rendered = cluster.kubectl(&["kustomize", &overlay]).unwrap();
+    assert!(!rendered.contains("$(IMDSGATE_AGENT_"), "a var left:\n{rendered}");
+    for old in [" 8183", ":8183", " 8184", ":8184", "\"8184\""] {
+        assert!(!rendered.contains(old), "an old port is left ({old}):\n{rendered}");
+    }
+    let agent = &objects(&rendered)["DaemonSet/imdsgate-agent"];
+    let args = strings(&container(agent)["args"]);
+    for want in ["--listen=[::]:18183", "--admin-listen=$(HOST_IP):18184", "--host-interface=eni+"] {
+        assert!(args.iter().any(|a| a == want), "args lack {want}: {args:?}");
+    }
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(str_at(&container(agent)[probe], &["httpGet", "port"]), "admin", "{probe}");
+    }
+    let out = cluster.apply(&["--dry-run=server", "-k", &overlay]).unwrap();
+    assert!(out.contains("daemonset.apps/imdsgate-agent created (server dry run)"), "{out}");
 }

@@ -81,8 +81,12 @@ fn str_at(value: &Value, path: &[&str]) -> String {
     at(value, path).as_str().unwrap_or_default().to_string()
 }
 
+fn container(object: &Value) -> &Value {
+    &at(object, &["spec", "template", "spec", "containers"])[0]
+}
+
 fn container_args(object: &Value) -> Vec<String> {
-    at(object, &["spec", "template", "spec", "containers"])[0]["args"]
+    container(object)["args"]
         .as_sequence()
         .expect("args")
         .iter()
@@ -147,7 +151,7 @@ async fn every_values_file_lints_renders_and_passes_a_server_side_dry_run() {
         "--server=https://iam-server.$(POD_NAMESPACE).svc:18443",
         "--server-name=iam-server.$(POD_NAMESPACE).svc",
         "--listen=[::]:18181",
-        "--admin-listen=0.0.0.0:19611",
+        "--admin-listen=$(HOST_IP):19611",
         "--host-interface=cali+,eni+",
         "--ipv6=false",
         "--max-requests-per-pod=32",
@@ -178,13 +182,26 @@ async fn every_values_file_lints_renders_and_passes_a_server_side_dry_run() {
     let env = serde_yaml::to_string(at(deployment, &["spec", "template", "spec", "containers"])).unwrap();
     assert!(env.contains("name: imdsgate-aws") && env.contains("AWS_SECRET_ACCESS_KEY"), "{env}");
     assert_eq!(str_at(&objects["ConfigMap/iam-dashboard"], &["metadata", "namespace"]), "monitoring");
-    // The agent never lands on a server node, whatever affinity the values add.
-    let terms = serde_yaml::to_string(at(
-        &objects["DaemonSet/iam-agent"],
-        &["spec", "template", "spec", "affinity", "nodeAffinity"],
-    ))
-    .unwrap();
-    assert!(terms.contains("kubernetes.io/os") && terms.contains("node-role.example.com/iam"), "{terms}");
+    // The agent never lands on a server node or a node it cannot run on, whatever affinity the
+    // values add (their kubernetes.io/os term is not repeated); the uninstall hook runs where it ran,
+    // and waits on the port the agent's admin port listens on.
+    let affinity = |ds: &str| at(&objects[ds], &["spec", "template", "spec", "affinity"]).clone();
+    let terms = serde_yaml::to_string(&affinity("DaemonSet/iam-agent")).unwrap();
+    for want in [
+        "key: kubernetes.io/os",
+        "key: node-role.example.com/iam",
+        "key: eks.amazonaws.com/compute-type",
+        "- fargate\n",
+        "- hybrid\n",
+        "- auto\n",
+        "- virtual-kubelet\n",
+    ] {
+        assert!(terms.contains(want), "agent affinity lacks {want}: {terms}");
+    }
+    assert_eq!(terms.matches("key: kubernetes.io/os").count(), 1, "{terms}");
+    assert_eq!(affinity("DaemonSet/iam-uninstall"), affinity("DaemonSet/iam-agent"));
+    let hook = serde_yaml::to_string(container(&objects["DaemonSet/iam-uninstall"])).unwrap();
+    assert!(hook.contains(r#"--admin-listen="$HOST_IP:19611""#) && hook.contains("status.hostIP"), "{hook}");
 }
 
 /// What deploy/base and the chart both describe, for comparison: metadata labels and annotations
@@ -395,7 +412,9 @@ async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_jo
             "iptables",
             "uninstall",
             "--after-agent-exit=60s",
-            "--admin-listen=0.0.0.0:9611",
+            // The address the agent's admin port listens on (the bed's agent: 127.0.0.1:9611),
+            // as the hook gives the node's IP.
+            "--admin-listen=127.0.0.1:9611",
         ]),
         &dir.path().join("uninstall.log"),
     )
@@ -410,6 +429,41 @@ async fn the_uninstall_hook_waits_for_the_agent_then_removes_the_rule_and_its_jo
         uninstall.wait_exit(Duration::from_secs(15), "uninstall after the agent exited").await.unwrap();
     assert_eq!(status, Some(0), "{}", uninstall.log_tail(20));
     assert!(!bed.node.nat_rules().unwrap().contains("IMDSGATE"), "rule removed");
+
+    // The hook gives the node's IP, where the agents' admin port listens: it waits on that address,
+    // not on loopback (a listener there stands in for an agent bound to it).
+    let admin = format!("{}:19184", bed.node.host_ip());
+    let mut listener = ChildGuard::spawn(
+        "a listener on the node's IP",
+        bed.node.command("socat").args([
+            format!("TCP-LISTEN:19184,bind={},reuseaddr,fork", bed.node.host_ip()).as_str(),
+            "SYSTEM:true",
+        ]),
+        &dir.path().join("listener.log"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while run(bed.node.command("ss").args(["-Hltn", &format!("src {admin}")])).unwrap().trim().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "socat does not listen at {admin}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut uninstall = ChildGuard::spawn(
+        "iptables uninstall --admin-listen=<node IP>",
+        bed.node.command(&agent_bin).args([
+            "iptables",
+            "uninstall",
+            "--after-agent-exit=60s",
+            &format!("--admin-listen={admin}"),
+        ]),
+        &dir.path().join("uninstall-node-ip.log"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    uninstall.check_running().expect("waits while something answers at the node's IP");
+    listener.terminate(Duration::from_secs(5)).unwrap();
+    let status =
+        uninstall.wait_exit(Duration::from_secs(15), "uninstall after the listener left").await.unwrap();
+    assert_eq!(status, Some(0), "{}", uninstall.log_tail(20));
 
     // wait-daemonset, against the apiserver (no DaemonSet controller here: the test writes the
     // status the controller would).

@@ -341,7 +341,8 @@ async fn iptables_intercepts_ipv6_by_default_and_skips_it_only_where_ip6tables_i
         [
             "-N IMDSGATE",
             "-A PREROUTING -i veth+ -j IMDSGATE",
-            "-A IMDSGATE -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8181"
+            // No --listen: the default port.
+            "-A IMDSGATE -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8183"
         ]
     );
     assert_eq!(imdsgate_rules(&node.nat_rules().unwrap()).len(), 3, "IPv4 too");

@@ -107,3 +107,30 @@ upgrades (read back from the Secrets when they exist). Sets .Values._imdsgateTls
 {{- include "imdsgate.generatedTls" . -}}
 {{- .Values._imdsgateTls.ca -}}
 {{- end -}}
+
+{{/* The agents' affinity: agent.affinity, with terms that keep them off the nodes they cannot run
+on (not Linux; Fargate, EKS Hybrid Nodes, EKS Auto Mode; virtual-kubelet) and off the server nodes
+added to every required node selector term (terms are ORed), whatever agent.affinity says. The same
+order as deploy/base/agent.yaml. Also the uninstall hook's, which runs where agents ran. */}}
+{{- define "imdsgate.agentAffinity" -}}
+{{- $keep := list
+  (dict "key" "kubernetes.io/os" "operator" "In" "values" (list "linux"))
+  (dict "key" "eks.amazonaws.com/compute-type" "operator" "NotIn" "values" (list "fargate" "hybrid" "auto"))
+  (dict "key" "type" "operator" "NotIn" "values" (list "virtual-kubelet")) -}}
+{{- range $k, $v := (include "imdsgate.serverNodeLabels" . | fromJson) -}}
+{{- $keep = append $keep (dict "key" $k "operator" "NotIn" "values" (list $v)) -}}
+{{- end -}}
+{{- $affinity := deepCopy (default dict .Values.agent.affinity) -}}
+{{- $nodeAffinity := default dict $affinity.nodeAffinity -}}
+{{- $required := default dict (get $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution") -}}
+{{- $terms := list -}}
+{{- range (default (list dict) $required.nodeSelectorTerms) -}}
+{{- $expressions := default list .matchExpressions -}}
+{{- range $keep -}}{{- if not (has . $expressions) -}}{{- $expressions = append $expressions . -}}{{- end -}}{{- end -}}
+{{- $terms = append $terms (set (deepCopy .) "matchExpressions" $expressions) -}}
+{{- end -}}
+{{- $_ := set $required "nodeSelectorTerms" $terms -}}
+{{- $_ := set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required -}}
+{{- $_ := set $affinity "nodeAffinity" $nodeAffinity -}}
+{{- toYaml $affinity -}}
+{{- end -}}
