@@ -9,6 +9,7 @@ pub mod components;
 pub mod demo;
 pub mod faults;
 pub mod load;
+pub mod manifests;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -4,6 +4,7 @@
 //! namespace admits the agent (Pod Security privileged) and an overlay moves the agent's ports.
 
 use imdsgate_e2e::components::install_rbac;
+use imdsgate_e2e::manifests::{at, container, objects, str_at};
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::tools::workspace_root;
 use imdsgate_e2e::{Cluster, e2e_enabled};
@@ -65,35 +66,8 @@ async fn every_kustomization_passes_a_server_side_dry_run() {
     );
 }
 
-/// Every object of a multi-document YAML stream, by `Kind/name`.
-fn objects(yaml: &str) -> BTreeMap<String, Value> {
-    let mut all = BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = Value::deserialize(doc).expect("valid YAML");
-        if value.is_null() {
-            continue;
-        }
-        let key = format!("{}/{}", str_at(&value, &["kind"]), str_at(&value, &["metadata", "name"]));
-        assert!(all.insert(key.clone(), value).is_none(), "{key} rendered twice");
-    }
-    all
-}
-
-fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter().fold(value, |v, k| v.get(*k).unwrap_or(&Value::Null))
-}
-
-fn str_at(value: &Value, path: &[&str]) -> String {
-    at(value, path).as_str().unwrap_or_default().to_string()
-}
-
 fn strings(value: &Value) -> Vec<String> {
     value.as_sequence().into_iter().flatten().map(|v| v.as_str().unwrap_or_default().to_string()).collect()
-}
-
-/// The first container of a workload.
-fn container(workload: &Value) -> &Value {
-    &at(workload, &["spec", "template", "spec", "containers"])[0]
 }
 
 /// Every place in `object` that names the namespace `ns`, as `path: value`: a field equal to it

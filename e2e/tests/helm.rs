@@ -4,6 +4,7 @@
 //! the rendering with a message; and `helm install`, `upgrade` and `uninstall` on the real
 //! apiserver (no kubelet here: the workloads' pods are not started, their objects are checked).
 
+use imdsgate_e2e::manifests::{at, container, objects, str_at};
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::tools::{k8s_bin, tool_bin, workspace_root};
 use imdsgate_e2e::{Cluster, e2e_enabled};
@@ -57,32 +58,6 @@ fn values_files() -> Vec<String> {
     files.sort();
     assert!(files.len() >= 5, "the values matrix: {files:?}");
     files
-}
-
-/// Every object of a multi-document YAML stream, by `Kind/name`.
-fn objects(yaml: &str) -> BTreeMap<String, Value> {
-    let mut all = BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = Value::deserialize(doc).expect("valid YAML");
-        if value.is_null() {
-            continue;
-        }
-        let key = format!("{}/{}", str_at(&value, &["kind"]), str_at(&value, &["metadata", "name"]));
-        assert!(all.insert(key.clone(), value).is_none(), "{key} rendered twice");
-    }
-    all
-}
-
-fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter().fold(value, |v, k| v.get(*k).unwrap_or(&Value::Null))
-}
-
-fn str_at(value: &Value, path: &[&str]) -> String {
-    at(value, path).as_str().unwrap_or_default().to_string()
-}
-
-fn container(object: &Value) -> &Value {
-    &at(object, &["spec", "template", "spec", "containers"])[0]
 }
 
 fn container_args(object: &Value) -> Vec<String> {
