@@ -195,3 +195,36 @@ pub async fn run(
         ..LoadReport::from_latencies(all, errors, started.elapsed().as_secs_f64())
     })
 }
+
+/// The bare hyper server of the hot-path comparison: HTTP/1.1 keep-alive, every request answered
+/// `200` with `body` as `application/json`, nothing else (no routing, limits or metrics): the
+/// physical limit an IMDS answer is measured against. Serves until `shutdown` (connections still
+/// open then are dropped) or until `accept` fails.
+pub async fn serve_bare(
+    listener: tokio::net::TcpListener,
+    body: bytes::Bytes,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use http_body_util::Full;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => accepted?.0,
+        };
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                let mut response = http::Response::new(Full::new(body.clone()));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
