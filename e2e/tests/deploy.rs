@@ -8,9 +8,7 @@ use imdsgate_e2e::manifests::{at, container, objects, str_at};
 use imdsgate_e2e::process::run;
 use imdsgate_e2e::tools::workspace_root;
 use imdsgate_e2e::{Cluster, e2e_enabled};
-use serde::Deserialize;
 use serde_yaml::Value;
-use std::collections::BTreeMap;
 use std::process::Command;
 
 fn path(rel: &str) -> String {
