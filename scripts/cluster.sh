@@ -491,11 +491,11 @@ remove_cgroup_tree() {
 }
 
 down() {
-  local member ns n pid round
+  local member ns n pid
   if [ -f "$dir/pids" ]; then
     while read -r pid _; do kill -9 "-$pid" "$pid" 2>/dev/null || true; done <"$dir/pids"
   fi
-  for round in 1 2 3; do
+  for _ in 1 2 3; do
     for member in cp "${nodes[@]}"; do
       ns=$(ns_of "$member")
       [ -e "/run/netns/$ns" ] && { ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; }
@@ -506,7 +506,7 @@ down() {
   for n in "${nodes[@]}"; do remove_cgroup_tree "/$prefix-$n"; done
   for member in fabric cp "${nodes[@]}"; do
     ns=$(ns_of "$member")
-    [ -e "/run/netns/$ns" ] && ip netns del "$ns" 2>/dev/null || true
+    if [ -e "/run/netns/$ns" ]; then ip netns del "$ns" 2>/dev/null || true; fi
   done
   if mount | grep -q " $dir"; then
     die "mounts under $dir remain in the machine's mount table; not removing it"

@@ -59,42 +59,28 @@ build_k8s() {
     >"$work/k8s-build.log" 2>&1 || { tail -30 "$work/k8s-build.log" >&2; echo "k8s-bins: building ${k8s_cmds[*]} failed" >&2; exit 1; }
 }
 
-build_etcd() {
-  echo "k8s-bins: building etcd $ETCD_VERSION (first run only)" >&2
-  local mod="$work/etcd"
+# build_module NAME MODULE VERSION: one throwaway module requiring MODULE@VERSION, then `go build`
+# of its main package into $cache/NAME (etcd's server, CoreDNS).
+build_module() {
+  local name=$1 module=$2 version=$3
+  echo "k8s-bins: building $name $version (first run only)" >&2
+  local mod="$work/$name"
   mkdir -p "$mod"
   cd "$mod"
-  go mod init imdsgate.local/etcdbin >/dev/null 2>&1
-  echo "require go.etcd.io/etcd/server/v3 $ETCD_VERSION" >>go.mod
-  cat >tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "go.etcd.io/etcd/server/v3"
-GO
-  go mod tidy >"$work/etcd-tidy.log" 2>&1 || { tail -30 "$work/etcd-tidy.log" >&2; echo "k8s-bins: go mod tidy for etcd failed" >&2; exit 1; }
-  go build -trimpath -ldflags "-s -w" -o "$cache/etcd" go.etcd.io/etcd/server/v3 \
-    >"$work/etcd-build.log" 2>&1 || { tail -30 "$work/etcd-build.log" >&2; echo "k8s-bins: building etcd failed" >&2; exit 1; }
+  go mod init "imdsgate.local/${name}bin" >/dev/null 2>&1
+  echo "require $module $version" >>go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$module" >tools.go
+  go mod tidy >"$work/$name-tidy.log" 2>&1 || { tail -30 "$work/$name-tidy.log" >&2; echo "k8s-bins: go mod tidy for $name failed" >&2; exit 1; }
+  go build -trimpath -ldflags "-s -w" -o "$cache/$name" "$module" \
+    >"$work/$name-build.log" 2>&1 || { tail -30 "$work/$name-build.log" >&2; echo "k8s-bins: building $name failed" >&2; exit 1; }
 }
 
-build_coredns() {
-  echo "k8s-bins: building coredns $COREDNS_VERSION (first run only)" >&2
-  local mod="$work/coredns"
-  mkdir -p "$mod"
-  cd "$mod"
-  go mod init imdsgate.local/corednsbin >/dev/null 2>&1
-  echo "require github.com/coredns/coredns $COREDNS_VERSION" >>go.mod
-  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' >tools.go
-  go mod tidy >"$work/coredns-tidy.log" 2>&1 || { tail -30 "$work/coredns-tidy.log" >&2; echo "k8s-bins: go mod tidy for coredns failed" >&2; exit 1; }
-  go build -trimpath -ldflags "-s -w" -o "$cache/coredns" github.com/coredns/coredns \
-    >"$work/coredns-build.log" 2>&1 || { tail -30 "$work/coredns-build.log" >&2; echo "k8s-bins: building coredns failed" >&2; exit 1; }
-}
-
-[ -x "$cache/etcd" ] || build_etcd
+[ -x "$cache/etcd" ] || build_module etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 for c in "${k8s_cmds[@]}"; do
   [ -x "$cache/$c" ] || { build_k8s; break; }
 done
-if [ "${1:-}" = cluster ] && [ ! -x "$cache/coredns" ]; then build_coredns; fi
+if [ "${1:-}" = cluster ] && [ ! -x "$cache/coredns" ]; then
+  build_module coredns github.com/coredns/coredns "$COREDNS_VERSION"
+fi
 have_all || { echo "k8s-bins: binaries missing in $cache after build" >&2; exit 1; }
 echo "$cache"

@@ -10,7 +10,6 @@ use imdsgate_e2e::process::run;
 use imdsgate_e2e::real_cluster::RealCluster;
 use imdsgate_e2e::tools::{tool_bin, workspace_bin, workspace_root};
 use serde_json::Value;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -323,14 +322,11 @@ async fn imdsgate_on_a_real_cluster() {
         "the rule stays after the agent is gone (fail closed):\n{rules}"
     );
     let agent = workspace_bin("imdsgate-agent").unwrap();
-    let mut nodes = BTreeSet::new();
     for node in ["server-0", "server-1", "worker-0"] {
         run(cluster.in_node(node, &agent.to_string_lossy()).args(["iptables", "uninstall"])).unwrap();
         let rules = cluster.nat_rules(node).unwrap();
         assert!(!rules.contains("169.254.169.254") && !rules.contains("IMDSGATE"), "{node}:\n{rules}");
-        nodes.insert(node);
     }
-    assert_eq!(nodes.len(), 3);
 
     // 6. The Helm chart on the same cluster, in another namespace: installed, serving, and
     //    uninstalled with its post-delete hook taking the rule off every node.

@@ -657,7 +657,9 @@ impl PodWatch {
     /// the agent of the pod's node asking from the pod's IP). Repeated status updates of the
     /// same pending pod find the session cached or in flight and cost nothing.
     fn prefetch_before_ip(&self, pod: &Pod) {
-        let unstarted = pod.metadata.deletion_timestamp.is_none()
+        // Most updates are of pods that have their IP: leave those before parsing anything.
+        let unstarted = pod.status.as_ref().is_none_or(|s| s.pod_ip.is_none())
+            && pod.metadata.deletion_timestamp.is_none()
             && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true));
         if !unstarted {
             return;
