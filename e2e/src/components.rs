@@ -121,8 +121,22 @@ impl ServerProcess {
         tls: &TlsFiles,
         extra_args: &[&str],
     ) -> Result<ServerProcess> {
+        let mut server = Self::spawn(cluster, "imdsgate-server", sts_endpoint, tls, extra_args).await?;
+        server.wait_ready(Duration::from_secs(30)).await?;
+        Ok(server)
+    }
+
+    /// Starts the server as ServiceAccount `imdsgate/<service_account>`, without waiting for it
+    /// to be ready.
+    pub async fn spawn(
+        cluster: &Cluster,
+        service_account: &str,
+        sts_endpoint: &str,
+        tls: &TlsFiles,
+        extra_args: &[&str],
+    ) -> Result<ServerProcess> {
         let dir = tempfile::Builder::new().prefix("imdsgate-e2e-server-").tempdir()?;
-        let kubeconfig = cluster.service_account_kubeconfig("imdsgate", "imdsgate-server").await?;
+        let kubeconfig = cluster.service_account_kubeconfig("imdsgate", service_account).await?;
         let grpc: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let child = ChildGuard::spawn(
@@ -144,9 +158,7 @@ impl ServerProcess {
                 .env("RUST_LOG", "info,imdsgate_server=debug"),
             &dir.path().join("server.log"),
         )?;
-        let mut server = ServerProcess { child, grpc, admin, _dir: dir };
-        server.wait_ready(Duration::from_secs(30)).await?;
-        Ok(server)
+        Ok(ServerProcess { child, grpc, admin, _dir: dir })
     }
 
     /// Waits until `/readyz` answers 200.

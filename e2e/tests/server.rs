@@ -120,6 +120,26 @@ impl Bed {
         self.client().await.get_credentials(request).await.map(|r| r.into_inner())
     }
 
+    /// [`Bed::ask`] of the server replica listening on `grpc`.
+    async fn ask_replica(
+        &self,
+        grpc: SocketAddr,
+        ip: &str,
+        uid: &str,
+        role: &str,
+    ) -> Result<GetCredentialsResponse, tonic::Status> {
+        let mut request = tonic::Request::new(GetCredentialsRequest {
+            pod_ip: ip.into(),
+            pod_uid: uid.into(),
+            role: role.into(),
+        });
+        request.metadata_mut().insert("authorization", format!("Bearer {}", self.token_a).parse().unwrap());
+        let mut client = grpc_client(grpc, &self.pki.ca.cert_pem(), Some(&self.pki.agent))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("transport: {e:#}")))?;
+        client.get_credentials(request).await.map(|r| r.into_inner())
+    }
+
     /// Who STS says the holder of `creds` is.
     async fn caller_arn(&self, creds: &GetCredentialsResponse) -> String {
         let credentials = aws_credential_types::Credentials::new(
@@ -278,6 +298,67 @@ async fn serves_annotated_permitted_pods_and_refuses_everything_else() {
     );
     let (_, text) = imdsgate_e2e::components::http_get(bed.server.admin, "/metrics").await.unwrap();
     assert!(!text.contains("10.1.0.") && !text.contains("intruder"), "metrics leak pod identity");
+}
+
+#[tokio::test]
+async fn a_replica_whose_watches_have_not_synced_sends_the_agent_to_another() {
+    if !e2e_enabled("a_replica_whose_watches_have_not_synced_sends_the_agent_to_another") {
+        return;
+    }
+    let bed = Bed::start(&[ROLE_BASE]).await;
+    let web = bed.uid("team-a", "web").await;
+    // A second replica whose identity may review agents' tokens but list nothing: its watches
+    // never sync, as a restarted replica's have not in the seconds (minutes, at scale) of its first
+    // list. Without the check it would answer this request POD_NOT_FOUND.
+    bed.cluster.create_service_account("imdsgate", "unsynced").await.unwrap();
+    bed.cluster
+        .kubectl(&[
+            "create",
+            "clusterrole",
+            "unsynced",
+            "--verb=create",
+            "--resource=tokenreviews.authentication.k8s.io",
+        ])
+        .unwrap();
+    bed.cluster
+        .kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "unsynced",
+            "--clusterrole=unsynced",
+            "--serviceaccount=imdsgate:unsynced",
+        ])
+        .unwrap();
+    let tls = bed.pki.files();
+    let unsynced =
+        ServerProcess::spawn(&bed.cluster, "unsynced", bed.sts.endpoint(), &tls, &[ROLE_BASE]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        // Until it listens, the connection is refused (also Unavailable): wait for its own answer.
+        match bed.ask_replica(unsynced.grpc, "10.1.0.10", &web, "app-reader").await {
+            Err(status) if status.message() == imdsgate_server::service::NOT_SYNCED => break status,
+            Err(status) if Instant::now() < deadline && status.message().contains("transport") => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("expected a refusal for want of sync, got {other:?}\n{}", unsynced.log()),
+        }
+    };
+    // Unavailable with no reason: the agent's cue to try another replica (a POD_NOT_FOUND would
+    // be final, and the pod would get a 404 although its pod exists).
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(Reason::of(&status), None, "no reason attached: {status:?}");
+    assert_eq!(
+        unsynced
+            .metric("imdsgate_server_requests_total{rpc=\"GetCredentials\",code=\"Unavailable\"}")
+            .await
+            .unwrap(),
+        1.0
+    );
+    let (code, _) = http_get(unsynced.admin, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "not ready either");
+    // The synced replica answers the same request.
+    let creds = bed.ask_replica(bed.server.grpc, "10.1.0.10", &web, "app-reader").await.expect("served");
+    assert_eq!(bed.caller_arn(&creds).await, "arn:aws:sts::123456789012:assumed-role/app-reader/team-a.web");
 }
 
 #[tokio::test]

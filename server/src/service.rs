@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
 
+/// The refusal of a replica whose pod and namespace watches have not synced yet.
+pub const NOT_SYNCED: &str = "this server replica's watches have not synced yet; try another";
+
 pub struct CredentialsService {
     /// How long a request for a pod this server's watch has not delivered yet waits for it (the
     /// agent's watch may be a little ahead).
@@ -49,7 +52,7 @@ impl Credentials for CredentialsService {
     ) -> Result<Response<RevocationStream>, Status> {
         let agent = self.agent(request.metadata()).await.map_err(|d| d.to_status())?;
         if !(self.synced)() {
-            return Err(Status::unavailable("the server's watches have not synced yet"));
+            return Err(Status::unavailable(NOT_SYNCED));
         }
         let held = &request.get_ref().held;
         if held.len() > MAX_HELD {
@@ -71,6 +74,15 @@ impl Credentials for CredentialsService {
         request: Request<GetCredentialsRequest>,
     ) -> Result<Response<GetCredentialsResponse>, Status> {
         let started = Instant::now();
+        let rpc = Rpc::GetCredentials;
+        if !(self.synced)() {
+            // Before its watches have synced this replica knows no pod: every answer would be
+            // POD_NOT_FOUND, which the agent takes as final. A plain Unavailable (no reason) sends
+            // the agent to another replica. Checked before the token review: a restarted replica
+            // facing every agent's reconnect costs the apiserver nothing until it can answer.
+            self.metrics.requests.get_or_create(&RpcLabels { rpc, code: "Unavailable".into() }).inc();
+            return Err(Status::unavailable(NOT_SYNCED));
+        }
         let result = self.answer(request).await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
@@ -80,7 +92,6 @@ impl Credentials for CredentialsService {
                 denial.reason().code()
             }
         };
-        let rpc = Rpc::GetCredentials;
         self.metrics.requests.get_or_create(&RpcLabels { rpc, code: format!("{code:?}") }).inc();
         self.metrics
             .request_duration
