@@ -3,16 +3,17 @@
 //! source IP; a request never gets another pod's credentials or the node's role. Every refusal is
 //! an [`ImdsError`], turned into an HTTP status in one place ([`ImdsError::status`]).
 
-use crate::credential_cache::{CachedCreds, CredentialCache, ServerError};
+use crate::credential_cache::{CredentialCache, ServerError};
 use crate::credential_document::info_json;
 use crate::metrics::{
     Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
 };
 use crate::token::{self, TokenError, TokenKey};
-use crate::upstream::{AllowList, CanonicalPath, NotCanonical, Upstream};
+use crate::upstream::{self, AllowList, CanonicalPath, NotCanonical, Upstream};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
+use imdsgate_core::pod_index::Claim;
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use std::net::IpAddr;
@@ -21,10 +22,14 @@ use std::time::{Duration, SystemTime};
 
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+// The same names parsed once: a lookup by `&str` parses the name on every request.
+static TOKEN: HeaderName = HeaderName::from_static(TOKEN_HEADER);
+static TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
+static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// What a path asks for.
+/// What a path asks for (a role name borrowed from the path).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     Token,
     IamListing,
     IamInfo,
@@ -32,7 +37,7 @@ pub enum Route {
         extended: bool,
     },
     Credentials {
-        name: String,
+        name: &'a str,
         extended: bool,
     },
     /// Never proxied: the node's own IAM and identity credentials, in any spelling.
@@ -43,50 +48,47 @@ pub enum Route {
     Proxy(CanonicalPath),
 }
 
-impl Route {
+impl Route<'_> {
     /// Routes a request path (`/<version>/…`; any version segment, `latest` included). Only a
     /// [`CanonicalPath`] is routed; a segment naming `iam` or `identity-credentials` in any case or
     /// punctuation is [`Route::Blocked`] unless the path is exactly one of the IAM routes that the
-    /// agent answers itself.
-    pub fn of(path: &str) -> Route {
-        let path = match CanonicalPath::parse(path) {
-            Ok(path) => path,
+    /// agent answers itself. Allocates only for a path it proxies.
+    pub fn of(path: &str) -> Route<'_> {
+        // The agent's own routes have at most six segments: a longer path is none of them.
+        let mut parts = [""; 6];
+        let count = match upstream::check_segments(path, &mut parts) {
+            Ok(count) => count,
             Err(why) => return Route::NotCanonical(why),
         };
-        let segments: Vec<&str> = path.segments().collect();
+        let segments = parts.get(..count).unwrap_or_default();
         let version_ok =
             |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        let own = match segments.as_slice() {
-            [v, "api", "token"] if version_ok(v) => Some(Route::Token),
-            [v, "meta-data", "iam"] | [v, "meta-data", "iam", ""] if version_ok(v) => Some(Route::IamListing),
-            [v, "meta-data", "iam", "info"] | [v, "meta-data", "iam", "info", ""] if version_ok(v) => {
-                Some(Route::IamInfo)
-            }
-            [v, "meta-data", "iam", list] | [v, "meta-data", "iam", list, ""] if version_ok(v) => match *list
-            {
-                "security-credentials" => Some(Route::RoleName { extended: false }),
-                "security-credentials-extended" => Some(Route::RoleName { extended: true }),
-                _ => None,
-            },
-            [v, "meta-data", "iam", list, name] | [v, "meta-data", "iam", list, name, ""]
-                if version_ok(v) && !name.is_empty() =>
-            {
-                match *list {
-                    "security-credentials" => {
-                        Some(Route::Credentials { name: name.to_string(), extended: false })
-                    }
-                    "security-credentials-extended" => {
-                        Some(Route::Credentials { name: name.to_string(), extended: true })
+        // `security-credentials[-extended]`: whether extended.
+        let list = |list: &str| match list {
+            "security-credentials" => Some(false),
+            "security-credentials-extended" => Some(true),
+            _ => None,
+        };
+        let own = match segments {
+            [v, rest @ ..] if version_ok(v) => match rest {
+                ["api", "token"] => Some(Route::Token),
+                ["meta-data", "iam", tail @ ..] => match tail {
+                    [] | [""] => Some(Route::IamListing),
+                    ["info"] | ["info", ""] => Some(Route::IamInfo),
+                    [name] | [name, ""] => list(name).map(|extended| Route::RoleName { extended }),
+                    [name, role] | [name, role, ""] if !role.is_empty() => {
+                        list(name).map(|extended| Route::Credentials { name: role, extended })
                     }
                     _ => None,
-                }
-            }
+                },
+                _ => None,
+            },
             _ => None,
         };
         match own {
             Some(route) => route,
-            None if path.names_node_identity() => Route::Blocked,
-            None => Route::Proxy(path),
+            None if upstream::names_node_identity(path) => Route::Blocked,
+            None => CanonicalPath::parse(path).map_or_else(Route::NotCanonical, Route::Proxy),
         }
     }
 
@@ -195,6 +197,12 @@ impl Imds {
         !special && !self.node_ips.contains(&ip)
     }
 
+    /// Who claims `ip` in the pod index: [`Claim::Nobody`] for an address no pod can have.
+    pub fn claim(&self, ip: IpAddr) -> Claim {
+        let ip = ip.to_canonical();
+        if self.can_be_pod(ip) { self.pods.claim(&ip) } else { Claim::Nobody }
+    }
+
     /// Answers one request from `peer`.
     pub async fn handle(
         &self,
@@ -203,9 +211,85 @@ impl Imds {
         path: &str,
         headers: &HeaderMap,
     ) -> (RouteLabel, Response<Full<Bytes>>) {
+        self.handle_claimed(peer, None, method, path, headers).await
+    }
+
+    /// [`Imds::handle`] for a caller that has just looked up who claims `peer` ([`Imds::claim`];
+    /// the listener does, for the budget): the index is not asked twice. A pod not yet known is
+    /// waited for all the same.
+    pub async fn handle_claimed(
+        &self,
+        peer: IpAddr,
+        claim: Option<Claim>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> (RouteLabel, Response<Full<Bytes>>) {
         let route = Route::of(path);
         let label = route.label();
-        let response = match self.answer(peer.to_canonical(), method, path, headers, route).await {
+        // The dual-stack socket shows IPv4 peers as IPv4-mapped IPv6 addresses.
+        let source = peer.to_canonical();
+        // Built synchronously around at most one await on the hot path (the credential cache), in
+        // this one function: every nested `async fn` is one more copy of its state per request.
+        let answer = 'answer: {
+            let token_ttl = if matches!(route, Route::Token) {
+                match token_request(method, headers) {
+                    Ok(ttl) => Some(ttl),
+                    Err(error) => break 'answer Err(error),
+                }
+            } else if method != Method::GET && method != Method::HEAD {
+                break 'answer Err(ImdsError::MethodNotAllowed(method.clone()));
+            } else {
+                None
+            };
+            let asks_for_credentials = matches!(
+                route,
+                Route::IamListing | Route::RoleName { .. } | Route::Credentials { .. } | Route::IamInfo
+            );
+            let pod = match self.known_pod(source, claim) {
+                Ok(Some(pod)) => Ok(pod),
+                // Boxed: the wait's state stays out of the future of a request whose pod is known.
+                Ok(None) => Box::pin(self.wait_for_pod(source)).await,
+                Err(error) => Err(error),
+            };
+            let pod = match pod {
+                Ok(pod) => pod,
+                Err(error) => {
+                    if asks_for_credentials && matches!(error, ImdsError::PodNotFound(_)) {
+                        self.events.unknown_source(source);
+                    }
+                    break 'answer Err(error);
+                }
+            };
+            if let Some(ttl) = token_ttl {
+                break 'answer Ok(self.issue_token(&pod, ttl));
+            }
+            if let Err(error) = self.check_token(&pod, headers) {
+                break 'answer Err(error);
+            }
+            let answer = match answer_pod(&pod, path, route) {
+                Ok(Step::Answer(response)) => Ok(response),
+                Ok(Step::Credentials { role, document }) => {
+                    match self.credentials.get(source, &pod.uid, &pod.ips, role).await {
+                        Ok(creds) => Ok(json(match document {
+                            Document::Credentials { extended } => creds.document(extended),
+                            Document::Info => info_json(&creds).into(),
+                        })),
+                        Err(error) => Err(ImdsError::Server(error)),
+                    }
+                }
+                // Boxed: the proxy's state stays out of every other request's future.
+                Ok(Step::Proxy(canonical)) => Box::pin(self.proxy(&canonical)).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = &answer
+                && asks_for_credentials
+            {
+                self.events.refused(&pod, error);
+            }
+            answer
+        };
+        let response = match answer {
             Ok(response) => response,
             Err(error) => {
                 if matches!(error, ImdsError::Blocked(_) | ImdsError::NotCanonical { .. }) {
@@ -215,103 +299,27 @@ impl Imds {
                         .inc();
                 }
                 tracing::debug!(%peer, path, %error, "refused");
-                text(error.status(), format!("{error}\n"))
+                text(error.status(), format!("{error}\n").into())
             }
         };
         (label, response)
     }
 
-    async fn answer(
-        &self,
-        peer: IpAddr,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        route: Route,
-    ) -> Result<Response<Full<Bytes>>, ImdsError> {
-        if route == Route::Token {
-            return self.issue_token(peer, method, headers).await;
-        }
-        if method != Method::GET && method != Method::HEAD {
-            return Err(ImdsError::MethodNotAllowed(method.clone()));
-        }
-        let asks_for_credentials = matches!(
-            route,
-            Route::IamListing | Route::RoleName { .. } | Route::Credentials { .. } | Route::IamInfo
-        );
-        let pod = match self.pod_of(peer).await {
-            Ok(pod) => pod,
-            Err(error) => {
-                if asks_for_credentials && matches!(error, ImdsError::PodNotFound(_)) {
-                    self.events.unknown_source(peer);
-                }
-                return Err(error);
-            }
-        };
-        self.check_token(&pod, headers)?;
-        let answer = self.answer_pod(&pod, peer, path, route).await;
-        if let Err(error) = &answer
-            && asks_for_credentials
-        {
-            self.events.refused(&pod, error);
-        }
-        answer
-    }
-
-    async fn answer_pod(
-        &self,
-        pod: &PodInfo,
-        peer: IpAddr,
-        path: &str,
-        route: Route,
-    ) -> Result<Response<Full<Bytes>>, ImdsError> {
-        match route {
-            Route::Token => unreachable!("handled above"),
-            Route::IamListing => {
-                role_name(pod)?;
-                Ok(text(StatusCode::OK, "info\nsecurity-credentials/".into()))
-            }
-            Route::RoleName { .. } => Ok(text(StatusCode::OK, role_name(pod)?.to_string())),
-            Route::Credentials { name, extended } => {
-                if name != role_name(pod)? {
-                    return Err(ImdsError::NotThePodsRole(name));
-                }
-                let creds = self.creds(pod, peer).await?;
-                Ok(json(creds.document(extended)))
-            }
-            Route::IamInfo => {
-                let creds = self.creds(pod, peer).await?;
-                Ok(json(info_json(&creds).into()))
-            }
-            Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
-            Route::NotCanonical(why) => Err(ImdsError::NotCanonical { path: path.to_string(), why }),
-            Route::Proxy(canonical) => self.proxy(&canonical).await,
-        }
-    }
-
-    async fn issue_token(
-        &self,
-        peer: IpAddr,
-        method: &Method,
-        headers: &HeaderMap,
-    ) -> Result<Response<Full<Bytes>>, ImdsError> {
-        if method != Method::PUT {
-            return Err(ImdsError::MethodNotAllowed(method.clone()));
-        }
-        if headers.contains_key("x-forwarded-for") {
-            return Err(ImdsError::Forwarded);
-        }
-        let ttl_header = headers.get(TTL_HEADER).and_then(|v| v.to_str().ok());
-        let ttl = token::parse_ttl(ttl_header).ok_or(ImdsError::BadTtl)?;
-        let pod = self.pod_of(peer).await?;
+    /// A session token for `pod`, valid for `ttl` (the request checked by [`token_request`]).
+    fn issue_token(&self, pod: &PodInfo, ttl: Duration) -> Response<Full<Bytes>> {
         let token = self.tokens.issue(&pod.uid, ttl, SystemTime::now());
-        let mut response = text(StatusCode::OK, token);
-        response.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl.as_secs()));
-        Ok(response)
+        let mut response = text(StatusCode::OK, token.into());
+        let ttl = match ttl.as_secs() {
+            // What the SDKs ask for.
+            token::MAX_TTL => HeaderValue::from_static("21600"),
+            secs => HeaderValue::from(secs),
+        };
+        response.headers_mut().insert(TTL.clone(), ttl);
+        response
     }
 
     fn check_token(&self, pod: &PodInfo, headers: &HeaderMap) -> Result<(), ImdsError> {
-        match headers.get(TOKEN_HEADER) {
+        match headers.get(&TOKEN) {
             Some(value) => {
                 let token = value.to_str().map_err(|_| ImdsError::BadToken(TokenError::Malformed))?;
                 self.tokens.verify(token, &pod.uid, SystemTime::now()).map_err(ImdsError::BadToken)
@@ -321,27 +329,29 @@ impl Imds {
         }
     }
 
-    /// The pod at `peer`, waiting (event-driven) up to `--pod-wait` for the watch to deliver it.
-    async fn pod_of(&self, peer: IpAddr) -> Result<Arc<PodInfo>, ImdsError> {
+    /// The pod at `peer` if the index (`claim`: who claimed it a moment ago, if the caller
+    /// looked) has it; `None` when it is to be waited for ([`Imds::wait_for_pod`]).
+    fn known_pod(&self, peer: IpAddr, claim: Option<Claim>) -> Result<Option<Arc<PodInfo>>, ImdsError> {
         if !self.can_be_pod(peer) {
             return Err(ImdsError::FromNode);
         }
-        let mut pods = self.pods.by_ip(&peer);
-        if pods.is_empty() {
-            pods = self.pods.wait_for_ip(&peer, self.pod_wait).await;
-            let outcome = if pods.is_empty() { WaitOutcome::TimedOut } else { WaitOutcome::Found };
-            self.metrics.pod_waits.get_or_create(&WaitLabels { outcome }).inc();
+        match claim.unwrap_or_else(|| self.pods.claim(&peer)) {
+            Claim::One(pod) => Ok(Some(pod)),
+            Claim::Several => Err(ImdsError::AmbiguousPod(peer)),
+            Claim::Nobody => Ok(None),
         }
+    }
+
+    /// The pod at `peer`, waiting (event-driven) up to `--pod-wait` for the watch to deliver it.
+    async fn wait_for_pod(&self, peer: IpAddr) -> Result<Arc<PodInfo>, ImdsError> {
+        let pods = self.pods.wait_for_ip(&peer, self.pod_wait).await;
+        let outcome = if pods.is_empty() { WaitOutcome::TimedOut } else { WaitOutcome::Found };
+        self.metrics.pod_waits.get_or_create(&WaitLabels { outcome }).inc();
         match pods.as_slice() {
             [] => Err(ImdsError::PodNotFound(peer)),
             [pod] => Ok(pod.clone()),
             _ => Err(ImdsError::AmbiguousPod(peer)),
         }
-    }
-
-    async fn creds(&self, pod: &PodInfo, peer: IpAddr) -> Result<Arc<CachedCreds>, ImdsError> {
-        let role = role_name(pod)?;
-        self.credentials.get(peer, &pod.uid, &pod.ips, role).await.map_err(ImdsError::Server)
     }
 
     async fn proxy(&self, path: &CanonicalPath) -> Result<Response<Full<Bytes>>, ImdsError> {
@@ -362,19 +372,75 @@ impl Imds {
     }
 }
 
+/// What a request of `pod` needs once its token is checked: an answer, the pod's credentials, or
+/// the metadata service.
+enum Step<'a> {
+    Answer(Response<Full<Bytes>>),
+    Credentials { role: &'a str, document: Document },
+    Proxy(CanonicalPath),
+}
+
+/// Which document of the pod's credentials.
+enum Document {
+    Credentials { extended: bool },
+    Info,
+}
+
+/// The answer to `route` from `pod`, as far as it needs nothing but the pod.
+fn answer_pod<'a>(pod: &'a PodInfo, path: &str, route: Route<'_>) -> Result<Step<'a>, ImdsError> {
+    match route {
+        Route::Token => unreachable!("handled before"),
+        Route::IamListing => {
+            role_name(pod)?;
+            Ok(Step::Answer(text(StatusCode::OK, Bytes::from_static(b"info\nsecurity-credentials/"))))
+        }
+        Route::RoleName { .. } => {
+            Ok(Step::Answer(text(StatusCode::OK, Bytes::copy_from_slice(role_name(pod)?.as_bytes()))))
+        }
+        Route::Credentials { name, extended } => {
+            let role = role_name(pod)?;
+            if name != role {
+                return Err(ImdsError::NotThePodsRole(name.to_string()));
+            }
+            Ok(Step::Credentials { role, document: Document::Credentials { extended } })
+        }
+        Route::IamInfo => Ok(Step::Credentials { role: role_name(pod)?, document: Document::Info }),
+        Route::Blocked => Err(ImdsError::Blocked(path.to_string())),
+        Route::NotCanonical(why) => Err(ImdsError::NotCanonical { path: path.to_string(), why }),
+        Route::Proxy(canonical) => Ok(Step::Proxy(canonical)),
+    }
+}
+
+/// The TTL a token request asks for, if it is one: a PUT with no `X-Forwarded-For` and a valid
+/// TTL header.
+fn token_request(method: &Method, headers: &HeaderMap) -> Result<Duration, ImdsError> {
+    if method != Method::PUT {
+        return Err(ImdsError::MethodNotAllowed(method.clone()));
+    }
+    if headers.contains_key(&FORWARDED_FOR) {
+        return Err(ImdsError::Forwarded);
+    }
+    let ttl_header = headers.get(&TTL).and_then(|v| v.to_str().ok());
+    token::parse_ttl(ttl_header).ok_or(ImdsError::BadTtl)
+}
+
 /// The role name a pod carries: the last path segment of its annotation.
 pub(crate) fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
     let annotation =
         pod.role.as_deref().ok_or_else(|| ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)))?;
-    let name = annotation.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    let trimmed = annotation.trim_end_matches('/');
+    let name = match trimmed.as_bytes().iter().rposition(|&b| b == b'/') {
+        Some(slash) => &trimmed[slash + 1..],
+        None => trimmed,
+    };
     if name.is_empty() || name.starts_with("arn:") {
         return Err(ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)));
     }
     Ok(name)
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
@@ -502,11 +568,11 @@ mod tests {
         );
         assert_eq!(
             Route::of("/latest/meta-data/iam/security-credentials/app"),
-            Credentials { name: "app".into(), extended: false }
+            Credentials { name: "app", extended: false }
         );
         assert_eq!(
             Route::of("/2009-04-04/meta-data/iam/security-credentials-extended/app"),
-            Credentials { name: "app".into(), extended: true }
+            Credentials { name: "app", extended: true }
         );
         for blocked in [
             "/latest/meta-data/iam/anything-else",
@@ -917,7 +983,7 @@ mod tests {
         /// The route a path must take if it is one of the agent's own routes, stated literally:
         /// `/<version>/api/token`, `/<version>/meta-data/iam[/]`, `…/iam/info[/]`,
         /// `…/iam/<list>[/]` and `…/iam/<list>/<name>[/]`, with no other spelling.
-        fn own_route(path: &str) -> Option<Route> {
+        fn own_route(path: &str) -> Option<Route<'_>> {
             if !is_canonical(path) {
                 return None;
             }
@@ -948,7 +1014,7 @@ mod tests {
                     && !name.is_empty()
                     && !name.contains('/')
                 {
-                    return Some(Route::Credentials { name: name.to_string(), extended });
+                    return Some(Route::Credentials { name, extended });
                 }
             }
             None
@@ -1315,7 +1381,7 @@ mod tests {
             ) {
                 let list = IAM_LISTS[usize::from(extended)];
                 let literal = format!("/{version}/meta-data/iam/{list}/{name}");
-                prop_assert_eq!(Route::of(&literal), Route::Credentials { name: name.clone(), extended });
+                prop_assert_eq!(Route::of(&literal), Route::Credentials { name: &name, extended });
                 let mut path = literal.clone();
                 // The absolute form goes around the whole path: applied last, once.
                 let absolute = respellings.iter().any(|how| matches!(how, Respelling::AbsoluteForm));
@@ -1420,7 +1486,7 @@ mod tests {
                 let calls = b.server.calls.load(Ordering::SeqCst);
                 let got = runtime.block_on(b.get("10.0.1.1", &path));
                 let route = Route::of(&path);
-                let served = matches!(&route, Route::Credentials { name, .. } if name == "app-role");
+                let served = matches!(&route, Route::Credentials { name, .. } if *name == "app-role");
                 prop_assert_eq!(
                     got.status == StatusCode::OK && got.body.contains("\"AccessKeyId\""),
                     served,

@@ -10,16 +10,18 @@
 
 use crate::imds::Imds;
 use crate::imds::Route;
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use imdsgate_core::http_server::{self, Budget, HttpServer, PeerAddr, SourceBudget, SourceClass};
+use imdsgate_core::http_server::{self, Accept, Budget, HttpServer, PeerAddr, SourceBudget, SourceClass};
+use imdsgate_core::pod_index::Claim;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -101,42 +103,53 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     }
 }
 
-/// Serves IMDS on `listener` until `shutdown`, then drains for at most `grace`.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves IMDS on `listener` (a bound [`TcpListener`]; any [`Accept`], so a harness can name the
+/// peer) until `shutdown`, then drains for at most `grace`.
+pub async fn serve<A: Accept>(
+    listener: A,
     imds: Arc<Imds>,
     limits: Limits,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let state = State {
+    // Shared: one reference count per request, not one per metric family.
+    let state = Arc::new(State {
         imds: imds.clone(),
         request_timeout: limits.request_timeout,
         metrics,
         pods: SourceBudget::new(limits.pods),
         unknown: SourceBudget::new(limits.unknown),
-    };
-    let service = http_server::service_fn(move |req: Request<Incoming>| {
+    });
+    let service = http_server::service_fn(move |(peer, req): (PeerAddr, Request<Incoming>)| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(&state, req).await) }
+        // Boxed, so the layers around it move a pointer rather than the whole answer's state, and
+        // polled once right away (the server calls this as the request head arrives): most
+        // answers are ready then (a known pod, cached credentials), and the request is released
+        // before the server reads on. An answer that must wait is polled on as usual.
+        let mut answering = Box::pin(async move { respond(&state, peer, req).await });
+        let pending = match answering.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(response) => Err(response),
+            Poll::Pending => Ok(answering),
+        };
+        async move {
+            Ok::<_, Infallible>(match pending {
+                Ok(answering) => answering.await,
+                Err(response) => response,
+            })
+        }
     });
     HttpServer::new("IMDS", limits.server(grace))
         .classify(Arc::new(move |ip| class_of(&imds, ip)))
-        .serve(listener, service, shutdown)
+        .serve_with_peer(listener, service, shutdown)
         .await
 }
 
-async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &State, peer: PeerAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let peer = req
-        .extensions()
-        .get::<PeerAddr>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.0.ip().to_canonical());
+    let peer = peer.0.ip().to_canonical();
     let (route, response) = answer(state, peer, req).await;
-    let metrics = &state.metrics;
-    metrics.requests.get_or_create(&RequestLabels { route, status: response.status().as_u16() }).inc();
-    metrics.request_duration.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+    state.metrics.request_answered(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
@@ -146,9 +159,11 @@ async fn answer<B>(
     req: Request<B>,
 ) -> (crate::metrics::Route, Response<Full<Bytes>>) {
     let imds = &state.imds;
-    let budget = match class_of(imds, peer) {
-        SourceClass::Known => &state.pods,
-        SourceClass::Unknown => &state.unknown,
+    // As `class_of`, and the pod for `handle_claimed`: one index lookup per request.
+    let claim = imds.claim(peer);
+    let budget = match claim {
+        Claim::Nobody => &state.unknown,
+        Claim::One(_) | Claim::Several => &state.pods,
     };
     // An address no pod can have is refused at once by `Imds::handle`: it needs no budget.
     let _permit = match imds.can_be_pod(peer).then(|| budget.try_acquire(peer)) {
@@ -160,12 +175,15 @@ async fn answer<B>(
         }
         permit => permit,
     };
-    let answer = tokio::time::timeout(
-        state.request_timeout,
-        imds.handle(peer, req.method(), req.uri().path(), req.headers()),
-    )
-    .await;
-    answer.unwrap_or_else(|_| {
+    let mut handling =
+        std::pin::pin!(imds.handle_claimed(peer, Some(claim), req.method(), req.uri().path(), req.headers()));
+    // Most answers are ready at once (a known pod, cached credentials): those need no timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
+    if let Poll::Ready(answer) = first {
+        return answer;
+    }
+    // Boxed: the timer's state stays out of the future of every answer ready at once.
+    Box::pin(tokio::time::timeout(state.request_timeout, handling)).await.unwrap_or_else(|_| {
         (
             crate::metrics::Route::Other,
             http_server::plain(StatusCode::GATEWAY_TIMEOUT, "imdsgate agent timed out\n"),
@@ -182,6 +200,7 @@ mod tests {
     use crate::upstream::AllowList;
     use imdsgate_core::PodIndex;
     use imdsgate_core::pod_index::ROLE_ANNOTATION;
+    use std::net::Ipv4Addr;
 
     fn pod(uid: &str, ip: &str) -> k8s_openapi::api::core::v1::Pod {
         serde_json::from_value(serde_json::json!({

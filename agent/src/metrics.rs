@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Route {
@@ -21,6 +21,10 @@ pub enum Route {
     Proxied,
     Blocked,
     Other,
+}
+
+impl Route {
+    const COUNT: usize = Route::Other as usize + 1;
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +94,18 @@ pub struct Metrics {
     pub rule_present: Family<FamilyLabels, Gauge>,
     /// Times the agent found its rule gone or altered and put it back.
     pub rule_repairs: Family<FamilyLabels, Counter>,
+    /// The hot path's series, resolved once: see [`Metrics::request_answered`].
+    hot: Arc<HotSeries>,
+}
+
+/// Per route, the `requests{route, status="200"}` counter and the `request_duration_seconds{route}`
+/// histogram, each the family's own series (a clone shares its value), looked up in the family on
+/// first use only: a series appears exactly when the first such request is answered, as with
+/// `get_or_create`, and no request after it hashes labels or takes the family's lock.
+#[derive(Default)]
+struct HotSeries {
+    ok: [OnceLock<Counter>; Route::COUNT],
+    duration: [OnceLock<Histogram>; Route::COUNT],
 }
 
 /// An address family of the interception rule: `ipv4` or `ipv6`.
@@ -127,7 +143,24 @@ impl Metrics {
             certificate_expiry: ExpiryGauges::default(),
             rule_present: Family::default(),
             rule_repairs: Family::default(),
+            hot: Arc::default(),
         }
+    }
+
+    /// Counts one answered IMDS request: `requests{route, status}` and its duration in
+    /// `request_duration_seconds{route}`.
+    pub fn request_answered(&self, route: Route, status: u16, seconds: f64) {
+        let i = route as usize;
+        if status == 200 {
+            self.hot.ok[i]
+                .get_or_init(|| self.requests.get_or_create(&RequestLabels { route, status }).clone())
+                .inc();
+        } else {
+            self.requests.get_or_create(&RequestLabels { route, status }).inc();
+        }
+        self.hot.duration[i]
+            .get_or_init(|| self.request_duration.get_or_create(&RouteLabels { route }).clone())
+            .observe(seconds);
     }
 
     /// A registry holding every metric under the `imdsgate_agent` prefix.

@@ -35,9 +35,10 @@ pub enum TokenError {
     Foreign,
 }
 
-/// The MAC key.
+/// The MAC key, as the HMAC state keyed with it and fed the domain once: cloned per token, so
+/// issuing or checking one does not hash the key again.
 #[derive(Clone)]
-pub struct TokenKey([u8; KEY_LEN]);
+pub struct TokenKey(Hmac<Sha256>);
 
 impl TokenKey {
     /// Reads the key from `path`, or generates one and keeps it there (mode 0600). A file that
@@ -48,7 +49,7 @@ impl TokenKey {
         let shown = || path.display().to_string();
         let replace = match std::fs::read_to_string(path) {
             Ok(text) => match parse_key(&text) {
-                Some(key) => return Ok(TokenKey(key)),
+                Some(key) => return Ok(TokenKey::from_bytes(key)),
                 None => {
                     tracing::warn!(
                         path = %path.display(),
@@ -67,11 +68,11 @@ impl TokenKey {
         };
         let key: [u8; KEY_LEN] = rand::random();
         match write_atomically(path, hex::encode(key).as_bytes(), replace) {
-            Ok(()) => Ok(TokenKey(key)),
+            Ok(()) => Ok(TokenKey::from_bytes(key)),
             // Another agent process created it first: use its key.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::read_to_string(path) {
                 Ok(text) => parse_key(&text)
-                    .map(TokenKey)
+                    .map(TokenKey::from_bytes)
                     .ok_or_else(|| KeyError::Create { path: shown(), source: e }),
                 Err(source) => Err(KeyError::Read { path: shown(), source }),
             },
@@ -79,17 +80,19 @@ impl TokenKey {
         }
     }
 
-    #[cfg(test)]
+    /// A key from its bytes (tests and the hot-path harness; the agent loads its key from a file).
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> TokenKey {
-        TokenKey(bytes)
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&bytes).expect("HMAC takes any key length");
+        mac.update(DOMAIN);
+        TokenKey(mac)
     }
 
     /// A token for `pod_uid` valid for `ttl` from `now`.
     pub fn issue(&self, pod_uid: &str, ttl: Duration, now: SystemTime) -> String {
         let expiry = unix(now).saturating_add(ttl.as_secs()).to_be_bytes();
-        let mut raw = Vec::with_capacity(8 + 32);
-        raw.extend_from_slice(&expiry);
-        raw.extend_from_slice(&self.mac(&expiry, pod_uid).finalize().into_bytes());
+        let mut raw = [0u8; 8 + 32];
+        raw[..8].copy_from_slice(&expiry);
+        raw[8..].copy_from_slice(&self.mac(&expiry, pod_uid).finalize().into_bytes());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
@@ -98,13 +101,15 @@ impl TokenKey {
         if token.len() > 128 {
             return Err(TokenError::Malformed);
         }
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token.trim())
+        // Room for anything 128 characters decode to: only the length check below refuses.
+        let mut buf = [0u8; 96];
+        let len = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode_slice(token.trim(), &mut buf)
             .map_err(|_| TokenError::Malformed)?;
-        if raw.len() != 8 + 32 {
+        if len != 8 + 32 {
             return Err(TokenError::Malformed);
         }
-        let (expiry, tag) = raw.split_at(8);
+        let (expiry, tag) = buf[..len].split_at(8);
         let expiry: [u8; 8] = expiry.try_into().map_err(|_| TokenError::Malformed)?;
         self.mac(&expiry, pod_uid).verify_slice(tag).map_err(|_| TokenError::Foreign)?;
         if u64::from_be_bytes(expiry) <= unix(now) {
@@ -114,8 +119,7 @@ impl TokenKey {
     }
 
     fn mac(&self, expiry: &[u8; 8], pod_uid: &str) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(DOMAIN);
+        let mut mac = self.0.clone();
         mac.update(expiry);
         mac.update(pod_uid.as_bytes());
         mac
@@ -351,6 +355,7 @@ mod tests {
                 (pod, other_pod) in (uid(), uid()),
                 ((issued_at, ttl), dt) in issued().prop_flat_map(|(at, ttl)| (Just((at, ttl)), offset(ttl))),
             ) {
+                let key_bytes = key;
                 let key = TokenKey::from_bytes(key);
                 let token = key.issue(&pod, Duration::from_secs(ttl), at(issued_at));
                 let now = at(issued_at.saturating_add_signed(dt));
@@ -359,7 +364,7 @@ mod tests {
                 if other_pod != pod {
                     prop_assert_eq!(key.verify(&token, &other_pod, now), Err(TokenError::Foreign));
                 }
-                if other_key != key.0 {
+                if other_key != key_bytes {
                     let other = TokenKey::from_bytes(other_key);
                     prop_assert_eq!(other.verify(&token, &pod, now), Err(TokenError::Foreign));
                 }

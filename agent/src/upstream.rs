@@ -33,11 +33,41 @@ pub const DEFAULT_ALLOW: &[&str] = &[
 
 const MAX_BODY: usize = 1 << 20;
 
-/// Path segments that name the node's own identity, compared after [`fold`]: never proxied.
+/// Path segments that name the node's own identity, compared after folding (see [`folds_to`]): never proxied.
 const NODE_IDENTITY_SEGMENTS: &[&str] = &["iam", "identitycredentials"];
 
 /// Longest path accepted (the longest real IMDS path is far shorter).
 const MAX_PATH: usize = 1024;
+
+/// What a byte is to [`CanonicalPath::check`].
+#[derive(Clone, Copy)]
+enum Class {
+    /// A letter, digit or `-_~:+=,@`.
+    Letter,
+    Dot,
+    Slash,
+    Percent,
+    Other,
+}
+
+/// [`Class`] by byte value: one lookup per byte of a path.
+static BYTE_CLASS: [Class; 256] = {
+    let mut table = [Class::Other; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = match c {
+            b'/' => Class::Slash,
+            b'.' => Class::Dot,
+            b'%' => Class::Percent,
+            b'-' | b'_' | b'~' | b':' | b'+' | b'=' | b',' | b'@' => Class::Letter,
+            _ if c.is_ascii_alphanumeric() => Class::Letter,
+            _ => Class::Other,
+        };
+        b += 1;
+    }
+    table
+};
 
 /// Why a request path is not in canonical form.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,27 +96,16 @@ pub struct CanonicalPath(String);
 
 impl CanonicalPath {
     pub fn parse(path: &str) -> Result<CanonicalPath, NotCanonical> {
-        let rest = path.strip_prefix('/').ok_or(NotCanonical::NoLeadingSlash)?;
-        if path.len() > MAX_PATH {
-            return Err(NotCanonical::TooLong);
-        }
-        if path.contains('%') {
-            return Err(NotCanonical::PercentEncoded);
-        }
-        if !path.bytes().all(|b| b == b'/' || b.is_ascii_alphanumeric() || b"-._~:+=,@".contains(&b)) {
-            return Err(NotCanonical::Character);
-        }
-        let segments: Vec<&str> = rest.split('/').collect();
-        let last = segments.len() - 1;
-        for (i, segment) in segments.iter().enumerate() {
-            if segment.is_empty() && i != last {
-                return Err(NotCanonical::EmptySegment);
-            }
-            if !segment.is_empty() && segment.bytes().all(|b| b == b'.') {
-                return Err(NotCanonical::DotSegment);
-            }
-        }
+        CanonicalPath::check(path)?;
         Ok(CanonicalPath(path.to_string()))
+    }
+
+    /// Whether `path` is canonical, and if not the reason [`CanonicalPath::parse`] gives: the first
+    /// of a missing leading `/`, length, `%`, another character, then the first empty (not last)
+    /// or dot-only segment. One pass over the bytes, no allocation: the router checks every
+    /// request path and keeps an owned copy only for a path it proxies.
+    pub fn check(path: &str) -> Result<(), NotCanonical> {
+        scan(path, |_, _| {})
     }
 
     pub fn as_str(&self) -> &str {
@@ -101,8 +120,66 @@ impl CanonicalPath {
     /// Whether any segment names the node's own identity (`iam`, `identity-credentials`) in any
     /// case or punctuation: such a path is never proxied.
     pub fn names_node_identity(&self) -> bool {
-        self.segments().any(|s| NODE_IDENTITY_SEGMENTS.contains(&fold(s).as_str()))
+        names_node_identity(self.as_str())
     }
+}
+
+/// [`CanonicalPath::check`], calling `segment_at(start, end)` with the byte range of each segment
+/// after the leading `/` as it finds it (whether or not the path turns out canonical).
+fn scan(path: &str, mut segment_at: impl FnMut(usize, usize)) -> Result<(), NotCanonical> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(NotCanonical::NoLeadingSlash);
+    }
+    if bytes.len() > MAX_PATH {
+        return Err(NotCanonical::TooLong);
+    }
+    let (mut percent, mut character, mut segment) = (false, false, None);
+    // Start of the current segment, and whether it is all dots so far.
+    let (mut start, mut dots) = (1, true);
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        match BYTE_CLASS[usize::from(b)] {
+            Class::Letter => dots = false,
+            Class::Dot => {}
+            Class::Slash => {
+                if segment.is_none() {
+                    if i == start {
+                        segment = Some(NotCanonical::EmptySegment);
+                    } else if dots {
+                        segment = Some(NotCanonical::DotSegment);
+                    }
+                }
+                segment_at(start, i);
+                (start, dots) = (i + 1, true);
+            }
+            Class::Percent => (percent, dots) = (true, false),
+            Class::Other => (character, dots) = (true, false),
+        }
+    }
+    segment_at(start, bytes.len());
+    // The last segment may be empty (a trailing slash), never dots only.
+    if segment.is_none() && bytes.len() > start && dots {
+        segment = Some(NotCanonical::DotSegment);
+    }
+    match (percent, character, segment) {
+        (true, _, _) => Err(NotCanonical::PercentEncoded),
+        (_, true, _) => Err(NotCanonical::Character),
+        (_, _, Some(why)) => Err(why),
+        _ => Ok(()),
+    }
+}
+
+/// [`CanonicalPath::check`], and the segments after the leading `/` put into `parts` as far as it
+/// goes; returns how many there are (more than `parts` holds, for a longer path). One pass.
+pub(crate) fn check_segments<'a>(path: &'a str, parts: &mut [&'a str]) -> Result<usize, NotCanonical> {
+    let mut count = 0;
+    scan(path, |start, end| {
+        if let Some(part) = parts.get_mut(count) {
+            *part = path.get(start..end).unwrap_or_default();
+        }
+        count += 1;
+    })?;
+    Ok(count)
 }
 
 impl std::fmt::Display for CanonicalPath {
@@ -111,10 +188,17 @@ impl std::fmt::Display for CanonicalPath {
     }
 }
 
-/// A segment lowercased without punctuation: `IAM`, `Iam.` and `identity_credentials` fold onto
-/// the names they could be mistaken for.
-fn fold(segment: &str) -> String {
-    segment.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
+/// Whether any segment of the canonical path `path` names the node's own identity (see
+/// [`CanonicalPath::names_node_identity`]), without a [`CanonicalPath`] or any allocation.
+pub(crate) fn names_node_identity(path: &str) -> bool {
+    path[1..].split('/').any(|s| NODE_IDENTITY_SEGMENTS.iter().any(|name| folds_to(s, name)))
+}
+
+/// Whether `segment`, lowercased without punctuation, is `name`: `IAM`, `Iam.` and
+/// `identity_credentials` fold onto the names they could be mistaken for.
+fn folds_to(segment: &str, name: &str) -> bool {
+    let mut folded = segment.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase());
+    name.bytes().all(|n| folded.next() == Some(n)) && folded.next().is_none()
 }
 
 /// Which paths may be proxied, matched against the canonical path.
@@ -381,6 +465,40 @@ mod tests {
             })
         }
 
+        /// The parser as first written, over a vector of segments: the reference for the reason
+        /// the one-pass [`CanonicalPath::check`] gives.
+        fn reference_check(path: &str) -> Result<(), NotCanonical> {
+            let rest = path.strip_prefix('/').ok_or(NotCanonical::NoLeadingSlash)?;
+            if path.len() > MAX_PATH {
+                return Err(NotCanonical::TooLong);
+            }
+            if path.contains('%') {
+                return Err(NotCanonical::PercentEncoded);
+            }
+            if !path.bytes().all(|b| b == b'/' || b.is_ascii_alphanumeric() || b"-._~:+=,@".contains(&b)) {
+                return Err(NotCanonical::Character);
+            }
+            let segments: Vec<&str> = rest.split('/').collect();
+            let last = segments.len() - 1;
+            for (i, segment) in segments.iter().enumerate() {
+                if segment.is_empty() && i != last {
+                    return Err(NotCanonical::EmptySegment);
+                }
+                if !segment.is_empty() && segment.bytes().all(|b| b == b'.') {
+                    return Err(NotCanonical::DotSegment);
+                }
+            }
+            Ok(())
+        }
+
+        /// The identity check as first written (a folded copy of each segment).
+        fn reference_names_node_identity(path: &CanonicalPath) -> bool {
+            let fold = |s: &str| -> String {
+                s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
+            };
+            path.segments().any(|s| NODE_IDENTITY_SEGMENTS.contains(&fold(s).as_str()))
+        }
+
         fn canonical_segment() -> impl Strategy<Value = String> {
             "[A-Za-z0-9._~:+=,@-]{1,12}".prop_filter("not a dot segment", |s| s.contains(|c| c != '.'))
         }
@@ -401,6 +519,27 @@ mod tests {
                     let segments: Vec<&str> = canonical.segments().collect();
                     prop_assert_eq!(segments.join("/"), path[1..].to_string());
                 }
+            }
+
+            #[test]
+            fn check_gives_the_reference_reason(path in path_text()) {
+                prop_assert_eq!(CanonicalPath::check(&path), reference_check(&path), "{:?}", path);
+            }
+
+            #[test]
+            fn the_identity_check_agrees_with_the_reference(
+                segments in prop::collection::vec(
+                    prop_oneof![canonical_segment(), identity_segment()],
+                    1..5,
+                ),
+                trailing_slash in any::<bool>(),
+            ) {
+                let mut path = format!("/{}", segments.join("/"));
+                if trailing_slash {
+                    path.push('/');
+                }
+                let canonical = CanonicalPath::parse(&path).unwrap();
+                prop_assert_eq!(canonical.names_node_identity(), reference_names_node_identity(&canonical));
             }
 
             #[test]

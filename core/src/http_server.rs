@@ -15,20 +15,23 @@
 
 use bytes::Bytes;
 use futures::FutureExt as _;
+use futures::future::Either;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt as _};
 
 /// Builds a listener's service from an async function (tower's, re-exported so listeners need no
@@ -112,13 +115,20 @@ pub enum Exhausted {
     Source,
 }
 
-/// A [`Budget`] in use: a semaphore for the total and a count per source address. Only sources
-/// holding a permit have an entry, so its memory is bounded by the total.
+/// A [`Budget`] in use: the units held in total and per source address, under one lock (a
+/// budget never waits, so it needs no semaphore). Only sources holding a unit have an entry, so its
+/// memory is bounded by the total.
 #[derive(Debug)]
 pub struct SourceBudget {
-    total: Arc<Semaphore>,
+    total: usize,
     per_source: usize,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
 }
 
 /// One unit of a [`SourceBudget`], given back on drop.
@@ -126,44 +136,53 @@ pub struct SourceBudget {
 pub struct SourcePermit {
     budget: Arc<SourceBudget>,
     source: IpAddr,
-    _total: OwnedSemaphorePermit,
 }
 
 impl SourceBudget {
     pub fn new(budget: Budget) -> Arc<SourceBudget> {
         Arc::new(SourceBudget {
-            total: Arc::new(Semaphore::new(budget.total.min(Semaphore::MAX_PERMITS))),
+            total: budget.total,
             per_source: budget.per_source,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
         })
     }
 
     /// Takes one unit for `source` at once, or says why not; never waits.
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Result<SourcePermit, Exhausted> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let count = held.get(&source).copied().unwrap_or(0);
+        let held = &mut *held;
+        // One hash of the address, whatever happens.
+        let entry = held.by_source.entry(source);
+        let count = match &entry {
+            Entry::Occupied(count) => *count.get(),
+            Entry::Vacant(_) => 0,
+        };
         if count >= self.per_source {
             return Err(Exhausted::Source);
         }
-        let total = self.total.clone().try_acquire_owned().map_err(|_| Exhausted::Total)?;
-        held.insert(source, count + 1);
-        Ok(SourcePermit { budget: self.clone(), source, _total: total })
+        if held.total >= self.total {
+            return Err(Exhausted::Total);
+        }
+        *entry.or_insert(0) += 1;
+        held.total += 1;
+        Ok(SourcePermit { budget: self.clone(), source })
     }
 
     /// Units held now, in total.
     pub fn in_use(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 }
 
 impl Drop for SourcePermit {
     fn drop(&mut self) {
         let mut held = self.budget.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = held.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.source);
+        if let Entry::Occupied(mut count) = held.by_source.entry(self.source) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
             }
+            held.total -= 1;
         }
     }
 }
@@ -291,10 +310,28 @@ impl HttpServer {
 
     /// Serves `service` on connections from `acceptor` until `shutdown` resolves, then drains for
     /// at most the grace period. The service sees the peer as a [`PeerAddr`] extension.
-    pub async fn serve<A, S>(self, mut acceptor: A, service: S, shutdown: impl Future<Output = ()>)
+    pub async fn serve<A, S>(self, acceptor: A, service: S, shutdown: impl Future<Output = ()>)
     where
         A: Accept,
         S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = service.map_request(|(peer, mut req): (PeerAddr, Request<Incoming>)| {
+            req.extensions_mut().insert(peer);
+            req
+        });
+        self.serve_with_peer(acceptor, service, shutdown).await
+    }
+
+    /// As [`HttpServer::serve`], but the service takes the peer beside each request rather than
+    /// as an extension, which costs a map allocated per request (a hot path's choice).
+    pub async fn serve_with_peer<A, S>(self, mut acceptor: A, service: S, shutdown: impl Future<Output = ()>)
+    where
+        A: Accept,
+        S: Service<(PeerAddr, Request<Incoming>), Response = Response<Full<Bytes>>, Error = Infallible>
             + Clone
             + Send
             + 'static,
@@ -331,9 +368,16 @@ impl HttpServer {
             tokio::spawn(async move {
                 let _permit = permit;
                 let http = http1(&limits);
-                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(PeerAddr(peer));
-                    service.clone().oneshot(req)
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let mut service = service.clone();
+                    // The layers are ready at once (a full request limit is a refusal, not a
+                    // wait): call the service when the head arrives rather than when hyper first
+                    // polls, so that a service answering at once is done with the request (and
+                    // with hyper's read buffer, which it points into) before hyper reads again.
+                    match service.ready().now_or_never() {
+                        Some(Ok(_)) => Either::Left(service.call((PeerAddr(peer), req))),
+                        _ => Either::Right(service.oneshot((PeerAddr(peer), req))),
+                    }
                 });
                 let result = match tls {
                     None => watcher.watch(http.serve_connection(TokioIo::new(io), service)).await,
@@ -371,26 +415,79 @@ impl HttpServer {
 /// The listener's service inside the request layers: load shedding over a cap on requests in
 /// flight over a deadline per request; refusals become responses (the error type stays only
 /// because tower's `map_result` needs one; readiness never fails).
-fn layered<S>(
+fn layered<R, S>(
     service: S,
     limits: &Limits,
-) -> impl Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = BoxError, Future: Send + 'static>
+) -> impl Service<R, Response = Response<Full<Bytes>>, Error = BoxError, Future: Send + 'static>
 + Clone
 + Send
 + 'static
 where
-    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<R, Response = Response<Full<Bytes>>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     ServiceBuilder::new()
         .map_result(to_response as fn(_) -> _)
         .load_shed()
         .concurrency_limit(limits.max_concurrent_requests)
-        .timeout(limits.request_timeout)
+        .layer_fn(|inner| Deadline { inner, timeout: limits.request_timeout })
         .service(service)
+}
+
+/// tower's request timeout, but its timer starts only when the response is not ready at the first
+/// poll (from then: when the request was called, give or take that poll): an answer ready at once,
+/// most of them, costs no clock read and no timer. Fails with tower's [`Elapsed`].
+///
+/// [`Elapsed`]: tower::timeout::error::Elapsed
+#[derive(Clone)]
+struct Deadline<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S: Service<R>, R> Service<R> for Deadline<S>
+where
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        DeadlineFuture { inner: self.inner.call(req), timeout: self.timeout, sleep: None }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct DeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        timeout: Duration,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F: Future<Output = Result<T, E>>, T, E: Into<BoxError>> Future for DeadlineFuture<F> {
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(tower::timeout::error::Elapsed::new().into())),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 fn to_response(result: Result<Response<Full<Bytes>>, BoxError>) -> Result<Response<Full<Bytes>>, BoxError> {
@@ -413,6 +510,7 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tokio::io::AsyncReadExt as _;
     use tokio::net::TcpSocket;
+    use tokio::sync::Semaphore;
 
     /// An acceptor whose every `accept` fails at once, as when the process is out of descriptors.
     struct Failing {

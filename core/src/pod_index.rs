@@ -118,6 +118,15 @@ pub enum Change {
     Unchanged,
 }
 
+/// Who claims an IP: see [`PodIndex::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Nobody,
+    One(Arc<PodInfo>),
+    /// More than one live pod (only while an IP is being reused).
+    Several,
+}
+
 /// Live pods by IP and by UID.
 #[derive(Default)]
 pub struct PodIndex {
@@ -169,6 +178,16 @@ impl PodIndex {
     /// The live pods that claim `ip` (more than one only while an IP is being reused).
     pub fn by_ip(&self, ip: &IpAddr) -> Vec<Arc<PodInfo>> {
         self.by_ip.get(ip).map(|pods| pods.clone()).unwrap_or_default()
+    }
+
+    /// Who claims `ip`, without copying the claimants (the hot path: one hash lookup, one `Arc`
+    /// clone, no allocation).
+    pub fn claim(&self, ip: &IpAddr) -> Claim {
+        match self.by_ip.get(ip).as_deref().map(Vec::as_slice) {
+            None | Some([]) => Claim::Nobody,
+            Some([pod]) => Claim::One(pod.clone()),
+            Some(_) => Claim::Several,
+        }
     }
 
     /// Whether some live pod claims `ip` (no copy of the claimants, for the hot path).
@@ -436,8 +455,12 @@ pub(crate) mod tests {
         index.apply(&mk_pod("old", "a", &["10.0.0.1"], "Running", Some("a")));
         index.apply(&mk_pod("new", "b", &["10.0.0.1"], "Running", Some("b")));
         assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["old", "new"]);
+        assert_eq!(index.claim(&ip("10.0.0.1")), Claim::Several);
         index.delete(&mk_pod("old", "a", &["10.0.0.1"], "Running", Some("a")));
         assert_eq!(uids(&index.by_ip(&ip("10.0.0.1"))), ["new"]);
+        assert!(matches!(index.claim(&ip("10.0.0.1")), Claim::One(p) if p.uid == "new"));
+        index.delete(&mk_pod("new", "b", &["10.0.0.1"], "Running", Some("b")));
+        assert_eq!(index.claim(&ip("10.0.0.1")), Claim::Nobody);
     }
 
     #[test]
