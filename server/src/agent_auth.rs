@@ -2,11 +2,13 @@
 //! `imdsgate`). The server verifies it with TokenReview, requires the configured agent
 //! ServiceAccount, and takes the node name the apiserver put in the review; the server then only
 //! answers for pods on that node. Reviews are cached by token digest until the token expires
-//! (at most ten minutes, so a deleted agent pod's token stops working soon after).
+//! (at most ten minutes, so a deleted agent pod's token stops working soon after), and concurrent
+//! calls with one token share one review: an agent's stream and first calls, all arriving together
+//! when a replica starts, cost the apiserver one review, not one each.
 
 use base64::Engine as _;
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
@@ -17,7 +19,14 @@ use std::time::{Duration, SystemTime};
 /// The extra key in which the apiserver reports the node of a pod-bound token.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const MAX_CACHE_TTL: Duration = Duration::from_secs(600);
-const MAX_CACHE_ENTRIES: usize = 10_000;
+/// Reviews cached at most: one per agent token in use (an agent holds one token at a time, two
+/// around a rotation), so 100,000 agents' nodes; about 150 bytes each.
+const MAX_CACHE_ENTRIES: usize = 100_000;
+/// Reviews in flight shared at most; past this (a reconnect storm of more distinct tokens at once)
+/// a call reviews on its own.
+const MAX_IN_FLIGHT: usize = 4_096;
+
+type Review = Shared<BoxFuture<'static, Result<TokenReviewStatus, String>>>;
 
 /// Who the calling agent is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +87,8 @@ pub struct AgentAuthenticator {
     expected_username: String,
     allow_unbound: bool,
     cache: Mutex<HashMap<[u8; 32], (AgentIdentity, SystemTime)>>,
+    /// Reviews under way, by token digest.
+    in_flight: Mutex<HashMap<[u8; 32], Review>>,
 }
 
 impl AgentAuthenticator {
@@ -95,6 +106,7 @@ impl AgentAuthenticator {
             expected_username: format!("system:serviceaccount:{ns}:{name}"),
             allow_unbound,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -112,21 +124,43 @@ impl AgentAuthenticator {
         {
             return Ok(identity.clone());
         }
-        let status = self
-            .reviewer
-            .review(token.to_string(), self.audience.clone())
-            .await
-            .map_err(AuthError::ReviewFailed)?;
-        let identity = self.identity_from(status)?;
-        let until = token_expiry(token).unwrap_or(now).min(now + MAX_CACHE_TTL);
-        let mut cache = self.lock();
-        if cache.len() >= MAX_CACHE_ENTRIES {
-            cache.retain(|_, (_, t)| *t > now);
+        let review = self.review(digest, token);
+        let outcome = review.clone().await;
+        let identity = outcome.map_err(AuthError::ReviewFailed).and_then(|status| self.identity_from(status));
+        if let Ok(identity) = &identity {
+            let until = token_expiry(token).unwrap_or(now).min(now + MAX_CACHE_TTL);
+            let mut cache = self.lock();
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.retain(|_, (_, t)| *t > now);
+            }
+            if cache.len() < MAX_CACHE_ENTRIES {
+                cache.insert(digest, (identity.clone(), until));
+            }
         }
-        if cache.len() < MAX_CACHE_ENTRIES {
-            cache.insert(digest, (identity.clone(), until));
+        // Cached (if it passed) before it stops being shared: a call arriving now finds one or the
+        // other. A failed review is not kept: the next call reviews again.
+        let mut in_flight = lock(&self.in_flight);
+        if in_flight.get(&digest).is_some_and(|shared| shared.ptr_eq(&review)) {
+            in_flight.remove(&digest);
         }
-        Ok(identity)
+        identity
+    }
+
+    /// The review of `token` under way, or a new one shared with the calls that follow.
+    fn review(&self, digest: [u8; 32], token: &str) -> Review {
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(shared) = in_flight.get(&digest) {
+            return shared.clone();
+        }
+        let review = self.reviewer.review(token.to_string(), self.audience.clone()).shared();
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            // Reviews every caller gave up on (cancelled calls) hold only the map's handle.
+            in_flight.retain(|_, shared| shared.strong_count().is_some_and(|n| n > 1));
+        }
+        if in_flight.len() < MAX_IN_FLIGHT {
+            in_flight.insert(digest, review.clone());
+        }
+        review
     }
 
     fn identity_from(&self, status: TokenReviewStatus) -> Result<AgentIdentity, AuthError> {
@@ -146,8 +180,12 @@ impl AgentAuthenticator {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (AgentIdentity, SystemTime)>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.cache)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The `exp` claim of a JWT, read without verifying (TokenReview verified it).
@@ -170,6 +208,10 @@ mod tests {
     struct FakeReviewer {
         calls: AtomicU32,
         status: TokenReviewStatus,
+        /// Reviews answer once this is true (the apiserver taking its time).
+        open: tokio::sync::watch::Receiver<bool>,
+        /// The first this many reviews fail.
+        failures: AtomicU32,
     }
 
     impl TokenReviewer for FakeReviewer {
@@ -180,8 +222,15 @@ mod tests {
         ) -> BoxFuture<'static, Result<TokenReviewStatus, String>> {
             assert_eq!(audience, "imdsgate");
             self.calls.fetch_add(1, Ordering::SeqCst);
+            let fail =
+                self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             let status = self.status.clone();
-            async move { Ok(status) }.boxed()
+            let mut open = self.open.clone();
+            async move {
+                let _ = open.wait_for(|open| *open).await;
+                if fail { Err("the apiserver is unavailable".to_string()) } else { Ok(status) }
+            }
+            .boxed()
         }
     }
 
@@ -200,11 +249,84 @@ mod tests {
     }
 
     fn auth(status: TokenReviewStatus, allow_unbound: bool) -> (AgentAuthenticator, Arc<FakeReviewer>) {
-        let reviewer = Arc::new(FakeReviewer { calls: AtomicU32::new(0), status });
+        let (a, reviewer, _gate) = gated(status, allow_unbound, true, 0);
+        (a, reviewer)
+    }
+
+    /// An authenticator whose reviews answer once the returned gate is set to true, the first
+    /// `failures` of them with an error.
+    fn gated(
+        status: TokenReviewStatus,
+        allow_unbound: bool,
+        open: bool,
+        failures: u32,
+    ) -> (AgentAuthenticator, Arc<FakeReviewer>, tokio::sync::watch::Sender<bool>) {
+        let (gate, open) = tokio::sync::watch::channel(open);
+        let reviewer = Arc::new(FakeReviewer {
+            calls: AtomicU32::new(0),
+            status,
+            open,
+            failures: AtomicU32::new(failures),
+        });
         (
             AgentAuthenticator::new(reviewer.clone(), "imdsgate", "imdsgate:imdsgate-agent", allow_unbound),
             reviewer,
+            gate,
         )
+    }
+
+    fn header_valid_for_an_hour() -> String {
+        let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 3600;
+        format!("Bearer {}", jwt(exp))
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_with_one_token_share_one_review() {
+        let (a, reviewer, gate) = gated(status(AGENT, Some("node-a")), false, false, 0);
+        let header = header_valid_for_an_hour();
+        let calls = futures::future::join_all((0..50).map(|_| a.authenticate(Some(&header))));
+        let answered = async {
+            tokio::task::yield_now().await;
+            gate.send_replace(true);
+        };
+        let (answers, ()) = tokio::join!(calls, answered);
+        assert!(answers.iter().all(|id| id.as_ref().unwrap().node.as_deref() == Some("node-a")));
+        assert_eq!(reviewer.calls.load(Ordering::SeqCst), 1);
+        // Cached now, and no longer in flight.
+        a.authenticate(Some(&header)).await.unwrap();
+        assert_eq!(reviewer.calls.load(Ordering::SeqCst), 1);
+        assert!(lock(&a.in_flight).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_shared_review_fails_every_waiting_call_and_the_next_call_reviews_again() {
+        let (a, reviewer, gate) = gated(status(AGENT, Some("node-a")), false, false, 1);
+        let header = header_valid_for_an_hour();
+        let calls = futures::future::join_all((0..5).map(|_| a.authenticate(Some(&header))));
+        let answered = async {
+            tokio::task::yield_now().await;
+            gate.send_replace(true);
+        };
+        let (answers, ()) = tokio::join!(calls, answered);
+        for answer in answers {
+            assert_eq!(answer, Err(AuthError::ReviewFailed("the apiserver is unavailable".into())));
+        }
+        assert_eq!(reviewer.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(a.authenticate(Some(&header)).await.unwrap().node.as_deref(), Some("node-a"));
+        assert_eq!(reviewer.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_review_every_caller_gave_up_on_is_finished_by_the_next_caller() {
+        let (a, reviewer, gate) = gated(status(AGENT, Some("node-a")), false, false, 0);
+        let header = header_valid_for_an_hour();
+        // The agent's call is cancelled while the review is under way.
+        let cancelled = tokio::time::timeout(Duration::from_millis(20), a.authenticate(Some(&header))).await;
+        assert!(cancelled.is_err());
+        gate.send_replace(true);
+        assert_eq!(a.authenticate(Some(&header)).await.unwrap().node.as_deref(), Some("node-a"));
+        assert_eq!(reviewer.calls.load(Ordering::SeqCst), 1);
+        assert!(lock(&a.in_flight).is_empty());
     }
 
     const AGENT: &str = "system:serviceaccount:imdsgate:imdsgate-agent";
