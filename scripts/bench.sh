@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # imdsgate's benchmarks, on the test bed, written to BENCHMARKS.md with the machine and the date:
 # the hot path against a bare hyper server through the same DNAT path, a 200-pod start storm,
-# memory at 250 pods per node and 10,000 pods per cluster, STS economy, server fan-in.
-# Needs root (network namespaces). Takes about 5 minutes after the release build.
+# memory at 250 pods per node and 10,000 pods per cluster, STS economy, server fan-in; CPU
+# instructions and allocations per hot-path request (valgrind); the cluster-scale section that
+# scripts/scale.sh wrote (scripts/bench-scale.md), appended as it is.
+# Needs root (network namespaces). Takes about 10 minutes after the release build.
 #
-#   scripts/bench.sh [--seconds N] [--server-pods N] [--out FILE]
+#   scripts/bench.sh [--seconds N] [--server-pods N] [--rounds N] [--out FILE]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -23,4 +25,11 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-RUST_LOG=warn target/release/imdsgate-bench all --out "$out" "${args[@]}"
+# Instructions and allocations per hot-path request, under valgrind (counts, not times).
+if ! command -v valgrind >/dev/null; then
+  echo "==> apt-get install valgrind" >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >&2
+fi
+echo "==> imdsgate-hotpath count (valgrind)" >&2
+target/release/imdsgate-hotpath count > target/bench-hotpath.md
+RUST_LOG=warn target/release/imdsgate-bench all --out "$out" --hotpath target/bench-hotpath.md "${args[@]}"

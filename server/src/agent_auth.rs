@@ -21,7 +21,7 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const MAX_CACHE_TTL: Duration = Duration::from_secs(600);
 /// Reviews cached at most: one per agent token in use (an agent holds one token at a time, two
 /// around a rotation), so 100,000 agents' nodes; about 150 bytes each.
-const MAX_CACHE_ENTRIES: usize = 100_000;
+pub const MAX_CACHE_ENTRIES: usize = 100_000;
 /// Reviews in flight shared at most; past this (a reconnect storm of more distinct tokens at once)
 /// a call reviews on its own.
 const MAX_IN_FLIGHT: usize = 4_096;

@@ -92,6 +92,8 @@ enum StsKind {
 
 const ROLE_BASE: &str = "arn:aws:iam::123456789012:role/";
 const ROLE_EVERY: usize = 10;
+/// TokenReviews a replica caches at most.
+const REVIEW_CACHE: usize = imdsgate_server::agent_auth::MAX_CACHE_ENTRIES;
 const SUSPECT_FOR_MS: u64 = 30_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const FAILED: u8 = 255;
@@ -1133,14 +1135,15 @@ async fn run(cli: Cli) -> Result<()> {
     r.line("### Under load");
     r.line("");
     r.line(format!(
-        "Warm-up (agents started at once: {} TLS connections, {} revocation streams, a TokenReview per agent per replica): every agent served after **{}**, every stream open after {}; {} calls granted, {} failed ({warm_failures}); **{tr_warm:.0} TokenReviews** reached the apiserver ({:.0}/s over the warm-up).",
+        "Warm-up (agents started at once: {} TLS connections, {} revocation streams, a TokenReview per agent per replica): every agent served after **{}**, every stream open after {}; {} calls granted, {} failed ({warm_failures}); **{tr_warm:.0} TokenReviews** reached the apiserver ({:.0}/s over the warm-up; {:.2} per agent–replica pair: concurrent calls with one token share one review, and a review is cached once it has succeeded).",
         2 * agents,
         2 * agents,
         secs((warm_served_ms != u64::MAX).then_some(warm_served_ms)),
         secs((warm_streams_ms != u64::MAX).then_some(warm_streams_ms)),
         warm.ok,
         warm.failed,
-        tr_warm / warm.seconds.max(1e-3)
+        tr_warm / warm.seconds.max(1e-3),
+        tr_warm / (2 * agents).max(1) as f64
     ));
     r.line("");
     r.line(format!(
@@ -1255,10 +1258,10 @@ async fn run(cli: Cli) -> Result<()> {
         "At {} pods, {} namespaces and {agents10} agents, scaling the figures above linearly: {} (2) **The server's memory and sync time grow with the pods it watches**: at most about {rss10:.0} MiB per replica at rest (10 × {:.0} MiB at {pods} pods) and an initial sync or relist of the order of {sync10:.0} s on this machine, during which a starting replica refuses calls it cannot judge yet; both are per replica, so more replicas do not help. (3) **STS**: the steady renewals become {:.0} calls/h ({:.1}/s), well inside a per-replica `--sts-max-rps` of 200, but every replica start prefetches one session per role pod — {} calls, which at 200/s take {prefetch10:.0} s per replica and count against the account's STS quota shared with everything else in it; a rolling restart of both replicas doubles that. (4) Connections: {agents10} agents hold {agents10} mutual-TLS connections and {agents10} revocation streams per replica (measured {} per replica here, {:.0} MiB peak for A in the storm); file descriptors and memory follow, and a restart's reconnect storm is {agents10} handshakes + reviews at once. The apiserver, already {:.0} MiB at {pods} pods, would need roughly 10× that for the pods' watch cache.",
         pods * 10,
         namespaces * 10,
-        if agents10 > 10_000 {
-            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most 10,000 reviews (`MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) and each replica needs one per agent, {agents10}; past 10,000 a review is not cached, so the calls of {} agents reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - 10_000, rate * 10.0 * (agents10 - 10_000) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
+        if agents10 > REVIEW_CACHE {
+            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most {REVIEW_CACHE} reviews (`MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) and each replica needs one per agent, {agents10}; past that a review is not cached, so the calls of {} agents reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - REVIEW_CACHE, rate * 10.0 * (agents10 - REVIEW_CACHE) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
         } else {
-            format!("(1) The TokenReview cache (at most 10,000 reviews per replica, `MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) still holds all {agents10} agents; steady reviews would be ~{:.0}/s, and a restart's burst {agents10} per replica.", 20.0 * agents as f64 / 600.0)
+            format!("(1) The TokenReview cache (at most {REVIEW_CACHE} reviews per replica, `MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) still holds all {agents10} agents; steady reviews would be ~{:.0}/s, and a restart's burst about one per agent per replica ({agents10}), concurrent calls with one token sharing one review.", 20.0 * agents as f64 / 600.0)
         },
         mib(rest_rss[0].max(rest_rss[1])),
         sessions * 15.0,
