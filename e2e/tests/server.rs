@@ -382,6 +382,9 @@ async fn a_new_pod_is_prefetched_and_sts_is_called_once_per_session() {
     // The Pod object alone (no IP yet, as while it is scheduled and its sandbox starts) is
     // enough: its session is fetched before its IP appears.
     bed.wait_metric_at_least(success, before + 1.0).await;
+    // Its IP comes later than the cache's sweep of dead pods (every 15 s): a pod waiting for its
+    // IP is not dead, and its session stays.
+    tokio::time::sleep(Duration::from_secs(16)).await;
     bed.cluster.set_pod_status("team-a", "late", &["10.1.0.20"], "Running").await.unwrap();
 
     let misses = bed.server.metric("imdsgate_server_cache_misses_total").await.unwrap();
@@ -397,6 +400,24 @@ async fn a_new_pod_is_prefetched_and_sts_is_called_once_per_session() {
         "first call was a hit"
     );
     assert_eq!(bed.server.metric(success).await.unwrap(), before + 1.0, "one STS call for 21 requests");
+
+    // A pod deleted before it ever had an IP takes its prefetched session with it.
+    let sessions = "imdsgate_server_cached_sessions";
+    let held = bed.server.metric(sessions).await.unwrap();
+    bed.cluster
+        .create_pod(
+            &PodSpec::new("team-a", "doomed", "node-a").annotation("iam.amazonaws.com/role", "app-reader"),
+        )
+        .await
+        .unwrap();
+    bed.wait_metric_at_least(sessions, held + 1.0).await;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(bed.cluster.client(), "team-a");
+    pods.delete("doomed", &kube::api::DeleteParams::default().grace_period(0)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.server.metric(sessions).await.unwrap() > held {
+        assert!(Instant::now() < deadline, "the deleted pod's session is still held:\n{}", bed.server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

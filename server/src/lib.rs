@@ -11,6 +11,7 @@ pub mod events;
 pub mod explain;
 pub mod metrics;
 pub mod namespace_index;
+pub mod pending_pods;
 pub mod policy;
 pub mod revocation;
 pub mod role;
@@ -404,10 +405,12 @@ impl Validated {
             ns_synced.clone(),
             metrics.clone(),
         ));
+        let pending = Arc::new(pending_pods::PendingPods::default());
         let pod_task = tokio::spawn(watch_pods(
             client.clone(),
             PodWatch {
                 pods: pods.clone(),
+                pending: pending.clone(),
                 authorizer: authorizer.clone(),
                 cache: cache.clone(),
                 revocations: revocations.clone(),
@@ -418,7 +421,10 @@ impl Validated {
         ));
         let refresher = {
             let pods = pods.clone();
-            cache.spawn_refresher(REFRESH_EVERY, move |uid| pods.by_uid(uid).is_some())
+            // A pod waiting for its IP keeps the session fetched for it ahead of the IP.
+            cache.spawn_refresher(REFRESH_EVERY, move |uid| {
+                pods.by_uid(uid).is_some() || pending.contains(uid)
+            })
         };
         let server_nodes = Arc::new(server_nodes::ServerNodes::new(server_node_labels));
         let node_task = tokio::spawn(watch_nodes(client.clone(), server_nodes.clone(), metrics.clone()));
@@ -624,6 +630,7 @@ async fn watch_nodes(client: kube::Client, nodes: Arc<server_nodes::ServerNodes>
 /// What the pod watch updates.
 struct PodWatch {
     pods: Arc<PodIndex>,
+    pending: Arc<pending_pods::PendingPods>,
     authorizer: Arc<Authorizer>,
     cache: CredentialCache,
     revocations: Revocations,
@@ -657,16 +664,26 @@ impl PodWatch {
     /// the agent of the pod's node asking from the pod's IP). Repeated status updates of the
     /// same pending pod find the session cached or in flight and cost nothing.
     fn prefetch_before_ip(&self, pod: &Pod) {
-        // Most updates are of pods that have their IP: leave those before parsing anything.
-        let unstarted = pod.status.as_ref().is_none_or(|s| s.pod_ip.is_none())
-            && pod.metadata.deletion_timestamp.is_none()
-            && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true));
-        if !unstarted {
-            return;
-        }
         let info = PodInfo::describe(pod);
         if info.ips.is_empty() && !info.uid.is_empty() {
             self.prefetch(&info);
+        }
+    }
+
+    /// Keeps the pending set (pods with a role and no IP yet) up to date with one event: a pod
+    /// pending is prefetched; one that leaves it without getting an IP (finished, deleted, its
+    /// role removed) has its session dropped, as a pod leaving the index does.
+    fn track_pending(&self, pod: &Pod) {
+        match self.pending.apply(pod) {
+            pending_pods::Pending::Yes => self.prefetch_before_ip(pod),
+            pending_pods::Pending::Left => self.left_pending(pod.metadata.uid.as_deref().unwrap_or_default()),
+            pending_pods::Pending::No => {}
+        }
+    }
+
+    fn left_pending(&self, uid: &str) {
+        if self.pods.by_uid(uid).is_none() {
+            self.cache.pod_gone(uid);
         }
     }
 
@@ -698,13 +715,24 @@ async fn watch_pods(client: kube::Client, state: PodWatch, ns_synced: Synced, sy
             match update {
                 Update::Apply(pod) => {
                     let change = state.pods.apply(&pod);
-                    if matches!(change, Change::Unchanged) {
-                        state.prefetch_before_ip(&pod);
-                    }
+                    state.track_pending(&pod);
                     state.changed(change)
                 }
-                Update::Delete(pod) => state.changed(state.pods.delete(&pod)),
-                Update::Reset(all) => state.pods.reset(all.iter()).into_iter().for_each(|c| state.changed(c)),
+                Update::Delete(pod) => {
+                    state.changed(state.pods.delete(&pod));
+                    if state.pending.delete(&pod) {
+                        state.left_pending(pod.metadata.uid.as_deref().unwrap_or_default());
+                    }
+                }
+                Update::Reset(all) => {
+                    state.pods.reset(all.iter()).into_iter().for_each(|c| state.changed(c));
+                    for uid in state.pending.reset(all.iter()) {
+                        state.left_pending(&uid);
+                    }
+                    all.iter()
+                        .filter(|pod| pending_pods::is_pending(pod))
+                        .for_each(|pod| state.prefetch_before_ip(pod));
+                }
             }
             state.metrics.pods_indexed.set(state.pods.len() as i64);
         },

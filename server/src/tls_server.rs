@@ -57,6 +57,9 @@ pub fn incoming(
         let mut backoff = Backoff::default();
         loop {
             let (tcp, peer) = accept_with_backoff(&mut listener, &mut backoff, "gRPC").await;
+            // An answer is a few small HTTP/2 frames written one after another: with Nagle's
+            // algorithm on, the last of them waits for the agent's delayed ACK (up to 40 ms).
+            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
             if tx.is_closed() {
                 return;

@@ -1,0 +1,166 @@
+//! Pods that name a role but have no IP yet (scheduled, their images pulling, their sandbox
+//! starting). The pod index holds only pods with an IP; this set is what keeps the sessions the
+//! server fetched for these pods ahead of their IP alive until the IP comes (or the pod goes), so
+//! the cache's sweep of dead pods does not throw them away and fetch them again.
+
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct PendingPods {
+    uids: Mutex<HashSet<String>>,
+}
+
+/// What one watch event did to a pod's place in the set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// It is pending (newly or still): its session is wanted.
+    Yes,
+    /// It was pending and is no longer (it got its IP, finished, lost its role or is being
+    /// deleted).
+    Left,
+    /// It was not pending and is not.
+    No,
+}
+
+/// Whether `pod` is one the set keeps: a role annotation, no IP, not host-network, not being
+/// deleted, not finished.
+pub fn is_pending(pod: &Pod) -> bool {
+    let no_ip = pod.status.as_ref().is_none_or(|s| s.pod_ip.as_deref().is_none_or(str::is_empty));
+    no_ip
+        && pod.metadata.deletion_timestamp.is_none()
+        && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true))
+        && pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending")
+        && pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(imdsgate_core::pod_index::ROLE_ANNOTATION))
+}
+
+impl PendingPods {
+    /// Records the pod's state from a watch event.
+    pub fn apply(&self, pod: &Pod) -> Pending {
+        let Some(uid) = pod.metadata.uid.as_deref().filter(|u| !u.is_empty()) else { return Pending::No };
+        let mut uids = self.lock();
+        if is_pending(pod) {
+            if !uids.contains(uid) {
+                uids.insert(uid.to_string());
+            }
+            Pending::Yes
+        } else if uids.remove(uid) {
+            Pending::Left
+        } else {
+            Pending::No
+        }
+    }
+
+    /// Forgets a deleted pod; whether it was pending.
+    pub fn delete(&self, pod: &Pod) -> bool {
+        pod.metadata.uid.as_deref().is_some_and(|uid| self.lock().remove(uid))
+    }
+
+    /// Replaces the set with the pending pods of a full list; returns the UIDs that were pending
+    /// and are not now.
+    pub fn reset<'a>(&self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<String> {
+        let now: HashSet<String> =
+            pods.into_iter().filter(|p| is_pending(p)).filter_map(|p| p.metadata.uid.clone()).collect();
+        let mut uids = self.lock();
+        let left = uids.difference(&now).cloned().collect();
+        *uids = now;
+        left
+    }
+
+    pub fn contains(&self, uid: &str) -> bool {
+        self.lock().contains(uid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.uids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mk_pod(uid: &str, ip: Option<&str>, phase: &str, role: bool) -> Pod {
+        let annotations = if role { json!({ "iam.amazonaws.com/role": "app" }) } else { json!({}) };
+        serde_json::from_value(json!({
+            "metadata": { "uid": uid, "name": uid, "namespace": "team", "annotations": annotations },
+            "spec": { "nodeName": "node-a", "containers": [] },
+            "status": { "phase": phase, "podIP": ip },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_role_pod_is_pending_until_its_ip_comes() {
+        let pending = PendingPods::default();
+        assert_eq!(pending.apply(&mk_pod("u1", None, "Pending", true)), Pending::Yes);
+        assert_eq!(pending.apply(&mk_pod("u1", None, "Pending", true)), Pending::Yes);
+        assert!(pending.contains("u1"));
+        assert_eq!(pending.apply(&mk_pod("u1", Some("10.0.0.1"), "Running", true)), Pending::Left);
+        assert!(pending.is_empty());
+        // Later updates of the running pod concern the pod index, not this set.
+        assert_eq!(pending.apply(&mk_pod("u1", Some("10.0.0.1"), "Running", true)), Pending::No);
+    }
+
+    #[test]
+    fn pods_without_a_role_host_network_finished_or_deleting_are_not_kept() {
+        let pending = PendingPods::default();
+        assert_eq!(pending.apply(&mk_pod("plain", None, "Pending", false)), Pending::No);
+        let mut host = mk_pod("host", None, "Pending", true);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(pending.apply(&host), Pending::No);
+        assert_eq!(pending.apply(&mk_pod("failed", None, "Failed", true)), Pending::No);
+        assert!(pending.is_empty());
+
+        // A pending pod that fails, loses its role, or starts deleting leaves.
+        for (gone, reason) in [
+            (mk_pod("u", None, "Failed", true), "finished"),
+            (mk_pod("u", None, "Pending", false), "role removed"),
+            (
+                {
+                    let mut p = mk_pod("u", None, "Pending", true);
+                    p.metadata.deletion_timestamp =
+                        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+                    p
+                },
+                "deleting",
+            ),
+        ] {
+            assert_eq!(pending.apply(&mk_pod("u", None, "Pending", true)), Pending::Yes);
+            assert_eq!(pending.apply(&gone), Pending::Left, "{reason}");
+        }
+    }
+
+    #[test]
+    fn delete_and_reset_say_which_pods_left() {
+        let pending = PendingPods::default();
+        pending.apply(&mk_pod("a", None, "Pending", true));
+        pending.apply(&mk_pod("b", None, "Pending", true));
+        assert!(pending.delete(&mk_pod("a", None, "Pending", true)));
+        assert!(!pending.delete(&mk_pod("a", None, "Pending", true)));
+        pending.apply(&mk_pod("c", None, "Pending", true));
+        // A relist: b got its IP while the watch was away, c is still pending, d is new.
+        let list = [
+            mk_pod("b", Some("10.0.0.2"), "Running", true),
+            mk_pod("c", None, "Pending", true),
+            mk_pod("d", None, "Pending", true),
+        ];
+        assert_eq!(pending.reset(list.iter()), ["b"]);
+        assert!(pending.contains("c") && pending.contains("d") && !pending.contains("b"));
+    }
+}
