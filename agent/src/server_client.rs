@@ -312,20 +312,26 @@ impl ServerClient {
         };
         self.metrics.server_errors.get_or_create(&CodeLabels { code: format!("{:?}", status.code()) }).inc();
         let reason = Reason::of(&status);
-        let retry_elsewhere = reason.is_none()
-            && matches!(
-                status.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Unknown
-                    | tonic::Code::Cancelled
-            );
-        if retry_elsewhere {
+        if retry_elsewhere(&status) {
             Err(ServerError::Unreachable(status.message().to_string()))
         } else {
             Err(ServerError::Refused { code: status.code(), reason, message: status.message().to_string() })
         }
     }
+}
+
+/// Whether a failed call may be answered by another replica: no imdsgate reason (a refusal with
+/// one is final, whichever replica gave it) and a transport-shaped code (unreachable, timed out,
+/// cut, or a replica not ready to judge).
+pub fn retry_elsewhere(status: &tonic::Status) -> bool {
+    Reason::of(status).is_none()
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+        )
 }
 
 /// Every replica's answer to one request, combined when all must agree: one refusal refuses;

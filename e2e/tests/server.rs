@@ -5,12 +5,10 @@ use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, http_get, instal
 use imdsgate_e2e::process::free_port;
 use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
 use imdsgate_proto::Reason;
-use imdsgate_proto::v1::credentials_client::CredentialsClient;
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
 use k8s_openapi::api::core::v1::Pod;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 const ROLE_BASE: &str = "--role-base-arn=arn:aws:iam::123456789012:role/";
 
@@ -91,10 +89,6 @@ impl Bed {
         Bed { cluster, sts, pki, server, token_a }
     }
 
-    async fn client(&self) -> CredentialsClient<Channel> {
-        grpc_client(self.server.grpc, &self.pki.ca.cert_pem(), Some(&self.pki.agent)).await.unwrap()
-    }
-
     async fn uid(&self, ns: &str, name: &str) -> String {
         let pods: kube::Api<Pod> = kube::Api::namespaced(self.cluster.client(), ns);
         pods.get(name).await.unwrap().metadata.uid.unwrap()
@@ -111,13 +105,7 @@ impl Bed {
         uid: &str,
         role: &str,
     ) -> Result<GetCredentialsResponse, tonic::Status> {
-        let mut request = tonic::Request::new(GetCredentialsRequest {
-            pod_ip: ip.into(),
-            pod_uid: uid.into(),
-            role: role.into(),
-        });
-        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        self.client().await.get_credentials(request).await.map(|r| r.into_inner())
+        self.ask_replica_as(self.server.grpc, token, ip, uid, role).await
     }
 
     /// [`Bed::ask`] of the server replica listening on `grpc`.
@@ -128,12 +116,23 @@ impl Bed {
         uid: &str,
         role: &str,
     ) -> Result<GetCredentialsResponse, tonic::Status> {
+        self.ask_replica_as(grpc, &self.token_a, ip, uid, role).await
+    }
+
+    async fn ask_replica_as(
+        &self,
+        grpc: SocketAddr,
+        token: &str,
+        ip: &str,
+        uid: &str,
+        role: &str,
+    ) -> Result<GetCredentialsResponse, tonic::Status> {
         let mut request = tonic::Request::new(GetCredentialsRequest {
             pod_ip: ip.into(),
             pod_uid: uid.into(),
             role: role.into(),
         });
-        request.metadata_mut().insert("authorization", format!("Bearer {}", self.token_a).parse().unwrap());
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         let mut client = grpc_client(grpc, &self.pki.ca.cert_pem(), Some(&self.pki.agent))
             .await
             .map_err(|e| tonic::Status::unavailable(format!("transport: {e:#}")))?;

@@ -275,6 +275,21 @@ mod tests {
         )
     }
 
+    /// `n` calls with `header` at once, the reviewer answering once they all wait.
+    async fn together(
+        a: &AgentAuthenticator,
+        header: &str,
+        n: usize,
+        gate: &tokio::sync::watch::Sender<bool>,
+    ) -> Vec<Result<AgentIdentity, AuthError>> {
+        let calls = futures::future::join_all((0..n).map(|_| a.authenticate(Some(header))));
+        let answered = async {
+            tokio::task::yield_now().await;
+            gate.send_replace(true);
+        };
+        tokio::join!(calls, answered).0
+    }
+
     fn header_valid_for_an_hour() -> String {
         let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 3600;
         format!("Bearer {}", jwt(exp))
@@ -284,12 +299,7 @@ mod tests {
     async fn concurrent_calls_with_one_token_share_one_review() {
         let (a, reviewer, gate) = gated(status(AGENT, Some("node-a")), false, false, 0);
         let header = header_valid_for_an_hour();
-        let calls = futures::future::join_all((0..50).map(|_| a.authenticate(Some(&header))));
-        let answered = async {
-            tokio::task::yield_now().await;
-            gate.send_replace(true);
-        };
-        let (answers, ()) = tokio::join!(calls, answered);
+        let answers = together(&a, &header, 50, &gate).await;
         assert!(answers.iter().all(|id| id.as_ref().unwrap().node.as_deref() == Some("node-a")));
         assert_eq!(reviewer.calls.load(Ordering::SeqCst), 1);
         // Cached now, and no longer in flight.
@@ -302,12 +312,7 @@ mod tests {
     async fn a_failed_shared_review_fails_every_waiting_call_and_the_next_call_reviews_again() {
         let (a, reviewer, gate) = gated(status(AGENT, Some("node-a")), false, false, 1);
         let header = header_valid_for_an_hour();
-        let calls = futures::future::join_all((0..5).map(|_| a.authenticate(Some(&header))));
-        let answered = async {
-            tokio::task::yield_now().await;
-            gate.send_replace(true);
-        };
-        let (answers, ()) = tokio::join!(calls, answered);
+        let answers = together(&a, &header, 5, &gate).await;
         for answer in answers {
             assert_eq!(answer, Err(AuthError::ReviewFailed("the apiserver is unavailable".into())));
         }

@@ -274,6 +274,22 @@ fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
+/// A table of first-request latencies, one row per run.
+fn latency_table(r: &mut Report, what: &str, rows: &[(&str, &Storm)]) {
+    r.line(format!("| {what} | first requests | failed | p50 ms | p99 ms | max ms |"));
+    r.line("|---|---|---|---|---|---|");
+    for (name, st) in rows {
+        r.line(format!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            st.latencies.len(),
+            st.failed,
+            ms(st.pct(0.5)),
+            ms(st.pct(0.99)),
+            ms(st.pct(1.0))
+        ));
+    }
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**NOT met**" }
 }
@@ -299,7 +315,7 @@ async fn all(
         hotpath.as_ref().map(|_| ", the instruction and allocation counts by `target/release/imdsgate-hotpath count`").unwrap_or_default(),
         jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")
     ));
-    r.line(format!("Machine: {}.", machine()));
+    r.line(format!("Machine: {}.", imdsgate_e2e::tools::machine()));
     r.line("Load generator: the project's own (`e2e/src/load.rs`): HTTP/1.1 keep-alive connections, closed loop for saturation, open loop at a fixed rate; latency from the moment a request is written, and separately how late the generator sent against its schedule (its timer has 1 ms resolution, so open-loop sends come in per-millisecond bursts). Generator, agent and server share the machine's 2 cores.");
     r.line("");
     r.0.push_str(GOALS_MARK);
@@ -537,22 +553,15 @@ async fn all(
     r.line("");
     r.line(format!("A new pod on a node at rest: {single_n} pods with roles, their IPs set through the status subresource one after another, 100 ms apart; each pod asks once, from its own source address, the moment its IP is set (latency from the status update's answer to the pod's 200). (a) The Pod object created first, its IP set once the server has prefetched its session (the Pod object exists well before its IP, as when a pod is scheduled and its sandbox starts); (b) Pod object and IP together (the STS call is inside the figure); (c) the role name, answered from the agent's own watch: how long the pod takes to become known to its node, the floor of (a)."));
     r.line("");
-    r.line("| one pod at a time | first requests | failed | p50 ms | p99 ms | max ms |");
-    r.line("|---|---|---|---|---|---|");
-    for (name, st) in [
-        ("(a) credentials, Pod object first", &single),
-        ("(b) credentials, object and IP together", &single_together),
-        ("(c) role name (pod known to the agent)", &single_known),
-    ] {
-        r.line(format!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            st.latencies.len(),
-            st.failed,
-            ms(st.pct(0.5)),
-            ms(st.pct(0.99)),
-            ms(st.pct(1.0))
-        ));
-    }
+    latency_table(
+        &mut r,
+        "one pod at a time",
+        &[
+            ("(a) credentials, Pod object first", &single),
+            ("(b) credentials, object and IP together", &single_together),
+            ("(c) role name (pod known to the agent)", &single_known),
+        ],
+    );
     r.line("");
     let single_ok = single.failed == 0 && single.pct(0.5) <= 10_000.0 && single.pct(1.0) <= 25_000.0;
     r.line(format!(
@@ -583,22 +592,15 @@ async fn all(
     ));
     r.line(format!("A start storm: {storm_n} pods with roles on one node (objects on the real apiserver), their IPs set through the status subresource, 32 at a time (all {storm_n} within {:.2} s). Each pod asks the moment its IP is set, once, from its own source address, and waits up to the agent's `--pod-wait` (2 s); latency is from the IP being set to the answer. Three storms of {storm_n} different pods: (1) credentials, the Pod objects created first and their IPs set once the server has prefetched their sessions (as when a pod is scheduled and its sandbox starts: the Pod object exists well before its IP); (2) credentials, each Pod object created and its IP set at once (the STS call is then inside the measurement); (3) the role name, which the agent answers from its own watch — the time for a pod to become known to its node.", creds.spread));
     r.line("");
-    r.line("| storm | first requests | failed | p50 ms | p99 ms | max ms |");
-    r.line("|---|---|---|---|---|---|");
-    for (name, st) in [
-        ("credentials, Pod object first", &creds),
-        ("credentials, object and IP together", &together),
-        ("role name (pod known to the agent)", &known),
-    ] {
-        r.line(format!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            st.latencies.len(),
-            st.failed,
-            ms(st.pct(0.5)),
-            ms(st.pct(0.99)),
-            ms(st.pct(1.0))
-        ));
-    }
+    latency_table(
+        &mut r,
+        "storm",
+        &[
+            ("credentials, Pod object first", &creds),
+            ("credentials, object and IP together", &together),
+            ("role name (pod known to the agent)", &known),
+        ],
+    );
     r.line("");
     r.line(format!("STS during the two credentials storms: {sts_count:.0} AssumeRole calls (one per pod: the server's prefetch when the Pod object appears, the agent's prefetch when its IP does, and the pod's request share the call), mean {sts_mean_ms:.0} ms each as the server saw them; moto alone answers one call in {moto_latency:.1} ms, so the rest is moto serving calls one after another (it is a single Python process)."));
     r.line("");
@@ -911,24 +913,6 @@ async fn pods_starting(
     failed += n.saturating_sub(latencies.len());
     latencies.sort_by(|a, b| a.total_cmp(b));
     Ok(Storm { latencies, failed, spread })
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string())))
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem} memory, Linux {}", kernel.trim())
 }
 
 async fn moto_assume_role_ms(sts: &Sts) -> Result<f64> {

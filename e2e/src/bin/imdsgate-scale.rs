@@ -208,24 +208,6 @@ async fn tokenreviews(client: &kube::Client) -> Result<f64> {
         .sum())
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string())))
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem} memory, Linux {}", kernel.trim())
-}
-
 fn open_files_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
@@ -515,15 +497,7 @@ impl SimAgent {
                 Ok(Err(status)) => status,
                 Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
             };
-            let retry_elsewhere = Reason::of(&status).is_none()
-                && matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown
-                        | tonic::Code::Cancelled
-                );
-            if retry_elsewhere {
+            if imdsgate_agent::server_client::retry_elsewhere(&status) {
                 self.failed_at[r].store(rec.now_ms().max(1), Ordering::Relaxed);
                 rec.unreachable[r].fetch_add(1, Ordering::Relaxed);
                 last = Some(status);
@@ -1078,7 +1052,7 @@ async fn run(cli: Cli) -> Result<()> {
         "Written by `scripts/scale.sh` (release build; `{command}`) on {started_at}; wall time {:.0} s.",
         wall.elapsed().as_secs_f64()
     ));
-    r.line(format!("Machine: {}. Everything below shares it: etcd, kube-apiserver, both server replicas, the {agents} simulated agents and the fake STS (one process, `imdsgate-scale`).", machine()));
+    r.line(format!("Machine: {}. Everything below shares it: etcd, kube-apiserver, both server replicas, the {agents} simulated agents and the fake STS (one process, `imdsgate-scale`).", imdsgate_e2e::tools::machine()));
     r.line("");
     r.line(format!(
         "The bed: a real kube-apiserver + etcd with **{pods} pods in {namespaces} namespaces** (each namespace permits `.*`; {n_role} pods, one in {ROLE_EVERY}, name a role) spread evenly over {nodes} Node objects ({:.0} pods, {:.1} role pods per node), plus {agents} agent pods. Two imdsgate-server replicas (release build) as processes. STS: {}. **{agents} simulated agents**: each has its own Node object, agent pod and a real token bound to that pod (TokenRequest), watches nothing, holds a lazy mutual-TLS channel and one `WatchRevocations` stream to each replica (as the real agent does), and asks `GetCredentials` for its node's role pods in turn, every {:.1} s ({rate:.0} calls/s in all); replicas are tried as the real agent's `attempt_order` does (rotating start, a replica that failed as unreachable within 30 s last, the other at once on an unreachable answer, never after a refusal). Creating the objects took {setup_secs:.0} s (namespaces, nodes, agent pods), {pods_secs:.0} s (pods: create + status, {:.0} pods/s, {} at a time) and {tokens_secs:.0} s ({agents} bound tokens).",
