@@ -377,7 +377,8 @@ authentication:
   webhook: {enabled: true}
   x509: {clientCAFile: $dir/pki/ca.crt}
 authorization: {mode: Webhook}
-evictionHard: {memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+# The nodes share the machine's disk: 1% of a large shared disk evicted pods with gigabytes free.
+evictionHard: {memory.available: 50Mi, nodefs.available: 256Mi, imagefs.available: 256Mi, nodefs.inodesFree: 1%}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
