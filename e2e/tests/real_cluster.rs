@@ -354,6 +354,11 @@ async fn imdsgate_on_a_real_cluster() {
         "300s",
     ]);
     eprintln!("figure: helm install --wait in {:.1}s", helm_started.elapsed().as_secs_f64());
+    // As the README's Helm steps: `--wait` counts a DaemonSet of one node with maxUnavailable 1
+    // as ready before its agent is (the agent refuses, 503, until it reaches a server).
+    for what in ["deployment/imdsgate-server", "daemonset/imdsgate-agent"] {
+        k(&["-n", "imdsgate-helm", "rollout", "status", what, &timeout]);
+    }
     assert_eq!(
         pod_nodes(&cluster, "imdsgate-helm", "app.kubernetes.io/name=imdsgate-agent"),
         vec!["worker-0"]
