@@ -203,21 +203,10 @@ impl Imds {
         if self.can_be_pod(ip) { self.pods.claim(&ip) } else { Claim::Nobody }
     }
 
-    /// Answers one request from `peer`.
+    /// Answers one request from `peer`. `claim`: who claims `peer` in the pod index, if the caller
+    /// has just looked ([`Imds::claim`]; the listener does, for the budget), so the index is not
+    /// asked twice; `None` to look here. A pod not yet known is waited for all the same.
     pub async fn handle(
-        &self,
-        peer: IpAddr,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> (RouteLabel, Response<Full<Bytes>>) {
-        self.handle_claimed(peer, None, method, path, headers).await
-    }
-
-    /// [`Imds::handle`] for a caller that has just looked up who claims `peer` ([`Imds::claim`];
-    /// the listener does, for the budget): the index is not asked twice. A pod not yet known is
-    /// waited for all the same.
-    pub async fn handle_claimed(
         &self,
         peer: IpAddr,
         claim: Option<Claim>,
@@ -529,7 +518,7 @@ mod tests {
                     HeaderValue::from_str(v).unwrap(),
                 );
             }
-            let (_, response) = self.imds.handle(from.parse().unwrap(), &method, path, &map).await;
+            let (_, response) = self.imds.handle(from.parse().unwrap(), None, &method, path, &map).await;
             let status = response.status();
             let headers = response.headers().clone();
             let body =

@@ -159,7 +159,7 @@ async fn answer<B>(
     req: Request<B>,
 ) -> (crate::metrics::Route, Response<Full<Bytes>>) {
     let imds = &state.imds;
-    // As `class_of`, and the pod for `handle_claimed`: one index lookup per request.
+    // As `class_of`, and the pod for `Imds::handle`: one index lookup per request.
     let claim = imds.claim(peer);
     let budget = match claim {
         Claim::Nobody => &state.unknown,
@@ -176,7 +176,7 @@ async fn answer<B>(
         permit => permit,
     };
     let mut handling =
-        std::pin::pin!(imds.handle_claimed(peer, Some(claim), req.method(), req.uri().path(), req.headers()));
+        std::pin::pin!(imds.handle(peer, Some(claim), req.method(), req.uri().path(), req.headers()));
     // Most answers are ready at once (a known pod, cached credentials): those need no timer.
     let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
     if let Poll::Ready(answer) = first {

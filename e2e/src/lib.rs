@@ -15,6 +15,7 @@ pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod real_cluster;
+pub mod report;
 pub mod seeded;
 pub mod sts;
 pub mod text;

@@ -20,6 +20,7 @@ use imdsgate_e2e::bed::{ACCOUNT, AgentBed, BedPlan, BedPod, NODE};
 use imdsgate_e2e::components::{grpc_client, http_get};
 use imdsgate_e2e::e2e_enabled;
 use imdsgate_e2e::netns::PodNs;
+use imdsgate_e2e::report::rss_kib;
 use imdsgate_e2e::tools::workspace_bin;
 use imdsgate_e2e::{Cluster, PodSpec};
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse};
@@ -72,15 +73,6 @@ fn rng_for_case(seed: u64, index: u64) -> Rng {
         ^ 0x5DEE_CE66);
     rng.next_u64();
     rng
-}
-
-/// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Runs several workers pulling case indices until the budget ends; returns how many ran.

@@ -665,7 +665,7 @@ impl PodWatch {
     /// same pending pod find the session cached or in flight and cost nothing.
     fn prefetch_before_ip(&self, pod: &Pod) {
         let info = PodInfo::describe(pod);
-        if info.ips.is_empty() && !info.uid.is_empty() {
+        if !info.uid.is_empty() {
             self.prefetch(&info);
         }
     }

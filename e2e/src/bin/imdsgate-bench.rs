@@ -12,6 +12,7 @@ use imdsgate_e2e::components::{
 use imdsgate_e2e::load::{self, LoadReport};
 use imdsgate_e2e::netns::{NodeNs, PodNs};
 use imdsgate_e2e::process::{ChildGuard, run};
+use imdsgate_e2e::report::{Report, machine, rss_kib};
 use imdsgate_e2e::{Cluster, PodSpec, Sts};
 use k8s_openapi::api::core::v1::Pod;
 use std::io::{BufRead, Write};
@@ -206,17 +207,6 @@ impl Bed {
     }
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>())
-        })
-        .context("no VmRSS")?
-        .map_err(Into::into)
-}
-
 fn load_in(
     pod: &PodNs,
     target: &str,
@@ -246,16 +236,6 @@ fn load_in(
     }
     let out = run(&mut cmd)?;
     Ok(serde_json::from_str(out.trim())?)
-}
-
-struct Report(String);
-
-impl Report {
-    fn line(&mut self, s: impl AsRef<str>) {
-        self.0.push_str(s.as_ref());
-        self.0.push('\n');
-        eprintln!("{}", s.as_ref());
-    }
 }
 
 fn ms(us: f64) -> String {
@@ -315,7 +295,7 @@ async fn all(
         hotpath.as_ref().map(|_| ", the instruction and allocation counts by `target/release/imdsgate-hotpath count`").unwrap_or_default(),
         jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")
     ));
-    r.line(format!("Machine: {}.", imdsgate_e2e::tools::machine()));
+    r.line(format!("Machine: {}.", machine()));
     r.line("Load generator: the project's own (`e2e/src/load.rs`): HTTP/1.1 keep-alive connections, closed loop for saturation, open loop at a fixed rate; latency from the moment a request is written, and separately how late the generator sent against its schedule (its timer has 1 ms resolution, so open-loop sends come in per-millisecond bursts). Generator, agent and server share the machine's 2 cores.");
     r.line("");
     r.0.push_str(GOALS_MARK);
@@ -323,8 +303,8 @@ async fn all(
     let b = bed().await?;
     let agent_pid = b.agent.child.id();
     let server_pid = b.server.child.id();
-    let agent_rss_empty = rss_kib(agent_pid)?;
-    let server_rss_empty = rss_kib(server_pid)?;
+    let agent_rss_empty = rss_kib(agent_pid).context("no VmRSS")?;
+    let server_rss_empty = rss_kib(server_pid).context("no VmRSS")?;
 
     // --- 1. hot path -------------------------------------------------------------------------
     let load_ip = Ipv4Addr::new(10, 220, 1, 10);
@@ -516,7 +496,7 @@ async fn all(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let agent_rss = rss_kib(agent_pid)?;
+    let agent_rss = rss_kib(agent_pid).context("no VmRSS")?;
 
     // --- 2. start storm ----------------------------------------------------------------------
     let storm_n = 200usize;
@@ -526,9 +506,12 @@ async fn all(
     // A new pod on a node at rest (goal 2): one at a time.
     let single_n = 50usize;
     let listing_path = "/latest/meta-data/iam/security-credentials/";
-    let single = one_at_a_time(&b, single_n, 6, "single", &creds_path, StormMode::ObjectsFirst).await?;
-    let single_together = one_at_a_time(&b, single_n, 7, "paired", &creds_path, StormMode::Together).await?;
-    let single_known = one_at_a_time(&b, single_n, 8, "named", listing_path, StormMode::ObjectsFirst).await?;
+    let single =
+        storm(&b, single_n, 6, "single", &creds_path, StormMode::ObjectsFirst, Pace::OneAtATime).await?;
+    let single_together =
+        storm(&b, single_n, 7, "paired", &creds_path, StormMode::Together, Pace::OneAtATime).await?;
+    let single_known =
+        storm(&b, single_n, 8, "named", listing_path, StormMode::ObjectsFirst, Pace::OneAtATime).await?;
     let sts_sample =
         |what: &str| format!("imdsgate_server_sts_call_duration_seconds_{what}{{result=\"Success\"}}");
     let (sts_sum0, sts_count0) =
@@ -537,8 +520,8 @@ async fn all(
     let granted = "imdsgate_server_requests_total{rpc=\"GetCredentials\",code=\"Ok\"}";
     let agent_hits = "imdsgate_agent_cache_hits_total";
     let (granted0, hits0) = (b.server.metric(granted).await?, b.agent_metric(agent_hits)?);
-    let creds = storm(&b, storm_n, 2, "storm", &creds_path, StormMode::ObjectsFirst).await?;
-    let together = storm(&b, storm_n, 5, "together", &creds_path, StormMode::Together).await?;
+    let creds = storm(&b, storm_n, 2, "storm", &creds_path, StormMode::ObjectsFirst, Pace::Storm).await?;
+    let together = storm(&b, storm_n, 5, "together", &creds_path, StormMode::Together, Pace::Storm).await?;
     let (sts_sum, sts_count) = (
         b.server.metric(&sts_sample("sum")).await? - sts_sum0,
         b.server.metric(&sts_sample("count")).await? - sts_count0,
@@ -548,7 +531,7 @@ async fn all(
         (b.server.metric(granted).await? - granted0, b.agent_metric(agent_hits)? - hits0);
     // --- 3. memory ---------------------------------------------------------------------------
     let cluster = &b.cluster;
-    let known = storm(&b, storm_n, 4, "known", listing_path, StormMode::ObjectsFirst).await?;
+    let known = storm(&b, storm_n, 4, "known", listing_path, StormMode::ObjectsFirst, Pace::Storm).await?;
     r.line("## 2. A new pod's first request, and a start storm");
     r.line("");
     r.line(format!("A new pod on a node at rest: {single_n} pods with roles, their IPs set through the status subresource one after another, 100 ms apart; each pod asks once, from its own source address, the moment its IP is set (latency from the status update's answer to the pod's 200). (a) The Pod object created first, its IP set once the server has prefetched its session (the Pod object exists well before its IP, as when a pod is scheduled and its sandbox starts); (b) Pod object and IP together (the STS call is inside the figure); (c) the role name, answered from the agent's own watch: how long the pod takes to become known to its node, the floor of (a)."));
@@ -633,7 +616,7 @@ async fn all(
         verdict(known_p99 <= 100.0 && known.failed == 0),
     ));
 
-    let server_rss_before = rss_kib(server_pid)?;
+    let server_rss_before = rss_kib(server_pid).context("no VmRSS")?;
     let ns_count = 100usize;
     let per_ns = server_pods / ns_count;
     let ns_names: Vec<String> = (0..ns_count).map(|i| format!("scale-{i}")).collect();
@@ -664,8 +647,8 @@ async fn all(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let scale_secs = scale_started.elapsed().as_secs_f64();
-    let server_rss = rss_kib(server_pid)?;
-    let agent_rss_after = rss_kib(agent_pid)?;
+    let server_rss = rss_kib(server_pid).context("no VmRSS")?;
+    let agent_rss_after = rss_kib(agent_pid).context("no VmRSS")?;
     let mib = |k: u64| k as f64 / 1024.0;
     r.line("## 3. Memory");
     r.line("");
@@ -803,41 +786,30 @@ enum StormMode {
     Together,
 }
 
-/// `n` pods with roles on the bench node, IPs 10.220.<octet>.1..n in one network namespace; each
-/// asks for `path` once, the moment its IP is set.
-/// `n` pods at once, their IPs set [`STORM_CONCURRENCY`] at a time.
-async fn storm(b: &Bed, n: usize, octet: u8, prefix: &str, path: &str, mode: StormMode) -> Result<Storm> {
-    pods_starting(b, n, octet, prefix, path, mode, STORM_CONCURRENCY, Duration::ZERO).await
+/// How fast a run's pods get their IPs.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// 32 at a time: a start storm.
+    Storm,
+    /// One after another, 100 ms apart: each a new pod on a node otherwise at rest.
+    OneAtATime,
 }
 
-/// IPs set at once in a storm.
-const STORM_CONCURRENCY: usize = 32;
-
-/// `n` pods starting one after another, `pause` apart: each a new pod on a node otherwise at rest.
-async fn one_at_a_time(
+/// `n` pods with roles on the bench node, IPs 10.220.<octet>.1..n in one network namespace, their
+/// IPs set at `pace`; each asks for `path` once, the moment its IP is set.
+async fn storm(
     b: &Bed,
     n: usize,
     octet: u8,
     prefix: &str,
     path: &str,
     mode: StormMode,
+    pace: Pace,
 ) -> Result<Storm> {
-    pods_starting(b, n, octet, prefix, path, mode, 1, Duration::from_millis(100)).await
-}
-
-/// `n` pods with roles on the bench node, their IPs set `concurrency` at a time (`pause` after
-/// each), each asking `path` once from its own address the moment its IP is set.
-#[allow(clippy::too_many_arguments)]
-async fn pods_starting(
-    b: &Bed,
-    n: usize,
-    octet: u8,
-    prefix: &str,
-    path: &str,
-    mode: StormMode,
-    concurrency: usize,
-    pause: Duration,
-) -> Result<Storm> {
+    let (concurrency, pause) = match pace {
+        Pace::Storm => (32, Duration::ZERO),
+        Pace::OneAtATime => (1, Duration::from_millis(100)),
+    };
     let first = Ipv4Addr::new(10, 220, octet, 1);
     let storm_ns = b.node.add_pod(first)?;
     let batch: String = (2..=n).map(|i| format!("addr add 10.220.{octet}.{i}/32 dev eth0\n")).collect();

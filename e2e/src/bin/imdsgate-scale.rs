@@ -35,6 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full};
 use imdsgate_e2e::components::{Pki, TlsFiles, http_get, install_rbac, metric_value};
 use imdsgate_e2e::process::ChildGuard;
+use imdsgate_e2e::report::{Report, machine, rss_kib};
 use imdsgate_e2e::sts::REGION;
 use imdsgate_e2e::{Cluster, PodSpec, Sts};
 use imdsgate_proto::v1::credentials_client::CredentialsClient;
@@ -106,17 +107,6 @@ fn main() -> Result<()> {
 }
 
 // --- measurements of processes --------------------------------------------------------------
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -621,16 +611,6 @@ fn failures_text(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) 
     if parts.is_empty() { "none".into() } else { parts.join(", ") }
 }
 
-struct Report(String);
-
-impl Report {
-    fn line(&mut self, s: impl AsRef<str>) {
-        self.0.push_str(s.as_ref());
-        self.0.push('\n');
-        eprintln!("{}", s.as_ref());
-    }
-}
-
 fn progress(what: &str, done: usize, total: usize, started: Instant) {
     if done.is_multiple_of(5_000) || done == total {
         let s = started.elapsed().as_secs_f64();
@@ -768,7 +748,7 @@ async fn run(cli: Cli) -> Result<()> {
         let t = Instant::now();
         r.spawn()?;
         let took = r.wait_ready(t, sync_timeout).await?;
-        initial_sync.push((took, r.metric_sum(STS_CALLS).await, rss_kib(r.pid())));
+        initial_sync.push((took, r.metric_sum(STS_CALLS).await, rss_kib(r.pid()).unwrap_or(0)));
         eprintln!("  replica {} ready in {:.1} s", r.name, took.as_secs_f64());
     }
     let indexed = replicas[0].metric("imdsgate_server_pods_indexed").await;
@@ -802,8 +782,10 @@ async fn run(cli: Cli) -> Result<()> {
     let rest_cpu = CpuWindow::start(&[replicas[0].pid(), replicas[1].pid(), api_pid, etcd]);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let rest_cpu = rest_cpu.percent();
-    let rest_rss: Vec<u64> =
-        [replicas[0].pid(), replicas[1].pid(), api_pid, etcd].iter().map(|p| rss_kib(*p)).collect();
+    let rest_rss: Vec<u64> = [replicas[0].pid(), replicas[1].pid(), api_pid, etcd]
+        .iter()
+        .map(|p| rss_kib(*p).unwrap_or(0))
+        .collect();
 
     // --- the agents ------------------------------------------------------------------------
     let ca_pem = pki.ca.cert_pem();
@@ -891,7 +873,7 @@ async fn run(cli: Cli) -> Result<()> {
     let steady_end = Instant::now() + Duration::from_secs(cli.seconds);
     while Instant::now() < steady_end {
         for (i, p) in pids.iter().enumerate() {
-            peak[i] = peak[i].max(rss_kib(*p));
+            peak[i] = peak[i].max(rss_kib(*p).unwrap_or(0));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -899,7 +881,7 @@ async fn run(cli: Cli) -> Result<()> {
     let steady_to = rec.now_ms();
     let tr_steady = tokenreviews(&cluster.client()).await? - tr1;
     let sts_steady = replicas[0].metric_sum(STS_CALLS).await + replicas[1].metric_sum(STS_CALLS).await - sts1;
-    let steady_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let steady_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
     let conns = [established_to(replicas[0].grpc.port()), established_to(replicas[1].grpc.port())];
     let streams = [
         replicas[0].metric("imdsgate_server_revocation_streams").await,
@@ -946,7 +928,7 @@ async fn run(cli: Cli) -> Result<()> {
             both_seen = Some(Instant::now());
         }
         for (i, r) in replicas.iter().enumerate() {
-            relist_peak[i] = relist_peak[i].max(rss_kib(r.pid()));
+            relist_peak[i] = relist_peak[i].max(rss_kib(r.pid()).unwrap_or(0));
             if relisted[i].is_none() && r.pod_lists() > lists0[i] {
                 relisted[i] = Some(rec.now_ms() - api_back_ms);
             }
@@ -1005,7 +987,7 @@ async fn run(cli: Cli) -> Result<()> {
     let storm_deadline = Instant::now() + Duration::from_secs(300) + every * 3;
     let served_by_a = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        a_rss_peak = a_rss_peak.max(rss_kib(a_pid));
+        a_rss_peak = a_rss_peak.max(rss_kib(a_pid).unwrap_or(0));
         if streams_back_ms.is_none()
             && replicas[0].metric("imdsgate_server_revocation_streams").await >= agents as f64
         {
@@ -1052,7 +1034,7 @@ async fn run(cli: Cli) -> Result<()> {
         "Written by `scripts/scale.sh` (release build; `{command}`) on {started_at}; wall time {:.0} s.",
         wall.elapsed().as_secs_f64()
     ));
-    r.line(format!("Machine: {}. Everything below shares it: etcd, kube-apiserver, both server replicas, the {agents} simulated agents and the fake STS (one process, `imdsgate-scale`).", imdsgate_e2e::tools::machine()));
+    r.line(format!("Machine: {}. Everything below shares it: etcd, kube-apiserver, both server replicas, the {agents} simulated agents and the fake STS (one process, `imdsgate-scale`).", machine()));
     r.line("");
     r.line(format!(
         "The bed: a real kube-apiserver + etcd with **{pods} pods in {namespaces} namespaces** (each namespace permits `.*`; {n_role} pods, one in {ROLE_EVERY}, name a role) spread evenly over {nodes} Node objects ({:.0} pods, {:.1} role pods per node), plus {agents} agent pods. Two imdsgate-server replicas (release build) as processes. STS: {}. **{agents} simulated agents**: each has its own Node object, agent pod and a real token bound to that pod (TokenRequest), watches nothing, holds a lazy mutual-TLS channel and one `WatchRevocations` stream to each replica (as the real agent does), and asks `GetCredentials` for its node's role pods in turn, every {:.1} s ({rate:.0} calls/s in all); replicas are tried as the real agent's `attempt_order` does (rotating start, a replica that failed as unreachable within 30 s last, the other at once on an unreachable answer, never after a refusal). Creating the objects took {setup_secs:.0} s (namespaces, nodes, agent pods), {pods_secs:.0} s (pods: create + status, {:.0} pods/s, {} at a time) and {tokens_secs:.0} s ({agents} bound tokens).",

@@ -37,12 +37,7 @@ fn parse_args() -> Result<Args> {
 
 /// RSS (KiB) and open file descriptors of a process.
 fn usage(pid: u32) -> Result<(u64, usize)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("process gone")?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
+    let rss = imdsgate_e2e::report::rss_kib(pid).context("process gone")?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok((rss, fds))
 }
