@@ -34,6 +34,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt as _};
 
+pub use crate::backoff::Backoff;
+
 /// Builds a listener's service from an async function (tower's, re-exported so listeners need no
 /// tower dependency of their own).
 pub use tower::service_fn;
@@ -200,38 +202,6 @@ impl Accept for TcpListener {
         let (stream, peer) = TcpListener::accept(self).await?;
         let _ = stream.set_nodelay(true);
         Ok((stream, peer))
-    }
-}
-
-/// Exponential backoff between failed `accept` calls: from `min`, doubling up to `max`, back to
-/// `min` after a success.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_millis(5), Duration::from_secs(1))
-    }
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max: max.max(min), next: min }
-    }
-
-    /// The pause after one more failure.
-    pub fn failed(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    pub fn succeeded(&mut self) {
-        self.next = self.min;
     }
 }
 

@@ -4,12 +4,16 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod cert_expiry;
 pub mod common_args;
 pub mod events;
 pub mod http_server;
+pub mod latch;
+pub mod liveness;
 pub mod pod_index;
 pub mod process;
+pub mod role;
 pub mod tls;
 pub mod watch;
 

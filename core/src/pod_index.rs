@@ -33,26 +33,11 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// What the index keeps of `pod`, or `None` if the pod must not be indexed: no UID or IP,
-    /// `hostNetwork` (its traffic is the node's), terminating (`metadata.deletionTimestamp` set:
-    /// its IP may be handed to another pod before the deletion completes), or finished (phase
-    /// Succeeded or Failed).
+    /// `hostNetwork` (its traffic is the node's), or not live ([`crate::liveness`]).
     pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref()?;
-        let status = pod.status.as_ref()?;
-        if spec.host_network == Some(true) || meta.deletion_timestamp.is_some() {
-            return None;
-        }
-        if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
-            return None;
-        }
-        // A pod that never restarts and whose containers have all ended is finished, even before
-        // the kubelet reports its phase: its sandbox and IP may already be going.
-        let statuses = status.container_statuses.as_deref().unwrap_or_default();
-        if spec.restart_policy.as_deref() == Some("Never")
-            && !statuses.is_empty()
-            && statuses.iter().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
-        {
+        if spec.host_network == Some(true) || !crate::liveness::is_live(pod) {
             return None;
         }
         let info = PodInfo::describe(pod);
