@@ -3,13 +3,19 @@
 //! source IP; a request never gets another pod's credentials or the node's role. Every refusal is
 //! an [`ImdsError`], turned into an HTTP status in one place ([`ImdsError::status`]).
 
-use crate::credential_cache::{CredentialCache, ServerError};
-use crate::credential_document::info_json;
+pub mod credential_document;
+pub mod listener;
+pub mod refusal_events;
+pub mod token;
+pub mod upstream;
+
+use crate::credentials::credential_cache::{CredentialCache, ServerError};
+use crate::imds::credential_document::info_json;
+use crate::imds::token::{TokenError, TokenKey};
+use crate::imds::upstream::{AllowList, CanonicalPath, NotCanonical, Upstream};
 use crate::metrics::{
     Metrics, Route as RouteLabel, UpstreamLabels, UpstreamOutcome, WaitLabels, WaitOutcome,
 };
-use crate::token::{self, TokenError, TokenKey};
-use crate::upstream::{self, AllowList, CanonicalPath, NotCanonical, Upstream};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
@@ -179,7 +185,7 @@ pub struct Imds {
     pub allow: AllowList,
     pub metrics: Metrics,
     /// Warning Events on pods for the refusals only the agent sees.
-    pub events: Arc<crate::refusal_events::AgentEvents>,
+    pub events: Arc<crate::imds::refusal_events::AgentEvents>,
 }
 
 impl Imds {
@@ -444,7 +450,7 @@ fn json(body: Bytes) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential_cache::tests::FakeServer;
+    use crate::credentials::credential_cache::tests::FakeServer;
     use futures::FutureExt;
     use futures::future::BoxFuture;
     use http_body_util::BodyExt;
@@ -460,9 +466,9 @@ mod tests {
         fn get(
             &self,
             path: &CanonicalPath,
-        ) -> BoxFuture<'static, Result<crate::upstream::UpstreamResponse, String>> {
+        ) -> BoxFuture<'static, Result<crate::imds::upstream::UpstreamResponse, String>> {
             let body = Bytes::from(format!("upstream:{path}"));
-            async move { Ok(crate::upstream::UpstreamResponse { status: 200, content_type: None, body }) }
+            async move { Ok(crate::imds::upstream::UpstreamResponse { status: 200, content_type: None, body }) }
                 .boxed()
         }
     }
@@ -498,7 +504,11 @@ mod tests {
             upstream: Some(Arc::new(FakeUpstream)),
             allow: AllowList::default_list(),
             metrics: Metrics::new(),
-            events: Arc::new(crate::refusal_events::AgentEvents::new(None, "node-a".into(), Metrics::new())),
+            events: Arc::new(crate::imds::refusal_events::AgentEvents::new(
+                None,
+                "node-a".into(),
+                Metrics::new(),
+            )),
         };
         Bed { imds, server }
     }
@@ -1413,11 +1423,13 @@ mod tests {
             fn get(
                 &self,
                 path: &CanonicalPath,
-            ) -> BoxFuture<'static, Result<crate::upstream::UpstreamResponse, String>> {
+            ) -> BoxFuture<'static, Result<crate::imds::upstream::UpstreamResponse, String>> {
                 self.0.lock().unwrap().push(path.to_string());
                 let body = Bytes::from(format!("upstream:{path}"));
-                async move { Ok(crate::upstream::UpstreamResponse { status: 200, content_type: None, body }) }
-                    .boxed()
+                async move {
+                    Ok(crate::imds::upstream::UpstreamResponse { status: 200, content_type: None, body })
+                }
+                .boxed()
             }
         }
 

@@ -4,18 +4,11 @@
 //! imdsgate server.
 #![forbid(unsafe_code)]
 
-pub mod credential_cache;
-pub mod credential_document;
+pub mod credentials;
 pub mod imds;
 pub mod interception;
-pub mod listener;
 pub mod metrics;
-pub mod refusal_events;
-pub mod revocation;
-pub mod server_client;
-pub mod token;
 pub mod uninstall;
-pub mod upstream;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -35,13 +28,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::credential_cache::CredentialCache;
+use crate::credentials::credential_cache::CredentialCache;
+use crate::credentials::server_client::{ServerClient, ServerClientConfig};
+use crate::credentials::{revocation, server_client};
 use crate::imds::Imds;
+use crate::imds::token::TokenKey;
+use crate::imds::upstream::{AllowList, HttpUpstream, Upstream};
+use crate::imds::{listener, refusal_events};
 use crate::interception::{Interception, InterfaceMatch};
 use crate::metrics::{FamilyLabels, Metrics};
-use crate::server_client::{ServerClient, ServerClientConfig};
-use crate::token::TokenKey;
-use crate::upstream::{AllowList, HttpUpstream, Upstream};
 
 const SERVER_REFRESH_EVERY: Duration = Duration::from_secs(30);
 const SERVER_HEALTH_EVERY: Duration = Duration::from_secs(5);

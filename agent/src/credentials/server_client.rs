@@ -3,7 +3,7 @@
 //! address the server's name resolves to (re-resolved periodically), and a failed replica retried
 //! on another within the same pod request.
 
-use crate::credential_cache::{CredentialSource, Creds, Quorum, ServerError};
+use crate::credentials::credential_cache::{CredentialSource, Creds, Quorum, ServerError};
 use crate::metrics::{CodeLabels, Metrics};
 use futures::FutureExt;
 use futures::future::BoxFuture;

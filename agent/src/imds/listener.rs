@@ -194,10 +194,10 @@ async fn answer<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential_cache::CredentialCache;
-    use crate::credential_cache::tests::FakeServer;
-    use crate::token::TokenKey;
-    use crate::upstream::AllowList;
+    use crate::credentials::credential_cache::CredentialCache;
+    use crate::credentials::credential_cache::tests::FakeServer;
+    use crate::imds::token::TokenKey;
+    use crate::imds::upstream::AllowList;
     use imdsgate_core::PodIndex;
     use imdsgate_core::pod_index::ROLE_ANNOTATION;
     use std::net::Ipv4Addr;
@@ -229,7 +229,11 @@ mod tests {
             upstream: None,
             allow: AllowList::default_list(),
             metrics: Metrics::new(),
-            events: Arc::new(crate::refusal_events::AgentEvents::new(None, "node-a".into(), Metrics::new())),
+            events: Arc::new(crate::imds::refusal_events::AgentEvents::new(
+                None,
+                "node-a".into(),
+                Metrics::new(),
+            )),
         };
         State {
             imds: Arc::new(imds),

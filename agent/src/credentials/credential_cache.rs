@@ -9,7 +9,7 @@
 //! credentials are asked of every server replica and served only if all agree, so a replica whose
 //! watch lags behind the one that revoked cannot hand the revoked credentials straight back.
 
-use crate::credential_document::credentials_json;
+use crate::imds::credential_document::credentials_json;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures::future::BoxFuture;

@@ -4,9 +4,9 @@
 //! request: the hot path only reads the cache. Any one replica's revocation suffices; listening to
 //! all of them also catches a replica whose watch lags and that re-issued in the meantime.
 
-use crate::credential_cache::CredentialCache;
+use crate::credentials::credential_cache::CredentialCache;
+use crate::credentials::server_client::ServerClient;
 use crate::metrics::{Metrics, RevocationLabels};
-use crate::server_client::ServerClient;
 use imdsgate_proto::Reason;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -91,7 +91,7 @@ pub fn apply(cache: &CredentialCache, metrics: &Metrics, pod_uid: &str, reason: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential_cache::tests::FakeServer;
+    use crate::credentials::credential_cache::tests::FakeServer;
     use std::sync::atomic::Ordering;
 
     #[tokio::test]
