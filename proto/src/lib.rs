@@ -241,4 +241,51 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Reason::ALL.len());
     }
+
+    /// The error table in credentials.proto lists every reason with the gRPC code it travels
+    /// with, and names no reason the code does not have.
+    #[test]
+    fn the_proto_error_table_matches_the_reasons() {
+        let proto = include_str!("../proto/imdsgate/v1/credentials.proto");
+        let code_name = |code: tonic::Code| match code {
+            tonic::Code::NotFound => "NOT_FOUND",
+            tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+            tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+            tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+            tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+            tonic::Code::Unavailable => "UNAVAILABLE",
+            tonic::Code::Internal => "INTERNAL",
+            other => panic!("no proto name for {other:?}"),
+        };
+        let rows: Vec<Vec<&str>> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("//   "))
+            .map(|row| row.split_whitespace().take(2).collect())
+            .filter(|cells: &Vec<&str>| {
+                cells.len() == 2 && cells[0].chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
+        for reason in Reason::ALL {
+            assert!(
+                rows.contains(&vec![reason.as_str(), code_name(reason.code())]),
+                "credentials.proto's error table lacks {} {}",
+                reason.as_str(),
+                code_name(reason.code())
+            );
+        }
+        assert_eq!(
+            rows.len(),
+            Reason::ALL.len(),
+            "credentials.proto's table has rows no reason has: {rows:?}"
+        );
+        for word in proto
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .filter(|w| w.contains('_') && !w.starts_with('_') && !w.ends_with('_'))
+        {
+            let known = Reason::parse(word).is_some()
+                || ["FAILED_PRECONDITION", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED"]
+                    .contains(&word);
+            assert!(known, "credentials.proto names {word}, which is no reason");
+        }
+    }
 }
