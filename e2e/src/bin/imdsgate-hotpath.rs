@@ -6,7 +6,7 @@
 //! process of its own, answers `--base` and then `--requests` requests over keep-alive loopback
 //! connections from a client outside valgrind, and reports the difference divided by the
 //! difference in requests: start-up, the first credentials fetch and the connection set-up cancel
-//! out. The agent side is the agent's own listener (`imdsgate_agent::listener::serve`: the shared
+//! out. The agent side is the agent's own listener (`imdsgate_agent::imds::listener::serve`: the shared
 //! hardened HTTP server, budgets, timeouts, metrics) and IMDS service, with one pod in its index
 //! and that pod's credentials cached (a fixed credential source, so the first request fills the
 //! cache); the loopback peer is presented to it as the pod's address, the one thing the DNAT path
@@ -34,12 +34,12 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use imdsgate_agent::credential_cache::{CredentialCache, CredentialSource, Creds, Quorum, ServerError};
+use imdsgate_agent::credentials::credential_cache::{CredentialCache, CredentialSource, Creds, Quorum, ServerError};
 use imdsgate_agent::imds::Imds;
-use imdsgate_agent::listener;
+use imdsgate_agent::imds::listener;
+use imdsgate_agent::imds::token::TokenKey;
+use imdsgate_agent::imds::upstream::AllowList;
 use imdsgate_agent::metrics::Metrics;
-use imdsgate_agent::token::TokenKey;
-use imdsgate_agent::upstream::AllowList;
 use imdsgate_core::PodIndex;
 use imdsgate_core::http_server::{Accept, Budget};
 use imdsgate_e2e::load;
@@ -398,7 +398,7 @@ async fn serve(target: Target) -> Result<()> {
                 upstream: None,
                 allow: AllowList::default_list(),
                 metrics: metrics.clone(),
-                events: Arc::new(imdsgate_agent::refusal_events::AgentEvents::new(
+                events: Arc::new(imdsgate_agent::imds::refusal_events::AgentEvents::new(
                     None,
                     "bench-node".into(),
                     metrics.clone(),
@@ -450,7 +450,7 @@ impl FixedCredentials {
             role_arn: format!("arn:aws:iam::123456789012:role/{ROLE}"),
             account_id: "123456789012".into(),
         };
-        let empty = imdsgate_agent::credential_document::credentials_json(&creds, false).len();
+        let empty = imdsgate_agent::imds::credential_document::credentials_json(&creds, false).len();
         creds.session_token = "T".repeat(BODY_BYTES.saturating_sub(empty));
         FixedCredentials(creds)
     }
