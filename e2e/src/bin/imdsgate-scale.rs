@@ -487,7 +487,7 @@ impl SimAgent {
                 Ok(Err(status)) => status,
                 Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
             };
-            if imdsgate_agent::server_client::retry_elsewhere(&status) {
+            if imdsgate_agent::credentials::server_client::retry_elsewhere(&status) {
                 self.failed_at[r].store(rec.now_ms().max(1), Ordering::Relaxed);
                 rec.unreachable[r].fetch_add(1, Ordering::Relaxed);
                 last = Some(status);
