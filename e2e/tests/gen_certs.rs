@@ -101,11 +101,11 @@ fn verifies(ca_file: &str, cert: &str, purpose: &str) -> bool {
 }
 
 /// A mutual-TLS handshake between a server with `server`'s files (the server's own TLS
-/// configuration, imdsgate_server::tls_server) and an agent with `agent`'s files: the client loads
+/// configuration, imdsgate_server::grpc::tls_server) and an agent with `agent`'s files: the client loads
 /// every certificate of its ca.crt as trust anchors and presents its certificate, as the agent's
 /// tonic client does.
 async fn handshake(server: &Step, agent: &Step) -> Result<(), String> {
-    let config = imdsgate_server::tls_server::server_config(
+    let config = imdsgate_server::grpc::tls_server::server_config(
         Path::new(&server.file("server/tls.crt")),
         Path::new(&server.file("server/tls.key")),
         Path::new(&server.file("server/ca.crt")),

@@ -335,7 +335,7 @@ async fn a_replica_whose_watches_have_not_synced_sends_the_agent_to_another() {
     let status = loop {
         // Until it listens, the connection is refused (also Unavailable): wait for its own answer.
         match bed.ask_replica(unsynced.grpc, "10.1.0.10", &web, "app-reader").await {
-            Err(status) if status.message() == imdsgate_server::service::NOT_SYNCED => break status,
+            Err(status) if status.message() == imdsgate_server::grpc::service::NOT_SYNCED => break status,
             Err(status) if Instant::now() < deadline && status.message().contains("transport") => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }

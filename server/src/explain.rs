@@ -6,10 +6,10 @@
 //! Exits 0 when the pod would get credentials, 1 when it would be refused, 64 on bad input.
 
 use crate::admission::{Admission, Verdict, WebhookMode};
-use crate::authorizer::Authorizer;
-use crate::namespace_index::NamespaceIndex;
-use crate::role::BaseArn;
-use crate::session::TagConfig;
+use crate::authz::authorizer::Authorizer;
+use crate::authz::namespace_index::NamespaceIndex;
+use crate::authz::role::BaseArn;
+use crate::authz::session::TagConfig;
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use imdsgate_core::pod_index::ROLE_ANNOTATION;
@@ -53,7 +53,7 @@ pub struct ExplainArgs {
     pub agent_selector: String,
 
     #[command(flatten)]
-    pub policy: crate::PolicyArgs,
+    pub policy: crate::args::PolicyArgs,
 }
 
 /// One line of the explanation: passed, refused, or a detail of the line before.
@@ -151,7 +151,7 @@ impl ExplainArgs {
         let authorizer = Arc::new(Authorizer {
             pods: Arc::new(PodIndex::new()),
             namespaces,
-            base_arn: crate::role::RoleBase::fixed(base_arn),
+            base_arn: crate::authz::role::RoleBase::fixed(base_arn),
             tags: TagConfig::default(),
         });
         let admission = Admission {
@@ -200,7 +200,7 @@ impl ExplainArgs {
                     return;
                 }
             };
-        if crate::admission::is_server_node(&admission.config.server_node_labels, &labels) {
+        if crate::admission::placement::is_server_node(&admission.config.server_node_labels, &labels) {
             e.refuse(format!("node {node} is an imdsgate server node: ordinary pods must not run there"));
             return;
         }
@@ -263,7 +263,7 @@ fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool,
         return;
     };
     e.pass(format!("annotation {ROLE_ANNOTATION}: {role:?}"));
-    let arn = match crate::role::resolve(&role, authorizer.base_arn.get()) {
+    let arn = match crate::authz::role::resolve(&role, authorizer.base_arn.get()) {
         Ok(arn) => {
             e.pass(format!("role ARN: {arn}"));
             arn
@@ -309,7 +309,7 @@ fn read_manifest(path: &PathBuf, namespace: &str) -> anyhow::Result<Pod> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authorizer::tests::authorizer;
+    use crate::authz::authorizer::tests::authorizer;
     use serde_json::json;
 
     fn pod(annotations: serde_json::Value, host_network: bool) -> Pod {

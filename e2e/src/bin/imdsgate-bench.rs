@@ -903,8 +903,8 @@ async fn moto_assume_role_ms(sts: &Sts) -> Result<f64> {
 
 async fn sts_economy() -> (f64, usize, u64) {
     use futures::FutureExt;
+    use imdsgate_server::authz::session::SessionKey;
     use imdsgate_server::credential_cache::{AssumeRole, CacheConfig, CredentialCache, Issued, StsError};
-    use imdsgate_server::session::SessionKey;
     use std::sync::atomic::{AtomicU64, Ordering};
     struct Counting {
         calls: AtomicU64,
@@ -947,7 +947,7 @@ async fn sts_economy() -> (f64, usize, u64) {
     let keys: Vec<SessionKey> = (0..pods)
         .map(|i| SessionKey {
             pod_uid: format!("uid-{i}"),
-            role_arn: imdsgate_server::role::resolve("arn:aws:iam::123456789012:role/app", None)
+            role_arn: imdsgate_server::authz::role::resolve("arn:aws:iam::123456789012:role/app", None)
                 .expect("valid"),
             session_name: format!("ns.pod-{i}"),
             external_id: None,

@@ -94,7 +94,7 @@ enum StsKind {
 const ROLE_BASE: &str = "arn:aws:iam::123456789012:role/";
 const ROLE_EVERY: usize = 10;
 /// TokenReviews a replica caches at most.
-const REVIEW_CACHE: usize = imdsgate_server::agent_auth::MAX_CACHE_ENTRIES;
+const REVIEW_CACHE: usize = imdsgate_server::grpc::agent_auth::MAX_CACHE_ENTRIES;
 const SUSPECT_FOR_MS: u64 = 30_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const FAILED: u8 = 255;

@@ -1,10 +1,13 @@
 //! STS through aws-sdk-sts: AssumeRole for pods (optionally through an intermediate role), the
 //! server's own identity for `--role-base-arn-autodetect`, error classification (refused versus
-//! unreachable), a cap on the call rate that serves calls pods wait on first, and metrics per call.
+//! unreachable), a cap on the call rate that serves calls pods wait on first, and metrics per call;
+//! [`base_arn`] turns the server's identity into the role base ARN.
 
+pub mod base_arn;
+
+use crate::authz::session::SessionKey;
 use crate::credential_cache::{AssumeRole, Issued, StsError, Urgency};
 use crate::metrics::{Metrics, StsLabels, StsResult};
-use crate::session::SessionKey;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::types::Tag;
 use futures::FutureExt;

@@ -7,7 +7,7 @@
 //! own namespace, and the `@` (which no namespace or pod name can contain) keeps a chosen name
 //! from ever reading as another pod's.
 
-use crate::role::RoleArn;
+use crate::authz::role::RoleArn;
 use imdsgate_core::PodInfo;
 use sha2::{Digest, Sha256};
 
@@ -119,7 +119,7 @@ pub fn sanitize(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::role::resolve;
+    use crate::authz::role::resolve;
 
     fn pod(namespace: &str, name: &str) -> PodInfo {
         PodInfo {

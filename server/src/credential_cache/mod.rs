@@ -12,8 +12,8 @@
 //! pod may start only a few new sessions in a row ([`SESSION_BURST`], then one per
 //! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget.
 
+use crate::authz::session::SessionKey;
 use crate::metrics::Metrics;
-use crate::session::SessionKey;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use std::collections::HashMap;
@@ -517,7 +517,7 @@ fn backoff(config: &CacheConfig, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::role::resolve;
+    use crate::authz::role::resolve;
     use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
     use tokio::sync::Semaphore;
 

@@ -2,12 +2,12 @@
 //! from the credential cache, audit every issuance and count every outcome; and stream each
 //! agent the revocations for its node.
 
-use crate::agent_auth::AgentAuthenticator;
-use crate::authorizer::{self, Ask, Authorizer, Denial};
+use crate::authz::authorizer::{self, Ask, Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use crate::events::DenialEvents;
+use crate::grpc::agent_auth::AgentAuthenticator;
+use crate::grpc::revocation::{MAX_HELD, RevocationStream, Revocations};
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
-use crate::revocation::{MAX_HELD, RevocationStream, Revocations};
 use futures::StreamExt;
 use imdsgate_proto::AUTHORIZATION_METADATA_KEY;
 use imdsgate_proto::v1::credentials_server::Credentials;
@@ -106,7 +106,7 @@ impl CredentialsService {
     async fn agent(
         &self,
         metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<crate::agent_auth::AgentIdentity, Denial> {
+    ) -> Result<crate::grpc::agent_auth::AgentIdentity, Denial> {
         let authorization = metadata.get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
         Ok(self.authn.authenticate(authorization).await?)
     }

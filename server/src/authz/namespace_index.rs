@@ -1,6 +1,6 @@
 //! The namespace index: each namespace's role policy, parsed once when the watch delivers it.
 
-use crate::policy::NamespacePolicy;
+use crate::authz::policy::NamespacePolicy;
 use k8s_openapi::api::core::v1::Namespace;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -92,8 +92,8 @@ fn policy_of(ns: &Namespace) -> NamespacePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PERMITTED_ANNOTATION;
-    use crate::role::resolve;
+    use crate::authz::policy::PERMITTED_ANNOTATION;
+    use crate::authz::role::resolve;
 
     fn mk_ns(name: &str, permitted: Option<&str>) -> Namespace {
         serde_json::from_value(serde_json::json!({

@@ -1,12 +1,12 @@
 //! The decision: may the pod at this IP, with this UID, asked for by this agent, have this role?
 //! Pure logic over the pod and namespace indexes; every refusal is a [`Denial`] that says why.
 
-use crate::agent_auth::{AgentIdentity, AuthError};
+use crate::authz::namespace_index::NamespaceIndex;
+use crate::authz::policy::NamespacePolicy;
+use crate::authz::role::{self, BasePending, RoleArn, RoleBase, RoleError};
+use crate::authz::session::{SessionKey, TagConfig};
 use crate::credential_cache::StsError;
-use crate::namespace_index::NamespaceIndex;
-use crate::policy::NamespacePolicy;
-use crate::role::{self, BasePending, RoleArn, RoleBase, RoleError};
-use crate::session::{SessionKey, TagConfig};
+use crate::grpc::agent_auth::{AgentIdentity, AuthError};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use std::net::IpAddr;
@@ -170,7 +170,7 @@ impl Authorizer {
         self.check_policy(&pod.namespace, &self.namespaces.policy(&pod.namespace), &role)?;
         // The webhook refuses such pods; pods it never saw (exempt, or older) are refused here.
         if let Some(chosen) = &pod.session_name {
-            crate::session::check_override(&pod.namespace, chosen)
+            crate::authz::session::check_override(&pod.namespace, chosen)
                 .map_err(|why| Denial::SessionNameInvalid { chosen: chosen.clone(), why })?;
         }
         Ok(SessionKey::for_pod(pod, role, &self.tags))
@@ -215,8 +215,8 @@ impl Authorizer {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::PERMITTED_ANNOTATION;
-    use crate::role::BaseArn;
+    use crate::authz::policy::PERMITTED_ANNOTATION;
+    use crate::authz::role::BaseArn;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use serde_json::json;
 
@@ -359,7 +359,7 @@ pub(crate) mod tests {
             Some("arn:aws:iam::123456789012:role/app"),
         ));
         let globbed: Namespace = serde_json::from_value(json!({ "metadata": { "name": "globbed",
-            "annotations": { crate::policy::ALLOWED_ROLES_ANNOTATION: "[\"app\"]" } } }))
+            "annotations": { crate::authz::policy::ALLOWED_ROLES_ANNOTATION: "[\"app\"]" } } }))
         .unwrap();
         a.namespaces.apply(&globbed);
         a.pods.apply(&mk_pod(

@@ -4,7 +4,7 @@
 //! pod's node, over the `WatchRevocations` stream, to drop its cached credentials. Agents never
 //! ask per request; the stream carries only changes.
 
-use crate::authorizer::{Authorizer, Denial};
+use crate::authz::authorizer::{Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use futures::{Stream, StreamExt};
 use imdsgate_core::{PodIndex, PodInfo};
@@ -180,9 +180,9 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authorizer::tests::{authorizer, mk_ns};
+    use crate::authz::authorizer::tests::{authorizer, mk_ns};
+    use crate::authz::session::SessionKey;
     use crate::credential_cache::{AssumeRole, CacheConfig, Issued, StsError, Urgency};
-    use crate::session::SessionKey;
     use futures::FutureExt;
     use futures::future::BoxFuture;
     use std::time::{Duration, SystemTime};
@@ -278,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn a_base_arn_not_yet_detected_revokes_nothing() {
         let mut a = authorizer();
-        a.base_arn = crate::role::RoleBase::detecting();
+        a.base_arn = crate::authz::role::RoleBase::detecting();
         let metrics = crate::metrics::Metrics::new();
         let cache = CredentialCache::new(
             Arc::new(FakeSts),

@@ -5,7 +5,7 @@
 //! warning in the log, a Warning Event on the pod, and the `pods_on_server_nodes` gauge — whenever
 //! the set of server nodes changes and on a regular scan.
 
-use crate::admission::is_server_node;
+use crate::admission::placement::is_server_node;
 use crate::events::{DenialEvents, PodRef};
 use crate::metrics::Metrics;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -138,7 +138,7 @@ mod tests {
     }
 
     fn nodes() -> ServerNodes {
-        ServerNodes::new(crate::admission::parse_selector("imdsgate.io/server-node=true").unwrap())
+        ServerNodes::new(crate::admission::placement::parse_selector("imdsgate.io/server-node=true").unwrap())
     }
 
     #[tokio::test]
