@@ -8,6 +8,8 @@ pub mod backoff;
 pub mod cert_expiry;
 pub mod common_args;
 pub mod events;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod http_server;
 pub mod latch;
 pub mod liveness;

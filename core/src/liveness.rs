@@ -55,22 +55,14 @@ pub fn is_live(pod: &Pod) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::fixtures;
 
     fn pod(phase: &str, restart: &str, terminated: &[bool]) -> Pod {
-        let statuses: Vec<_> = terminated
-            .iter()
-            .map(|&t| {
-                let state = if t { json!({"terminated": {"exitCode": 0}}) } else { json!({"running": {}}) };
-                json!({"name": "c", "image": "i", "imageID": "", "ready": !t, "restartCount": 0, "state": state})
-            })
-            .collect();
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "team", "uid": "u"},
-            "spec": {"restartPolicy": restart, "containers": []},
-            "status": {"phase": phase, "containerStatuses": statuses},
-        }))
-        .unwrap()
+        fixtures::pod("u", "p")
+            .phase(phase)
+            .spec_field("restartPolicy", restart.into())
+            .containers_terminated(terminated)
+            .build()
     }
 
     #[test]

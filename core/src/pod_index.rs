@@ -297,24 +297,12 @@ impl PodIndex {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::fixtures;
 
     /// A pod as the apiserver would send it.
     pub fn mk_pod(uid: &str, name: &str, ips: &[&str], phase: &str, role: Option<&str>) -> Pod {
-        let annotations = match role {
-            Some(role) => json!({ ROLE_ANNOTATION: role }),
-            None => json!({}),
-        };
-        serde_json::from_value(json!({
-            "metadata": { "uid": uid, "name": name, "namespace": "team", "annotations": annotations },
-            "spec": { "nodeName": "node-a", "serviceAccountName": "app", "containers": [] },
-            "status": {
-                "phase": phase,
-                "podIP": ips.first(),
-                "podIPs": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>(),
-            }
-        }))
-        .unwrap()
+        let pod = crate::fixtures::pod(uid, name).ips(ips).phase(phase);
+        role.map_or(pod.clone(), |role| pod.role(role)).build()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -355,9 +343,7 @@ pub(crate) mod tests {
         let index = PodIndex::new();
         index.apply(&mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("app")));
         // Deleted with a finalizer pending (or within its grace period): still Running, but going.
-        let mut going = mk_pod("u1", "web", &["10.0.0.1"], "Running", Some("app"));
-        going.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        let going = fixtures::pod("u1", "web").ip("10.0.0.1").role("app").deleting().build();
         assert!(matches!(index.apply(&going), Change::Removed(p) if p.uid == "u1"));
         assert!(index.by_ip(&ip("10.0.0.1")).is_empty());
         assert!(index.by_uid("u1").is_none());
@@ -369,28 +355,20 @@ pub(crate) mod tests {
     #[test]
     fn a_run_once_pod_whose_containers_all_ended_leaves_the_index_before_its_phase_says_so() {
         let index = PodIndex::new();
-        let mut job = mk_pod("u1", "job", &["10.0.0.1"], "Running", Some("app"));
-        job.spec.as_mut().unwrap().restart_policy = Some("Never".into());
-        index.apply(&job);
-        let ended = |state: serde_json::Value| -> k8s_openapi::api::core::v1::ContainerStatus {
-            serde_json::from_value(
-                serde_json::json!({ "name": "c", "image": "i", "imageID": "", "ready": false,
-                                                       "restartCount": 0, "state": state }),
-            )
-            .unwrap()
+        let job = |ended: &[bool]| {
+            fixtures::pod("u1", "job")
+                .ip("10.0.0.1")
+                .role("app")
+                .spec_field("restartPolicy", "Never".into())
+                .containers_terminated(ended)
+                .build()
         };
-        job.status.as_mut().unwrap().container_statuses = Some(vec![
-            ended(serde_json::json!({ "terminated": { "exitCode": 0 } })),
-            ended(serde_json::json!({ "running": {} })),
-        ]);
-        assert_eq!(index.apply(&job), Change::Unchanged, "one container still runs");
-        job.status.as_mut().unwrap().container_statuses =
-            Some(vec![ended(serde_json::json!({ "terminated": { "exitCode": 0 } }))]);
-        assert!(matches!(index.apply(&job), Change::Removed(_)));
+        index.apply(&job(&[false]));
+        assert_eq!(index.apply(&job(&[true, false])), Change::Unchanged, "one container still runs");
+        assert!(matches!(index.apply(&job(&[true])), Change::Removed(_)));
         // A pod that restarts its containers keeps its IP through a crash: it stays.
-        let mut service = mk_pod("u2", "svc", &["10.0.0.2"], "Running", Some("app"));
-        service.status.as_mut().unwrap().container_statuses =
-            Some(vec![ended(serde_json::json!({ "terminated": { "exitCode": 1 } }))]);
+        let service =
+            fixtures::pod("u2", "svc").ip("10.0.0.2").role("app").containers_terminated(&[true]).build();
         assert!(matches!(index.apply(&service), Change::Added(_)));
     }
 
