@@ -152,6 +152,63 @@ impl Interception {
     }
 }
 
+/// What [`install`] or [`uninstall`] did with one family, for the caller to tell in its own way
+/// (log lines for the agent, stderr for the subcommands).
+pub enum Progress<'a> {
+    /// The IPv6 rule was skipped: ip6tables' nat table cannot be used here ([`family_usable`]).
+    Ipv6Unusable(IptablesError),
+    /// This rule is now in place (install only).
+    Installed(&'a Interception),
+}
+
+/// The family whose rule could not be installed or removed, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct FamilyFailed {
+    pub ipv6: bool,
+    pub error: IptablesError,
+}
+
+/// Installs (or repairs) each rule in order, skipping the IPv6 one where ip6tables is unusable;
+/// stops at the first failure. Returns the rules in place, for [`keep`].
+pub fn install(
+    rules: Vec<Interception>,
+    mut tell: impl FnMut(Progress<'_>),
+) -> Result<Vec<Interception>, FamilyFailed> {
+    let mut installed = Vec::new();
+    for rule in rules {
+        if rule.ipv6
+            && let Err(why) = family_usable(true)
+        {
+            tell(Progress::Ipv6Unusable(why));
+            continue;
+        }
+        if let Err(error) = rule.install() {
+            return Err(FamilyFailed { ipv6: rule.ipv6, error });
+        }
+        tell(Progress::Installed(&rule));
+        installed.push(rule);
+    }
+    Ok(installed)
+}
+
+/// Removes the chain and its jumps for IPv4 and, with `ipv6`, for IPv6 (skipped where ip6tables is
+/// unusable: there is no IPv6 rule to remove then); stops at the first failure.
+pub fn uninstall(ipv6: bool, mut tell: impl FnMut(Progress<'_>)) -> Result<(), FamilyFailed> {
+    let mut families = vec![false];
+    if ipv6 {
+        families.push(true);
+    }
+    for v6 in families {
+        if v6 && let Err(why) = family_usable(true) {
+            tell(Progress::Ipv6Unusable(why));
+            continue;
+        }
+        Interception::uninstall(v6).map_err(|error| FamilyFailed { ipv6: v6, error })?;
+    }
+    Ok(())
+}
+
 /// Checks the installed rules every `every` and puts back what another tool removed or changed,
 /// counting each repair; the gauge says whether each family's rule is in place. Runs until the
 /// process ends (the rule stays after it).
