@@ -903,8 +903,9 @@ async fn moto_assume_role_ms(sts: &Sts) -> Result<f64> {
 
 async fn sts_economy() -> (f64, usize, u64) {
     use futures::FutureExt;
+    use imdsgate_proto::Credentials;
     use imdsgate_server::authz::session::SessionKey;
-    use imdsgate_server::credential_cache::{AssumeRole, CacheConfig, CredentialCache, Issued, StsError};
+    use imdsgate_server::credential_cache::{AssumeRole, CacheConfig, CredentialCache, StsError};
     use std::sync::atomic::{AtomicU64, Ordering};
     struct Counting {
         calls: AtomicU64,
@@ -916,11 +917,11 @@ async fn sts_economy() -> (f64, usize, u64) {
             key: SessionKey,
             duration: Duration,
             _urgency: Arc<imdsgate_server::credential_cache::Urgency>,
-        ) -> futures::future::BoxFuture<'static, Result<Issued, StsError>> {
+        ) -> futures::future::BoxFuture<'static, Result<Credentials, StsError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(self.now.load(Ordering::SeqCst));
             async move {
-                Ok(Issued {
+                Ok(Credentials {
                     access_key_id: "ASIA".into(),
                     secret_access_key: "s".into(),
                     session_token: "t".into(),

@@ -181,41 +181,14 @@ impl Revocations {
 mod tests {
     use super::*;
     use crate::authz::authorizer::tests::{authorizer, mk_ns};
-    use crate::authz::session::SessionKey;
-    use crate::credential_cache::{AssumeRole, CacheConfig, Issued, StsError, Urgency};
-    use futures::FutureExt;
-    use futures::future::BoxFuture;
-    use std::time::{Duration, SystemTime};
-
-    struct FakeSts;
-
-    impl AssumeRole for FakeSts {
-        fn assume_role(
-            &self,
-            key: SessionKey,
-            d: Duration,
-            _: Arc<Urgency>,
-        ) -> BoxFuture<'static, Result<Issued, StsError>> {
-            let now = SystemTime::now();
-            async move {
-                Ok(Issued {
-                    access_key_id: format!("ASIA-{}", key.pod_uid),
-                    secret_access_key: "s".into(),
-                    session_token: "t".into(),
-                    expiration: now + d,
-                    issued_at: now,
-                    role_arn: key.role_arn.to_string(),
-                    account_id: key.role_arn.account().into(),
-                })
-            }
-            .boxed()
-        }
-    }
+    use crate::credential_cache::CacheConfig;
+    use crate::credential_cache::fixtures::FakeSts;
+    use std::time::Duration;
 
     fn revocations() -> Revocations {
         let metrics = crate::metrics::Metrics::new();
         let cache = CredentialCache::new(
-            Arc::new(FakeSts),
+            Arc::new(FakeSts::default()),
             CacheConfig::new(Duration::from_secs(3600)),
             metrics.clone(),
         );
@@ -281,7 +254,7 @@ mod tests {
         a.base_arn = crate::authz::role::RoleBase::detecting();
         let metrics = crate::metrics::Metrics::new();
         let cache = CredentialCache::new(
-            Arc::new(FakeSts),
+            Arc::new(FakeSts::default()),
             CacheConfig::new(Duration::from_secs(3600)),
             metrics.clone(),
         );

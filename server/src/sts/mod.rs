@@ -6,12 +6,13 @@
 pub mod base_arn;
 
 use crate::authz::session::SessionKey;
-use crate::credential_cache::{AssumeRole, Issued, StsError, Urgency};
+use crate::credential_cache::{AssumeRole, StsError, Urgency};
 use crate::metrics::{Metrics, StsLabels, StsResult};
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::types::Tag;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use imdsgate_proto::Credentials;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,7 +85,7 @@ impl Sts {
         key: SessionKey,
         duration: Duration,
         urgency: Arc<Urgency>,
-    ) -> Result<Issued, StsError> {
+    ) -> Result<Credentials, StsError> {
         self.limiter.acquire(&urgency).await?;
         let started = Instant::now();
         let tags = (!key.tags.is_empty()).then(|| {
@@ -110,7 +111,7 @@ impl Sts {
                     .ok_or_else(|| StsError::Unavailable("AssumeRole returned no credentials".into()))?;
                 let expiration = SystemTime::try_from(*creds.expiration())
                     .map_err(|e| StsError::Unavailable(format!("bad expiration from STS: {e}")))?;
-                Ok(Issued {
+                Ok(Credentials {
                     access_key_id: creds.access_key_id().to_string(),
                     secret_access_key: creds.secret_access_key().to_string(),
                     session_token: creds.session_token().to_string(),
@@ -138,7 +139,7 @@ impl AssumeRole for Arc<Sts> {
         key: SessionKey,
         duration: Duration,
         urgency: Arc<Urgency>,
-    ) -> BoxFuture<'static, Result<Issued, StsError>> {
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
         let sts = self.clone();
         async move { sts.call(key, duration, urgency).await }.boxed()
     }
