@@ -9,7 +9,7 @@
 //! [`Imds::handle`] maps back).
 
 use crate::imds::Imds;
-use crate::imds::Route;
+use crate::imds::routes::Route;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
