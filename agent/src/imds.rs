@@ -10,7 +10,8 @@ pub mod routes;
 pub mod token;
 pub mod upstream;
 
-use crate::credentials::credential_cache::{CredentialCache, ServerError};
+use crate::credentials::credential_cache::CredentialCache;
+use crate::credentials::server_client::ServerError;
 use crate::imds::credential_document::info_json;
 use crate::imds::routes::{CanonicalPath, NotCanonical, Route};
 use crate::imds::token::{TokenError, TokenKey};

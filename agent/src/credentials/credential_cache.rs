@@ -9,11 +9,12 @@
 //! credentials are asked of every server replica and served only if all agree, so a replica whose
 //! watch lags behind the one that revoked cannot hand the revoked credentials straight back.
 
+use crate::credentials::server_client::ServerError;
 use crate::imds::credential_document::credentials_json;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
-use imdsgate_proto::Reason;
+use imdsgate_proto::Credentials;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -26,21 +27,18 @@ pub const TOMBSTONE: Duration = Duration::from_secs(60);
 /// Tombstones kept at most (older ones are swept first).
 const MAX_TOMBSTONES: usize = 10_000;
 
-/// Credentials for one pod, as the server issued them.
-pub use imdsgate_proto::Credentials as Creds;
-
 /// Credentials as cached: with their IMDS document rendered once, so serving a cache hit copies
 /// bytes instead of formatting JSON and timestamps on every request.
-pub struct CachedCreds {
-    creds: Creds,
+pub struct CachedCredentials {
+    creds: Credentials,
     document: bytes::Bytes,
     extended: std::sync::OnceLock<bytes::Bytes>,
 }
 
-impl CachedCreds {
-    pub fn new(creds: Creds) -> CachedCreds {
+impl CachedCredentials {
+    pub fn new(creds: Credentials) -> CachedCredentials {
         let document = credentials_json(&creds, false).into();
-        CachedCreds { creds, document, extended: std::sync::OnceLock::new() }
+        CachedCredentials { creds, document, extended: std::sync::OnceLock::new() }
     }
 
     /// The `security-credentials` document, or with `AccountId` for `-extended`.
@@ -53,33 +51,16 @@ impl CachedCreds {
     }
 }
 
-impl std::fmt::Debug for CachedCreds {
+impl std::fmt::Debug for CachedCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.creds.fmt(f)
     }
 }
 
-impl std::ops::Deref for CachedCreds {
-    type Target = Creds;
-    fn deref(&self) -> &Creds {
+impl std::ops::Deref for CachedCredentials {
+    type Target = Credentials;
+    fn deref(&self) -> &Credentials {
         &self.creds
-    }
-}
-
-/// Why the server gave no credentials.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ServerError {
-    #[error("{message}")]
-    Refused { code: tonic::Code, reason: Option<Reason>, message: String },
-    #[error("the imdsgate server cannot be reached: {0}")]
-    Unreachable(String),
-}
-
-impl ServerError {
-    /// Whether the failure is the server's absence rather than a decision.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, ServerError::Unreachable(_))
-            || matches!(self, ServerError::Refused { code: tonic::Code::Unavailable, .. })
     }
 }
 
@@ -99,7 +80,7 @@ pub trait CredentialSource: Send + Sync + 'static {
         pod_uid: &str,
         role: &str,
         quorum: Quorum,
-    ) -> BoxFuture<'static, Result<Creds, ServerError>>;
+    ) -> BoxFuture<'static, Result<Credentials, ServerError>>;
 }
 
 struct Slot {
@@ -109,7 +90,7 @@ struct Slot {
     /// Set when the slot is dropped: a request that took it before then must not be answered
     /// from it.
     revoked: AtomicBool,
-    current: RwLock<Option<Arc<CachedCreds>>>,
+    current: RwLock<Option<Arc<CachedCredentials>>>,
     fetching: tokio::sync::Mutex<()>,
 }
 
@@ -140,7 +121,7 @@ impl CredentialCache {
         pod_uid: &str,
         pod_ips: &[IpAddr],
         role: &str,
-    ) -> Result<Arc<CachedCreds>, ServerError> {
+    ) -> Result<Arc<CachedCredentials>, ServerError> {
         // A second round only when the first one's slot was revoked while it waited.
         let mut rounds = 0;
         loop {
@@ -166,7 +147,7 @@ impl CredentialCache {
         peer: IpAddr,
         pod_uid: &str,
         role: &str,
-    ) -> Result<Arc<CachedCreds>, ServerError> {
+    ) -> Result<Arc<CachedCredentials>, ServerError> {
         if let Some(creds) = self.fresh(slot) {
             self.metrics.cache_hits.inc();
             return Ok(creds);
@@ -181,7 +162,7 @@ impl CredentialCache {
         let quorum = if self.tombstoned(pod_uid) { Quorum::All } else { Quorum::Any };
         match self.source.fetch(peer, pod_uid, role, quorum).await {
             Ok(creds) => {
-                let creds = Arc::new(CachedCreds::new(creds));
+                let creds = Arc::new(CachedCredentials::new(creds));
                 *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
                 Ok(creds)
             }
@@ -266,7 +247,7 @@ impl CredentialCache {
             .clone()
     }
 
-    fn fresh(&self, slot: &Slot) -> Option<Arc<CachedCreds>> {
+    fn fresh(&self, slot: &Slot) -> Option<Arc<CachedCredentials>> {
         let now = (self.clock)();
         slot.current.read().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| c.fresh_at(now))
     }
@@ -276,6 +257,7 @@ impl CredentialCache {
 pub(crate) mod tests {
     use super::*;
     use futures::FutureExt;
+    use imdsgate_proto::Reason;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
@@ -311,7 +293,7 @@ pub(crate) mod tests {
             uid: &str,
             role: &str,
             quorum: Quorum,
-        ) -> BoxFuture<'static, Result<Creds, ServerError>> {
+        ) -> BoxFuture<'static, Result<Credentials, ServerError>> {
             self.quorums.lock().unwrap().push(quorum);
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let answer = self.answer.lock().unwrap().clone();
@@ -321,7 +303,7 @@ pub(crate) mod tests {
                 tokio::time::sleep(delay).await;
                 let lifetime = answer?;
                 let now = SystemTime::now() - age;
-                Ok(Creds {
+                Ok(Credentials {
                     access_key_id: format!("ASIA{n}-{uid}"),
                     secret_access_key: "secret\"with/quote".into(),
                     session_token: "token".into(),

@@ -3,14 +3,14 @@
 //! address the server's name resolves to (re-resolved periodically), and a failed replica retried
 //! on another within the same pod request.
 
-use crate::credentials::credential_cache::{CredentialSource, Creds, Quorum, ServerError};
+use crate::credentials::credential_cache::{CredentialSource, Quorum};
 use crate::metrics::{CodeLabels, Metrics};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use imdsgate_core::tls::{Reloading, TlsError};
 use imdsgate_proto::v1::credentials_client::CredentialsClient;
 use imdsgate_proto::v1::{GetCredentialsRequest, HeldCredentials, Revocation, WatchRevocationsRequest};
-use imdsgate_proto::{AUTHORIZATION_METADATA_KEY, Reason};
+use imdsgate_proto::{AUTHORIZATION_METADATA_KEY, Credentials, Reason};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,12 +18,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// How to reach the server.
 /// How often the server's name is looked up again while it resolves to nothing.
 const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
 
+/// How to reach the server.
 #[derive(Clone, Debug)]
-
 pub struct ServerClientConfig {
     pub host: String,
     pub port: u16,
@@ -33,6 +32,23 @@ pub struct ServerClientConfig {
     pub tls_ca: PathBuf,
     pub token_file: Option<PathBuf>,
     pub call_timeout: Duration,
+}
+
+/// Why the server gave no credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    #[error("{message}")]
+    Refused { code: tonic::Code, reason: Option<Reason>, message: String },
+    #[error("the imdsgate server cannot be reached: {0}")]
+    Unreachable(String),
+}
+
+impl ServerError {
+    /// Whether the failure is the server's absence rather than a decision.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ServerError::Unreachable(_))
+            || matches!(self, ServerError::Refused { code: tonic::Code::Unavailable, .. })
+    }
 }
 
 struct Replica {
@@ -239,7 +255,7 @@ impl ServerClient {
         pod_uid: String,
         role: String,
         quorum: Quorum,
-    ) -> Result<Creds, ServerError> {
+    ) -> Result<Credentials, ServerError> {
         let token = self.token()?;
         let mut replicas = self.current();
         if replicas.list.is_empty() {
@@ -295,7 +311,7 @@ impl ServerClient {
         pod_uid: &str,
         role: &str,
         token: Option<&str>,
-    ) -> Result<Creds, ServerError> {
+    ) -> Result<Credentials, ServerError> {
         let mut request = tonic::Request::new(GetCredentialsRequest {
             pod_ip: pod_ip.to_string(),
             pod_uid: pod_uid.to_string(),
@@ -306,7 +322,7 @@ impl ServerClient {
         let mut client = CredentialsClient::new(replica.channel.clone());
         let outcome = tokio::time::timeout(self.config.call_timeout, client.get_credentials(request)).await;
         let status = match outcome {
-            Ok(Ok(response)) => return Ok(Creds::from(response.into_inner())),
+            Ok(Ok(response)) => return Ok(Credentials::from(response.into_inner())),
             Ok(Err(status)) => status,
             Err(_) => tonic::Status::deadline_exceeded("no answer in time"),
         };
@@ -336,7 +352,7 @@ pub fn retry_elsewhere(status: &tonic::Status) -> bool {
 
 /// Every replica's answer to one request, combined when all must agree: one refusal refuses;
 /// otherwise any grant grants; otherwise the last failure.
-pub fn agree(answers: Vec<Result<Creds, ServerError>>) -> Result<Creds, ServerError> {
+pub fn agree(answers: Vec<Result<Credentials, ServerError>>) -> Result<Credentials, ServerError> {
     let mut granted = None;
     let mut failed = None;
     for answer in answers {
@@ -356,7 +372,7 @@ impl CredentialSource for Arc<ServerClient> {
         pod_uid: &str,
         role: &str,
         quorum: Quorum,
-    ) -> BoxFuture<'static, Result<Creds, ServerError>> {
+    ) -> BoxFuture<'static, Result<Credentials, ServerError>> {
         let this = self.clone();
         let (uid, role) = (pod_uid.to_string(), role.to_string());
         async move { this.call(pod_ip, uid, role, quorum).await }.boxed()
@@ -367,8 +383,8 @@ impl CredentialSource for Arc<ServerClient> {
 mod tests {
     use super::*;
 
-    fn creds(key: &str) -> Creds {
-        Creds {
+    fn creds(key: &str) -> Credentials {
+        Credentials {
             access_key_id: key.into(),
             secret_access_key: "s".into(),
             session_token: "t".into(),

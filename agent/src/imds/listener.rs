@@ -1,9 +1,10 @@
 //! The IMDS listener: the shared hardened HTTP/1.1 server ([`imdsgate_core::http_server`]) with
 //! budgets by source. A pod of this node draws on the main budget (`--max-concurrent-requests`)
 //! within its own share; every other address (a pod the watch has not delivered yet, a
-//! host-network process, a pod of another node reaching `<node IP>:8181`) shares a small separate
-//! budget with a smaller share each, so unknown-source load, which waits up to `--pod-wait`, never
-//! takes a slot from a known pod. Addresses that cannot be a pod (loopback, unspecified, multicast,
+//! host-network process, a pod of another node reaching `<node IP>:8183`, the IMDS port; the admin
+//! endpoint on 8184 is a listener of its own) shares a small separate budget with a smaller share
+//! each, so unknown-source load, which waits up to `--pod-wait`, never takes a slot from a known
+//! pod. Addresses that cannot be a pod (loopback, unspecified, multicast,
 //! the node's own) are answered at once. The same split applies to connections.
 //! One dual-stack socket takes both families (IPv4 peers appear as IPv4-mapped addresses, which
 //! [`Imds::handle`] maps back).

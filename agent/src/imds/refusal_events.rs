@@ -5,7 +5,7 @@
 //! deduplicated as [`imdsgate_core::events`] describes, and is counted in
 //! `imdsgate_agent_refusals_total{reason}`. Refusals the server decides carry its own Events.
 
-use crate::credentials::credential_cache::ServerError;
+use crate::credentials::server_client::ServerError;
 use crate::imds::ImdsError;
 use crate::metrics::{Metrics, RevocationLabels};
 use imdsgate_core::PodInfo;

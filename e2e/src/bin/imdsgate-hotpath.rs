@@ -34,7 +34,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use imdsgate_agent::credentials::credential_cache::{CredentialCache, CredentialSource, Creds, Quorum, ServerError};
+use imdsgate_agent::credentials::credential_cache::{CredentialCache, CredentialSource, Quorum};
+use imdsgate_agent::credentials::server_client::ServerError;
 use imdsgate_agent::imds::Imds;
 use imdsgate_agent::imds::listener;
 use imdsgate_agent::imds::token::TokenKey;
@@ -43,6 +44,7 @@ use imdsgate_agent::metrics::Metrics;
 use imdsgate_core::PodIndex;
 use imdsgate_core::http_server::{Accept, Budget};
 use imdsgate_e2e::load;
+use imdsgate_proto::Credentials;
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -436,12 +438,12 @@ impl Accept for AsPod {
 
 /// Credentials valid for an hour from start, with a session token sized so that the document is
 /// [`BODY_BYTES`] long.
-struct FixedCredentials(Creds);
+struct FixedCredentials(Credentials);
 
 impl FixedCredentials {
     fn new() -> FixedCredentials {
         let issued_at = SystemTime::now();
-        let mut creds = Creds {
+        let mut creds = Credentials {
             access_key_id: "ASIAHOTPATHEXAMPLE01".into(),
             secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYHOTPATHKEY".into(),
             session_token: String::new(),
@@ -463,7 +465,7 @@ impl CredentialSource for FixedCredentials {
         _pod_uid: &str,
         _role: &str,
         _quorum: Quorum,
-    ) -> futures::future::BoxFuture<'static, Result<Creds, ServerError>> {
+    ) -> futures::future::BoxFuture<'static, Result<Credentials, ServerError>> {
         let creds = self.0.clone();
         Box::pin(async move { Ok(creds) })
     }
