@@ -100,3 +100,6 @@ impl PodWatch {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
