@@ -221,6 +221,12 @@ impl CredentialCache {
         self.inner.owners.of(pod_uid).contains_key(pod_uid)
     }
 
+    /// Whether the cache counts an allowance of new sessions for the pod `pod_uid`.
+    #[cfg(test)]
+    pub(crate) fn counts_allowance(&self, pod_uid: &str) -> bool {
+        self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).contains_key(pod_uid)
+    }
+
     /// Starts background refreshes for sessions close to expiry; returns how many it started.
     pub fn refresh_due(&self) -> usize {
         let now = (self.inner.clock)();

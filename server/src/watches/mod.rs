@@ -6,3 +6,6 @@
 pub mod namespaces;
 pub mod nodes;
 pub mod pods;
+
+#[cfg(test)]
+pub(crate) mod fixtures;

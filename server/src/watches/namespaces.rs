@@ -46,3 +46,6 @@ pub async fn watch(client: kube::Client, state: NamespaceWatch, synced: Synced) 
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests;
