@@ -1,5 +1,5 @@
 //! The agent's command line: the flags (each with its environment variable), the subcommands, and
-//! the checks that turn them into a [`Validated`] configuration before anything starts.
+//! the checks that turn them into a `Validated` configuration before anything starts.
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};

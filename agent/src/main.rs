@@ -1,3 +1,4 @@
+//! The imdsgate-agent binary: picks the TLS crypto provider and hands over to `Args::parse_and_run`.
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {

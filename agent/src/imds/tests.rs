@@ -1,3 +1,6 @@
+//! The IMDS handler as a pod meets it: every route, token, refusal and proxied path through
+//! [`Imds::handle`], with a fake server and a fake metadata service.
+
 use super::*;
 use crate::credentials::credential_cache::tests::FakeServer;
 use futures::FutureExt;

@@ -1,3 +1,5 @@
+//! The routes and the canonical path grammar: examples, and properties over generated paths.
+
 use super::*;
 use crate::imds::upstream::{AllowList, DEFAULT_ALLOW};
 
