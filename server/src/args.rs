@@ -1,5 +1,5 @@
 //! The server's flags (clap), the placement flags it shares with `explain`, and their validation
-//! into a [`Validated`] configuration that [`crate::run`] serves.
+//! into a `Validated` configuration that [`crate::run`] serves.
 
 use crate::admission::{self, webhook_server};
 use crate::authz::role::BaseArn;

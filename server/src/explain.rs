@@ -309,7 +309,7 @@ fn read_manifest(path: &PathBuf, namespace: &str) -> anyhow::Result<Pod> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::authorizer::tests::authorizer;
+    use crate::authz::fixtures::authorizer;
     use serde_json::json;
 
     fn pod(annotations: serde_json::Value, host_network: bool) -> Pod {

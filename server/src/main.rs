@@ -1,3 +1,5 @@
+//! The imdsgate-server binary: installs the TLS crypto provider, then [`imdsgate_server::Args`]
+//! parses the command line and runs.
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {

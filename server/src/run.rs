@@ -1,4 +1,4 @@
-//! The wiring: builds the clients, indexes and caches from a [`Validated`] configuration, spawns
+//! The wiring: builds the clients, indexes and caches from a `Validated` configuration, spawns
 //! the watches, the refresher and the listeners, supervises them, and drains on shutdown.
 
 use crate::admission::{self, server_nodes, webhook_server};

@@ -26,9 +26,7 @@ fn admission() -> Admission {
         authorizer: Arc::new(Authorizer {
             pods: Arc::new(PodIndex::new()),
             namespaces,
-            base_arn: crate::authz::role::RoleBase::fixed(Some(
-                crate::authz::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap(),
-            )),
+            base_arn: crate::authz::fixtures::base_arn(),
             tags: TagConfig::default(),
         }),
         client: None,

@@ -213,48 +213,12 @@ impl Authorizer {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::authz::policy::PERMITTED_ANNOTATION;
+    use crate::authz::fixtures::{authorizer, mk_pod};
     use crate::authz::role::BaseArn;
-    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::core::v1::Namespace;
     use serde_json::json;
-
-    pub(crate) fn mk_pod(uid: &str, ns: &str, name: &str, node: &str, ip: &str, role: Option<&str>) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": { "uid": uid, "name": name, "namespace": ns,
-                          "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
-            "spec": { "nodeName": node, "containers": [] },
-            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-        }))
-        .unwrap()
-    }
-
-    pub(crate) fn mk_ns(name: &str, permitted: &str) -> Namespace {
-        serde_json::from_value(
-            json!({ "metadata": { "name": name, "annotations": { PERMITTED_ANNOTATION: permitted } } }),
-        )
-        .unwrap()
-    }
-
-    /// Pods u-app (team, node-a, role app), u-none (team, node-a, no role), u-b (team, node-b,
-    /// app) and u-evil (locked, node-a, admin); both namespaces permit only app.
-    pub(crate) fn authorizer() -> Authorizer {
-        let pods = Arc::new(PodIndex::new());
-        let namespaces = Arc::new(NamespaceIndex::new());
-        pods.apply(&mk_pod("u-app", "team", "app", "node-a", "10.0.0.1", Some("app")));
-        pods.apply(&mk_pod("u-none", "team", "none", "node-a", "10.0.0.2", None));
-        pods.apply(&mk_pod("u-b", "team", "b", "node-b", "10.0.0.3", Some("app")));
-        pods.apply(&mk_pod("u-evil", "locked", "evil", "node-a", "10.0.0.4", Some("admin")));
-        namespaces.apply(&mk_ns("team", "arn:aws:iam::123456789012:role/app"));
-        namespaces.apply(&mk_ns("locked", "arn:aws:iam::123456789012:role/app"));
-        Authorizer {
-            pods,
-            namespaces,
-            base_arn: RoleBase::fixed(Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())),
-            tags: TagConfig::default(),
-        }
-    }
 
     fn agent(node: &str) -> AgentIdentity {
         AgentIdentity { username: "agent".into(), node: Some(node.into()) }

@@ -8,3 +8,6 @@ pub mod namespace_index;
 pub mod policy;
 pub mod role;
 pub mod session;
+
+#[cfg(test)]
+pub mod fixtures;

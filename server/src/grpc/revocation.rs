@@ -180,7 +180,7 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::authorizer::tests::{authorizer, mk_ns};
+    use crate::authz::fixtures::{authorizer, mk_ns};
     use crate::credential_cache::CacheConfig;
     use crate::credential_cache::fixtures::FakeSts;
     use std::time::Duration;

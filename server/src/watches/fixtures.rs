@@ -4,9 +4,8 @@
 use super::namespaces::NamespaceWatch;
 use super::pods::PodWatch;
 use crate::authz::authorizer::Authorizer;
-use crate::authz::authorizer::tests::mk_ns;
+use crate::authz::fixtures::{base_arn, mk_ns};
 use crate::authz::namespace_index::NamespaceIndex;
-use crate::authz::role::{BaseArn, RoleBase};
 use crate::authz::session::TagConfig;
 use crate::credential_cache::fixtures::FakeSts;
 use crate::credential_cache::{CacheConfig, CredentialCache};
@@ -39,7 +38,7 @@ pub fn bed() -> Bed {
     let authorizer = Arc::new(Authorizer {
         pods: Arc::new(PodIndex::new()),
         namespaces: index.clone(),
-        base_arn: RoleBase::fixed(Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())),
+        base_arn: base_arn(),
         tags: TagConfig::default(),
     });
     let metrics = Metrics::new();

@@ -1,7 +1,7 @@
 //! What the server does on namespace events: a policy that narrows revokes what it no longer
 //! permits.
 
-use crate::authz::authorizer::tests::mk_ns;
+use crate::authz::fixtures::mk_ns;
 use crate::credential_cache::fixtures::settle;
 use crate::watches::fixtures::{TEAM_PERMITS, bed, running};
 use imdsgate_core::watch::Update;
