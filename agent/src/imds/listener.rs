@@ -200,17 +200,10 @@ mod tests {
     use crate::imds::token::TokenKey;
     use crate::imds::upstream::AllowList;
     use imdsgate_core::PodIndex;
-    use imdsgate_core::pod_index::ROLE_ANNOTATION;
     use std::net::Ipv4Addr;
 
     fn pod(uid: &str, ip: &str) -> k8s_openapi::api::core::v1::Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": { "uid": uid, "name": uid, "namespace": "team",
-                          "annotations": { ROLE_ANNOTATION: "app-role" } },
-            "spec": { "nodeName": "node-a", "containers": [] },
-            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-        }))
-        .unwrap()
+        imdsgate_core::fixtures::pod(uid, uid).ip(ip).role("app-role").build()
     }
 
     /// Pod 10.0.1.1 known; budgets: pods 8 (2 each), unknown 6 (4 each); a 2 s pod wait.

@@ -6,7 +6,7 @@ use crate::credentials::credential_cache::tests::FakeServer;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use imdsgate_core::pod_index::ROLE_ANNOTATION;
+use imdsgate_core::fixtures;
 use k8s_openapi::api::core::v1::Pod;
 use std::sync::atomic::Ordering;
 
@@ -26,13 +26,12 @@ impl Upstream for FakeUpstream {
 }
 
 fn mk_pod(uid: &str, ip: &str, role: Option<&str>) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": { "uid": uid, "name": uid, "namespace": "team",
-                      "annotations": role.map(|r| serde_json::json!({ ROLE_ANNOTATION: r })) },
-        "spec": { "nodeName": "node-a", "containers": [] },
-        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-    }))
-    .unwrap()
+    let pod = fixtures::pod(uid, uid).ip(ip);
+    match role {
+        Some(role) => pod.role(role),
+        None => pod,
+    }
+    .build()
 }
 
 struct Bed {

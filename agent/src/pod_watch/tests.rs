@@ -3,25 +3,15 @@
 
 use super::*;
 use crate::credentials::credential_cache::tests::FakeServer;
-use imdsgate_core::pod_index::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
+use imdsgate_core::fixtures;
+use imdsgate_core::pod_index::EXTERNAL_ID_ANNOTATION;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// A running pod of this node with one IP and these annotations.
-fn pod(uid: &str, ip: &str, annotations: &[(&str, &str)]) -> Pod {
-    let annotations: serde_json::Map<String, serde_json::Value> =
-        annotations.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
-    serde_json::from_value(serde_json::json!({
-        "metadata": { "uid": uid, "name": uid, "namespace": "team", "annotations": annotations },
-        "spec": { "nodeName": "node-a", "containers": [] },
-        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-    }))
-    .unwrap()
-}
-
+/// A running pod of this node with one IP and a role.
 fn with_role(uid: &str, ip: &str, role: &str) -> Pod {
-    pod(uid, ip, &[(ROLE_ANNOTATION, role)])
+    fixtures::pod(uid, uid).ip(ip).role(role).build()
 }
 
 struct Bed {
@@ -115,7 +105,13 @@ async fn a_role_change_drops_the_old_roles_credentials_and_prefetches_the_new_on
 #[tokio::test(start_paused = true)]
 async fn another_external_id_for_the_same_role_is_fetched_anew() {
     let bed = bed();
-    let ext = |id| pod("uid-a", "10.0.0.5", &[(ROLE_ANNOTATION, "app"), (EXTERNAL_ID_ANNOTATION, id)]);
+    let ext = |id| {
+        fixtures::pod("uid-a", "uid-a")
+            .ip("10.0.0.5")
+            .role("app")
+            .annotation(EXTERNAL_ID_ANNOTATION, id)
+            .build()
+    };
     bed.apply(&ext("first")).await;
     bed.apply(&ext("second")).await;
     assert_eq!(bed.calls(), 2, "the credentials for the old ExternalId are not kept");
@@ -140,7 +136,7 @@ async fn a_new_pod_is_prefetched_only_with_a_role_and_an_ip_of_its_own() {
     assert_eq!(bed.calls(), 1, "a pod with a role: fetched before its first request");
     assert_eq!(bed.ask("uid-a", "10.0.0.5", "app").await, "ASIA1-uid-a");
 
-    bed.apply(&pod("uid-none", "10.0.0.6", &[])).await;
+    bed.apply(&fixtures::pod("uid-none", "uid-none").ip("10.0.0.6").build()).await;
     assert_eq!(bed.calls(), 1, "no role, nothing to fetch");
 
     bed.apply(&with_role("uid-b", "10.0.0.7", "app")).await;
