@@ -96,8 +96,8 @@ async fn explain_says_why_and_exits_non_zero_when_refused() {
 
     for (pod, needle) in [
         ("team/plain", "no iam.amazonaws.com/role annotation (reason NO_ROLE)"),
-        ("team/greedy", "does not permit it (reason NAMESPACE_FORBIDS)"),
-        ("team/typo", "role cannot be resolved (reason ROLE_INVALID)"),
+        ("team/greedy", "(reason NAMESPACE_FORBIDS)"),
+        ("team/typo", "(reason ROLE_INVALID)"),
         ("team/renamed", "(reason SESSION_NAME_INVALID)"),
         ("team/hostnet", "hostNetwork: true"),
         ("team/agentless", "node worker-2: no imdsgate agent"),

@@ -2,13 +2,13 @@
 //! into a `Validated` configuration that [`crate::run`] serves.
 
 use crate::admission::{self, webhook_server};
-use crate::authz::role::BaseArn;
 use crate::explain;
 use crate::grpc::tls_server;
 use anyhow::{Context, anyhow};
 use clap::Parser;
 use imdsgate_core::common_args::CommonArgs;
 use imdsgate_core::process::{bad_config, init_logging, parse_args, parse_duration};
+use imdsgate_core::role::BaseArn;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

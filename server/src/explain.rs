@@ -6,13 +6,15 @@
 //! Exits 0 when the pod would get credentials, 1 when it would be refused, 64 on bad input.
 
 use crate::admission::{Admission, Verdict, WebhookMode};
-use crate::authz::authorizer::Authorizer;
+use crate::authz::authorizer::{Ask, Authorizer, Denial};
 use crate::authz::namespace_index::NamespaceIndex;
-use crate::authz::role::BaseArn;
 use crate::authz::session::TagConfig;
+use crate::grpc::agent_auth::AgentIdentity;
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
+use imdsgate_core::liveness::Liveness;
 use imdsgate_core::pod_index::ROLE_ANNOTATION;
+use imdsgate_core::role::{self, BaseArn};
 use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ListParams;
@@ -151,7 +153,7 @@ impl ExplainArgs {
         let authorizer = Arc::new(Authorizer {
             pods: Arc::new(PodIndex::new()),
             namespaces,
-            base_arn: crate::authz::role::RoleBase::fixed(base_arn),
+            base_arn: crate::authz::role_base::RoleBase::fixed(base_arn),
             tags: TagConfig::default(),
         });
         let admission = Admission {
@@ -239,56 +241,64 @@ impl ExplainArgs {
     }
 }
 
-/// The steps that need only the pod, its namespace's policy and the server's role settings.
+/// The steps that need only the pod, its namespace's policy and the server's role settings: the
+/// server's own decision, made by the same code a request goes through. A pod in the cluster is
+/// put in a pod index of its own and asked for as its node's agent would ask (from its IP, for the
+/// role name its annotation names, read as the agent reads it); a manifest, which has no IP or node
+/// yet, goes through the part of the decision that depends on the pod alone
+/// ([`Authorizer::session_for`], which every request ends in).
 fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool, authorizer: &Authorizer) {
+    // Whether the server would find the pod at all: the pod index's rules.
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         e.refuse("hostNetwork: true: the pod's requests never pass the imdsgate agent (and reach the node's own role)");
     }
-    if pod.metadata.deletion_timestamp.is_some() {
-        e.refuse("the pod is terminating: terminating pods get nothing");
-    }
-    if !from_file {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "unknown".into());
-        if matches!(phase.as_str(), "Succeeded" | "Failed") {
-            e.refuse(format!("phase {phase}: finished pods get nothing"));
-        }
+    let liveness = Liveness::of(pod);
+    if liveness != Liveness::Live {
+        e.refuse(format!("the pod is {}: such pods get nothing", liveness.describe()));
     }
     let mut info = PodInfo::describe(pod);
     info.namespace = namespace.to_string();
     if info.uid.is_empty() {
         info.uid = "manifest".into();
     }
-    let Some(role) = info.role.clone() else {
-        e.refuse(format!("no {ROLE_ANNOTATION} annotation (reason NO_ROLE): add one naming the role"));
-        return;
-    };
-    e.pass(format!("annotation {ROLE_ANNOTATION}: {role:?}"));
-    let arn = match crate::authz::role::resolve(&role, authorizer.base_arn.get()) {
-        Ok(arn) => {
-            e.pass(format!("role ARN: {arn}"));
-            arn
-        }
-        Err(error) => {
-            e.refuse(format!("role cannot be resolved (reason ROLE_INVALID): {error}"));
-            return;
-        }
-    };
-    let policy = authorizer.namespaces.policy(namespace);
-    if !authorizer.namespaces.contains(namespace) {
-        e.refuse(format!("namespace {namespace} does not exist (it permits nothing)"));
-        return;
+    if let Some(annotation) = &info.role {
+        e.pass(format!("annotation {ROLE_ANNOTATION}: {annotation:?}"));
     }
-    match policy.check(&arn, authorizer.base_arn.get()) {
-        Ok(()) => e.pass(format!("namespace {namespace} permits it: {}", policy.describe())),
-        Err(why) => {
-            e.refuse(format!("namespace {namespace} does not permit it (reason NAMESPACE_FORBIDS): {why}"));
-            e.note(format!("namespace policy: {}", policy.describe()));
-            return;
+    let decision = match info.ips.first() {
+        Some(&pod_ip) if !from_file => {
+            authorizer.pods.apply(pod);
+            let role = info.role.as_deref().and_then(|a| role::role_name(a).ok()).unwrap_or_default();
+            let ask = Ask { pod_ip, pod_uid: info.uid.clone(), role: role.to_string() };
+            let agent = AgentIdentity { username: "explain".into(), node: info.node.clone() };
+            authorizer.authorize(&ask, &agent).map(|(_, key)| key).map_err(|refusal| refusal.denial)
         }
-    }
-    match authorizer.session_for(&info) {
-        Ok(key) => e.pass(format!("session name: {}", key.session_name)),
-        Err(denial) => e.refuse(format!("{denial} (reason {})", denial.reason().as_str())),
+        _ => authorizer.session_for(&info),
+    };
+    match decision {
+        Ok(key) => {
+            e.pass(format!("role ARN: {}", key.role_arn));
+            e.pass(format!(
+                "namespace {namespace} permits it: {}",
+                authorizer.namespaces.policy(namespace).describe()
+            ));
+            e.pass(format!("session name: {}", key.session_name));
+        }
+        Err(denial) => {
+            e.refuse(format!("{denial} (reason {})", denial.reason().as_str()));
+            match &denial {
+                Denial::NoRole { .. } => {
+                    e.note(format!("add a {ROLE_ANNOTATION} annotation naming the role"))
+                }
+                Denial::NamespaceForbids { .. } if !authorizer.namespaces.contains(namespace) => {
+                    e.note(format!("namespace {namespace} does not exist, so it permits nothing"))
+                }
+                Denial::NamespaceForbids { .. } => e.note(format!(
+                    "namespace policy: {}",
+                    authorizer.namespaces.policy(namespace).describe()
+                )),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -310,27 +320,28 @@ fn read_manifest(path: &PathBuf, namespace: &str) -> anyhow::Result<Pod> {
 mod tests {
     use super::*;
     use crate::authz::fixtures::authorizer;
-    use serde_json::json;
+    use imdsgate_core::fixtures;
 
-    fn pod(annotations: serde_json::Value, host_network: bool) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": { "name": "web", "namespace": "team", "annotations": annotations },
-            "spec": { "hostNetwork": host_network, "containers": [{ "name": "c", "image": "i" }] },
-        }))
-        .unwrap()
+    /// A manifest `team/web`: no UID, IP, node or status.
+    fn manifest(annotations: &[(&str, &str)]) -> Pod {
+        let mut pod = fixtures::pod("", "web").node(None).build();
+        pod.metadata.uid = None;
+        pod.status = None;
+        let annotations = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        pod.metadata.annotations = Some(annotations.collect());
+        pod
     }
 
-    fn explain(p: &Pod) -> Explanation {
+    fn explain(p: &Pod, from_file: bool) -> (bool, String) {
         let mut e = Explanation::default();
-        explain_pod(&mut e, p, "team", true, &authorizer());
-        e
+        explain_pod(&mut e, p, "team", from_file, &authorizer());
+        (e.refused(), e.render("team/web"))
     }
 
     #[test]
     fn an_allowed_pod_is_explained_step_by_step() {
-        let e = explain(&pod(json!({ "iam.amazonaws.com/role": "app" }), false));
-        let text = e.render("manifest team/web");
-        assert!(!e.refused(), "{text}");
+        let (refused, text) = explain(&manifest(&[(ROLE_ANNOTATION, "app")]), true);
+        assert!(!refused, "{text}");
         for line in [
             "ok      annotation iam.amazonaws.com/role: \"app\"",
             "ok      role ARN: arn:aws:iam::123456789012:role/app",
@@ -343,26 +354,46 @@ mod tests {
     }
 
     #[test]
-    fn each_refusal_says_why() {
+    fn each_refusal_says_why_with_the_servers_reason() {
+        let role = |r: &'static str| vec![(ROLE_ANNOTATION, r)];
         let cases = [
-            (pod(json!({}), false), "no iam.amazonaws.com/role annotation (reason NO_ROLE)"),
-            (pod(json!({ "iam.amazonaws.com/role": "arn:aws:iam::x:role/a" }), false), "reason ROLE_INVALID"),
-            (pod(json!({ "iam.amazonaws.com/role": "admin" }), false), "reason NAMESPACE_FORBIDS"),
+            (manifest(&[]), "has no iam.amazonaws.com/role annotation (reason NO_ROLE)"),
+            (manifest(&role("arn:aws:iam::x:role/a")), "(reason ROLE_INVALID)"),
+            (manifest(&role("app/")), "ends in `/`"),
+            (manifest(&role("admin")), "(reason NAMESPACE_FORBIDS)"),
             (
-                pod(
-                    json!({ "iam.amazonaws.com/role": "app", "iam.amazonaws.com/session-name": "a b" }),
-                    false,
-                ),
-                "reason SESSION_NAME_INVALID",
+                manifest(&[(ROLE_ANNOTATION, "app"), ("iam.amazonaws.com/session-name", "a b")]),
+                "(reason SESSION_NAME_INVALID)",
             ),
-            (pod(json!({ "iam.amazonaws.com/role": "app" }), true), "hostNetwork: true"),
+            (fixtures::pod("u", "web").host_network().role("app").build(), "hostNetwork: true"),
         ];
         for (p, needle) in cases {
-            let e = explain(&p);
-            let text = e.render("manifest team/web");
-            assert!(e.refused(), "{needle}: {text}");
+            let (refused, text) = explain(&p, true);
+            assert!(refused, "{needle}: {text}");
             assert!(text.contains(needle) && text.contains("REFUSED"), "{needle} not in:\n{text}");
             assert!(text.contains("verdict: the pod would get NO credentials"), "{text}");
         }
+    }
+
+    /// A pod in the cluster is decided as the server decides its request: the same pod index rules
+    /// (the run-once rule included) and the same authorizer.
+    #[test]
+    fn a_pod_in_the_cluster_gets_the_servers_own_answer() {
+        let live = fixtures::pod("u-web", "web").ip("10.0.9.1").role("app");
+        let (refused, text) = explain(&live.clone().build(), false);
+        assert!(!refused, "{text}");
+        let finished_run_once =
+            live.clone().spec_field("restartPolicy", "Never".into()).containers_terminated(&[true]).build();
+        let deleting = live.clone().deleting().build();
+        for (pod, needle) in
+            [(finished_run_once, "the pod is finished"), (deleting, "the pod is being deleted")]
+        {
+            let (refused, text) = explain(&pod, false);
+            assert!(refused, "{text}");
+            assert!(text.contains(needle), "{needle} not in:\n{text}");
+            assert!(text.contains("(reason POD_NOT_FOUND)"), "{text}");
+        }
+        let (refused, text) = explain(&live.role("app-reader/").build(), false);
+        assert!(refused && text.contains("(reason ROLE_INVALID)"), "{text}");
     }
 }

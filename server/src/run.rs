@@ -5,7 +5,7 @@ use crate::admission::{self, server_nodes, webhook_server};
 use crate::args::Validated;
 use crate::authz::authorizer::Authorizer;
 use crate::authz::namespace_index::NamespaceIndex;
-use crate::authz::role::RoleBase;
+use crate::authz::role_base::RoleBase;
 use crate::authz::session::TagConfig;
 use crate::credential_cache::{CacheConfig, CredentialCache};
 use crate::events;

@@ -948,7 +948,7 @@ async fn sts_economy() -> (f64, usize, u64) {
     let keys: Vec<SessionKey> = (0..pods)
         .map(|i| SessionKey {
             pod_uid: format!("uid-{i}"),
-            role_arn: imdsgate_server::authz::role::resolve("arn:aws:iam::123456789012:role/app", None)
+            role_arn: imdsgate_core::role::resolve("arn:aws:iam::123456789012:role/app", None)
                 .expect("valid"),
             session_name: format!("ns.pod-{i}"),
             external_id: None,

@@ -76,9 +76,7 @@ impl ServerNodes {
 /// Whether `pod` counts as an intruder: not exempt, not finished, not on its way out.
 pub fn is_intruder(pod: &Pod, exempt_namespaces: &HashSet<String>) -> bool {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let finished =
-        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"));
-    !exempt_namespaces.contains(namespace) && !finished && pod.metadata.deletion_timestamp.is_none()
+    !exempt_namespaces.contains(namespace) && imdsgate_core::liveness::is_live(pod)
 }
 
 /// Reports pods on server nodes until the process ends (a critical task).
@@ -130,11 +128,9 @@ pub async fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
     fn node(name: &str, server: bool) -> Node {
-        let labels = if server { json!({ "imdsgate.io/server-node": "true" }) } else { json!({}) };
-        serde_json::from_value(json!({ "metadata": { "name": name, "labels": labels } })).unwrap()
+        let labels: &[(&str, &str)] = if server { &[("imdsgate.io/server-node", "true")] } else { &[] };
+        imdsgate_core::fixtures::node(name, labels)
     }
 
     fn nodes() -> ServerNodes {
@@ -164,16 +160,8 @@ mod tests {
     fn intruders_are_live_pods_outside_the_exempt_namespaces() {
         let exempt: HashSet<String> = ["imdsgate".to_string()].into();
         let pod = |ns: &str, phase: &str, deleting: bool| -> Pod {
-            let mut p: Pod = serde_json::from_value(json!({
-                "metadata": { "name": "p", "namespace": ns },
-                "spec": { "containers": [] }, "status": { "phase": phase } }))
-            .unwrap();
-            if deleting {
-                p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::now(),
-                ));
-            }
-            p
+            let p = imdsgate_core::fixtures::pod("u", "p").namespace(ns).phase(phase);
+            if deleting { p.deleting() } else { p }.build()
         };
         assert!(is_intruder(&pod("team", "Running", false), &exempt));
         assert!(is_intruder(&pod("team", "Pending", false), &exempt));

@@ -153,7 +153,7 @@ async fn roles_that_need_an_undetected_base_arn_are_admitted_with_a_warning() {
     let authorizer = Authorizer {
         pods: a.authorizer.pods.clone(),
         namespaces: a.authorizer.namespaces.clone(),
-        base_arn: crate::authz::role::RoleBase::detecting(),
+        base_arn: crate::authz::role_base::RoleBase::detecting(),
         tags: TagConfig::default(),
     };
     authorizer.base_arn.failed("GetCallerIdentity failed: no credentials".into());
@@ -184,7 +184,7 @@ async fn roles_that_need_an_undetected_base_arn_are_admitted_with_a_warning() {
     assert!(
         a.authorizer
             .base_arn
-            .detected(crate::authz::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())
+            .detected(imdsgate_core::role::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap())
     );
     let r = response(&a.review(&review_body("Pod", "team", pod("admin"))).await.unwrap());
     assert_eq!(r["allowed"], false, "{r}");

@@ -3,10 +3,11 @@
 
 use crate::authz::namespace_index::NamespaceIndex;
 use crate::authz::policy::NamespacePolicy;
-use crate::authz::role::{self, BasePending, RoleArn, RoleBase, RoleError};
+use crate::authz::role_base::{BasePending, RoleBase};
 use crate::authz::session::{SessionKey, TagConfig};
 use crate::credential_cache::StsError;
 use crate::grpc::agent_auth::{AgentIdentity, AuthError};
+use imdsgate_core::role::{self, RoleArn, RoleError};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use std::net::IpAddr;
@@ -216,7 +217,7 @@ impl Authorizer {
 mod tests {
     use super::*;
     use crate::authz::fixtures::{authorizer, mk_pod};
-    use crate::authz::role::BaseArn;
+    use imdsgate_core::role::BaseArn;
     use k8s_openapi::api::core::v1::Namespace;
     use serde_json::json;
 

@@ -3,11 +3,11 @@
 use crate::authz::authorizer::Authorizer;
 use crate::authz::namespace_index::NamespaceIndex;
 use crate::authz::policy::PERMITTED_ANNOTATION;
-use crate::authz::role::{BaseArn, RoleBase};
+use crate::authz::role_base::RoleBase;
 use crate::authz::session::TagConfig;
-use imdsgate_core::PodIndex;
+use imdsgate_core::role::BaseArn;
+use imdsgate_core::{PodIndex, fixtures};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use serde_json::json;
 use std::sync::Arc;
 
 /// The base ARN the fixtures' role names are joined to, account 123456789012.
@@ -16,20 +16,12 @@ pub fn base_arn() -> RoleBase {
 }
 
 pub fn mk_pod(uid: &str, ns: &str, name: &str, node: &str, ip: &str, role: Option<&str>) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "uid": uid, "name": name, "namespace": ns,
-                      "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
-        "spec": { "nodeName": node, "containers": [] },
-        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
-    }))
-    .unwrap()
+    let pod = fixtures::pod(uid, name).namespace(ns).node(Some(node)).ip(ip);
+    role.map_or(pod.clone(), |role| pod.role(role)).build()
 }
 
 pub fn mk_ns(name: &str, permitted: &str) -> Namespace {
-    serde_json::from_value(
-        json!({ "metadata": { "name": name, "annotations": { PERMITTED_ANNOTATION: permitted } } }),
-    )
-    .unwrap()
+    fixtures::namespace(name, &[(PERMITTED_ANNOTATION, permitted)])
 }
 
 /// Pods u-app (team, node-a, role app), u-none (team, node-a, no role), u-b (team, node-b,

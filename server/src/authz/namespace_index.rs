@@ -93,13 +93,11 @@ fn policy_of(ns: &Namespace) -> NamespacePolicy {
 mod tests {
     use super::*;
     use crate::authz::policy::PERMITTED_ANNOTATION;
-    use crate::authz::role::resolve;
+    use imdsgate_core::role::resolve;
 
     fn mk_ns(name: &str, permitted: Option<&str>) -> Namespace {
-        serde_json::from_value(serde_json::json!({
-            "metadata": { "name": name, "annotations": permitted.map(|p| serde_json::json!({ PERMITTED_ANNOTATION: p })) }
-        }))
-        .unwrap()
+        let annotations: Vec<_> = permitted.map(|p| (PERMITTED_ANNOTATION, p)).into_iter().collect();
+        imdsgate_core::fixtures::namespace(name, &annotations)
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! For kube2iam users, `iam.amazonaws.com/allowed-roles` (a JSON array of role names or ARNs, `*`
 //! glob) is honoured when `permitted` is absent. Invalid input denies, and says why.
 
-use crate::authz::role::{BaseArn, RoleArn};
+use imdsgate_core::role::{BaseArn, RoleArn};
 use regex::Regex;
 
 /// Namespace annotation with the kiam-style regular expression.
@@ -150,7 +150,7 @@ fn glob_match(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::role::resolve;
+    use imdsgate_core::role::resolve;
 
     fn base() -> BaseArn {
         BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()

@@ -7,8 +7,8 @@
 //! own namespace, and the `@` (which no namespace or pod name can contain) keeps a chosen name
 //! from ever reading as another pod's.
 
-use crate::authz::role::RoleArn;
 use imdsgate_core::PodInfo;
+use imdsgate_core::role::RoleArn;
 use sha2::{Digest, Sha256};
 
 /// STS's longest role session name.
@@ -119,7 +119,7 @@ pub fn sanitize(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::role::resolve;
+    use imdsgate_core::role::resolve;
 
     fn pod(namespace: &str, name: &str) -> PodInfo {
         PodInfo {

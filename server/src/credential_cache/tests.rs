@@ -3,7 +3,7 @@
 use super::config::backoff;
 use super::fixtures::{FakeSts, settle};
 use super::*;
-use crate::authz::role::resolve;
+use imdsgate_core::role::resolve;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 struct Bed {

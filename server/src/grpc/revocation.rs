@@ -251,7 +251,7 @@ mod tests {
     #[tokio::test]
     async fn a_base_arn_not_yet_detected_revokes_nothing() {
         let mut a = authorizer();
-        a.base_arn = crate::authz::role::RoleBase::detecting();
+        a.base_arn = crate::authz::role_base::RoleBase::detecting();
         let metrics = crate::metrics::Metrics::new();
         let cache = CredentialCache::new(
             Arc::new(FakeSts::default()),

@@ -2,10 +2,10 @@
 //! (GetCallerIdentity), retried in the background until it succeeds.
 
 use crate::authz::authorizer::Authorizer;
-use crate::authz::role::BaseArn;
 use crate::credential_cache::StsError;
 use crate::metrics::Metrics;
 use crate::sts::Sts;
+use imdsgate_core::role::BaseArn;
 use std::sync::Arc;
 use std::time::Duration;
 

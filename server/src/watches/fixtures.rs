@@ -12,9 +12,8 @@ use crate::credential_cache::{CacheConfig, CredentialCache};
 use crate::grpc::revocation::{RevocationStream, Revocations};
 use crate::metrics::Metrics;
 use futures::StreamExt;
-use imdsgate_core::PodIndex;
+use imdsgate_core::{PodIndex, fixtures};
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,13 +85,8 @@ impl Bed {
 /// A pod of namespace `team` on node-a: `role` its role annotation, `ip` its IP (none: not yet
 /// given one), `phase` its phase.
 pub fn pod(uid: &str, role: Option<&str>, ip: Option<&str>, phase: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "uid": uid, "name": uid, "namespace": "team",
-                      "annotations": role.map(|r| json!({ "iam.amazonaws.com/role": r })) },
-        "spec": { "nodeName": "node-a", "containers": [] },
-        "status": { "phase": phase, "podIP": ip, "podIPs": ip.map(|ip| json!([{ "ip": ip }])) }
-    }))
-    .unwrap()
+    let pod = fixtures::pod(uid, uid).ips(ip.as_slice()).phase(phase);
+    role.map_or(pod.clone(), |role| pod.role(role)).build()
 }
 
 /// A running pod of namespace `team` with an IP.

@@ -25,19 +25,15 @@ pub enum Pending {
     No,
 }
 
-/// Whether `pod` is one the set keeps: a role annotation, no IP, not host-network, not being
-/// deleted, not finished.
+/// Whether `pod` is one the set keeps: a role annotation, no IP, not host-network, live
+/// ([`imdsgate_core::liveness`]) and not yet running.
 pub fn is_pending(pod: &Pod) -> bool {
     let no_ip = pod.status.as_ref().is_none_or(|s| s.pod_ip.as_deref().is_none_or(str::is_empty));
     no_ip
-        && pod.metadata.deletion_timestamp.is_none()
+        && imdsgate_core::liveness::is_live(pod)
         && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true))
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending")
-        && pod
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(imdsgate_core::pod_index::ROLE_ANNOTATION))
+        && imdsgate_core::pod_index::annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION).is_some()
 }
 
 impl PendingPods {
@@ -85,16 +81,11 @@ impl PendingPods {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use imdsgate_core::fixtures;
 
     fn mk_pod(uid: &str, ip: Option<&str>, phase: &str, role: bool) -> Pod {
-        let annotations = if role { json!({ "iam.amazonaws.com/role": "app" }) } else { json!({}) };
-        serde_json::from_value(json!({
-            "metadata": { "uid": uid, "name": uid, "namespace": "team", "annotations": annotations },
-            "spec": { "nodeName": "node-a", "containers": [] },
-            "status": { "phase": phase, "podIP": ip },
-        }))
-        .unwrap()
+        let pod = fixtures::pod(uid, uid).ips(ip.as_slice()).phase(phase);
+        if role { pod.role("app") } else { pod }.build()
     }
 
     #[test]
