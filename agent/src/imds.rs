@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use imdsgate_core::pod_index::Claim;
+use imdsgate_core::role::{self, RoleError};
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use std::net::IpAddr;
@@ -47,6 +48,9 @@ pub enum ImdsError {
     AmbiguousPod(IpAddr),
     #[error("pod {0} has no iam.amazonaws.com/role annotation")]
     NoRole(String),
+    /// The annotation names no role, read as the server reads it ([`imdsgate_core::role`]).
+    #[error("pod {pod}'s iam.amazonaws.com/role annotation names no role: {error}")]
+    RoleInvalid { pod: String, error: RoleError },
     #[error("{0} is not this pod's role")]
     NotThePodsRole(String),
     #[error("a session token is required (IMDSv2)")]
@@ -73,7 +77,10 @@ impl ImdsError {
     /// The one place refusals become HTTP statuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            ImdsError::FromNode | ImdsError::Forwarded => StatusCode::FORBIDDEN,
+            // The server would refuse it (ROLE_INVALID) the same way.
+            ImdsError::FromNode | ImdsError::Forwarded | ImdsError::RoleInvalid { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ImdsError::PodNotFound(_)
             | ImdsError::NoRole(_)
             | ImdsError::NotThePodsRole(_)
@@ -344,19 +351,11 @@ fn token_request(method: &Method, headers: &HeaderMap) -> Result<Duration, ImdsE
     token::parse_ttl(ttl_header).ok_or(ImdsError::BadTtl)
 }
 
-/// The role name a pod carries: the last path segment of its annotation.
+/// The role name a pod carries, as the server reads its annotation ([`role::role_name`]).
 pub(crate) fn role_name(pod: &PodInfo) -> Result<&str, ImdsError> {
-    let annotation =
-        pod.role.as_deref().ok_or_else(|| ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)))?;
-    let trimmed = annotation.trim_end_matches('/');
-    let name = match trimmed.as_bytes().iter().rposition(|&b| b == b'/') {
-        Some(slash) => &trimmed[slash + 1..],
-        None => trimmed,
-    };
-    if name.is_empty() || name.starts_with("arn:") {
-        return Err(ImdsError::NoRole(format!("{}/{}", pod.namespace, pod.name)));
-    }
-    Ok(name)
+    let name = || format!("{}/{}", pod.namespace, pod.name);
+    let annotation = pod.role.as_deref().ok_or_else(|| ImdsError::NoRole(name()))?;
+    role::role_name(annotation).map_err(|error| ImdsError::RoleInvalid { pod: name(), error })
 }
 
 fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {

@@ -3,8 +3,9 @@
 //! its IP to a new pod has its cached credentials forgotten, and a pod with a role that gets an IP
 //! has them fetched ahead of its first request.
 
+use imdsgate_core::latch::Latch;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::watch::{self, Synced, Update};
+use imdsgate_core::watch::{self, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -28,7 +29,7 @@ impl PodWatch {
 
     /// Watches the pods of `node` until the process ends, taking every update as [`PodWatch::update`]
     /// does; `synced` is set once the first list is in.
-    pub async fn run(self, client: kube::Client, node: String, synced: Synced, metrics: Metrics) {
+    pub async fn run(self, client: kube::Client, node: String, synced: Latch, metrics: Metrics) {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let stream = watcher(kube::Api::<Pod>::all(client), config).default_backoff();
         let restarts = metrics.watch_restarts.clone();

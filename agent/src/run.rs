@@ -5,8 +5,8 @@ use anyhow::anyhow;
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
 use imdsgate_core::http_server::Budget;
+use imdsgate_core::latch::Latch;
 use imdsgate_core::process::{bad_config, init_logging, parse_args};
-use imdsgate_core::watch::Synced;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -184,7 +184,7 @@ impl Validated {
             )),
         });
 
-        let synced = Synced::default();
+        let synced = Latch::default();
         let pod_watch = PodWatch::new(pods, credentials.clone());
         let watch_task =
             tokio::spawn(pod_watch.run(client, node_name.clone(), synced.clone(), metrics.clone()));
@@ -207,7 +207,7 @@ impl Validated {
         let shutdown = imdsgate_core::process::Shutdown::default();
         let ready = {
             let (synced, up) = (synced.clone(), server_up.clone());
-            Arc::new(move || match (synced.get(), up.load(Ordering::Relaxed)) {
+            Arc::new(move || match (synced.is_set(), up.load(Ordering::Relaxed)) {
                 (true, true) => Ok(()),
                 (false, _) => Err("pod watch has not synced".to_string()),
                 (_, false) => Err("no imdsgate server replica answers its health check".to_string()),

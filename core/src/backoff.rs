@@ -35,6 +35,19 @@ impl Backoff {
     pub fn succeeded(&mut self) {
         self.next = self.min;
     }
+
+    /// The pause after `failures` failures in a row, for callers that count failures themselves
+    /// (one count per cache entry): `min` after the first, doubling up to `max`.
+    pub fn after(&self, failures: u32) -> Duration {
+        self.min.saturating_mul(1 << failures.saturating_sub(1).min(31)).min(self.max)
+    }
+}
+
+/// `pause` with jitter, uniformly in `[pause/2, pause]`: callers that failed together (every pod
+/// of a role when STS throttles) do not all retry at once.
+pub fn jittered(pause: Duration) -> Duration {
+    let half = pause / 2;
+    half + (pause - half).mul_f64(rand::random::<f64>())
 }
 
 #[cfg(test)]
@@ -50,5 +63,21 @@ mod tests {
         backoff.succeeded();
         assert_eq!(backoff.failed(), s(1));
         assert_eq!(Backoff::new(s(3), s(1)).failed(), s(3));
+    }
+
+    #[test]
+    fn a_counted_failure_pauses_as_long_as_that_many_failures_in_a_row() {
+        let s = Duration::from_secs;
+        let counted = Backoff::new(s(1), s(60));
+        let mut stepped = counted.clone();
+        for failures in 1..=40 {
+            assert_eq!(counted.after(failures), stepped.failed(), "{failures}");
+        }
+        for pause in [s(0), s(1), s(60)] {
+            for _ in 0..100 {
+                let j = jittered(pause);
+                assert!(j >= pause / 2 && j <= pause, "{j:?} outside [{:?}, {pause:?}]", pause / 2);
+            }
+        }
     }
 }

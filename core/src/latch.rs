@@ -16,6 +16,15 @@ struct Inner {
 }
 
 impl Latch {
+    /// A latch set from the start when `set`.
+    pub fn new(set: bool) -> Latch {
+        let latch = Latch::default();
+        if set {
+            latch.set();
+        }
+        latch
+    }
+
     /// Sets the flag and wakes every waiter; later calls change nothing.
     pub fn set(&self) {
         self.0.set.store(true, Ordering::Release);

@@ -2,10 +2,9 @@
 //! as one [`Update::Reset`] so an index never serves a half-listed view. Counts restarts and says
 //! when the first list has completed (readiness).
 
+use crate::latch::Latch;
 use futures::{Stream, StreamExt};
 use kube::runtime::watcher::{self, Event};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One change for an index to take.
 #[derive(Debug)]
@@ -16,41 +15,14 @@ pub enum Update<K> {
     Reset(Vec<K>),
 }
 
-/// Whether a watch has delivered its first complete list.
-#[derive(Clone, Debug, Default)]
-pub struct Synced(Arc<(AtomicBool, tokio::sync::Notify)>);
-
-impl Synced {
-    pub fn get(&self) -> bool {
-        self.0.0.load(Ordering::Acquire)
-    }
-
-    /// Resolves once the watch has synced.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.0.1.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.get() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn set(&self) {
-        self.0.0.store(true, Ordering::Release);
-        self.0.1.notify_waiters();
-    }
-}
-
 /// Feeds `events` (a kube-runtime watcher stream, with backoff) to `handle` until the stream ends,
 /// which a watcher with backoff never does: the caller treats a return as the death of a critical
-/// task. `on_error` is told about every watch error (they are retried by the stream's backoff).
+/// task. `synced` is set once the first complete list has been handed over (readiness). `on_error`
+/// is told about every watch error (they are retried by the stream's backoff).
 pub async fn drive<K, S>(
     what: &'static str,
     events: S,
-    synced: Synced,
+    synced: Latch,
     mut on_error: impl FnMut(&watcher::Error),
     mut handle: impl FnMut(Update<K>),
 ) where
@@ -96,18 +68,18 @@ mod tests {
             Ok(Event::Apply(3)),
             Ok(Event::Delete(1)),
         ]);
-        let synced = Synced::default();
+        let synced = Latch::default();
         let mut seen = Vec::new();
         drive("test", events, synced.clone(), |_| {}, |u| seen.push(format!("{u:?}"))).await;
         assert_eq!(seen, ["Reset([1, 2])", "Apply(3)", "Delete(1)"]);
-        assert!(synced.get());
+        assert!(synced.is_set());
     }
 
     #[tokio::test]
     async fn not_synced_before_the_first_list_completes() {
         let events = futures::stream::iter(vec![Ok(Event::Init), Ok(Event::InitApply(1))]);
-        let synced = Synced::default();
+        let synced = Latch::default();
         drive("test", events, synced.clone(), |_| {}, |_: Update<i32>| {}).await;
-        assert!(!synced.get());
+        assert!(!synced.is_set());
     }
 }

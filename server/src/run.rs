@@ -18,8 +18,8 @@ use crate::sts::{Sts, StsConfig, base_arn};
 use crate::watches::{namespaces, nodes, pods};
 use imdsgate_core::PodIndex;
 use imdsgate_core::admin::Admin;
+use imdsgate_core::latch::Latch;
 use imdsgate_core::process::bad_config;
-use imdsgate_core::watch::Synced;
 use imdsgate_proto::v1::credentials_server::CredentialsServer;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -97,8 +97,8 @@ impl Validated {
         let events = Arc::new(events::DenialEvents::new(Some(client.clone()), args.pod_name.clone()));
         let revocations = Revocations::new(authorizer.clone(), cache.clone(), metrics.clone());
 
-        let ns_synced = Synced::default();
-        let pods_synced = Synced::default();
+        let ns_synced = Latch::default();
+        let pods_synced = Latch::default();
         let ns_task = tokio::spawn(namespaces::watch(
             client.clone(),
             namespaces::NamespaceWatch {
@@ -133,7 +133,7 @@ impl Validated {
 
         let ready = {
             let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
-            Arc::new(move || match (ns.get(), pods.get()) {
+            Arc::new(move || match (ns.is_set(), pods.is_set()) {
                 (true, true) => Ok(()),
                 (false, _) => Err("namespace watch has not synced".to_string()),
                 (_, false) => Err("pod watch has not synced".to_string()),
@@ -177,7 +177,7 @@ impl Validated {
         };
         let synced = {
             let (ns, pods) = (ns_synced.clone(), pods_synced.clone());
-            Arc::new(move || ns.get() && pods.get())
+            Arc::new(move || ns.is_set() && pods.is_set())
         };
         let closing_streams = revocations.clone();
         let handshake_failures = metrics.tls_handshake_failures.clone();

@@ -7,6 +7,7 @@
 use crate::credentials::credential_cache::CredentialCache;
 use crate::credentials::server_client::ServerClient;
 use crate::metrics::{Metrics, RevocationLabels};
+use imdsgate_core::backoff::Backoff;
 use imdsgate_proto::Reason;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,12 +50,12 @@ async fn follow_replica(
     cache: Arc<CredentialCache>,
     metrics: Metrics,
 ) {
-    let mut pause = RETRY_MIN;
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         match client.watch_revocations(addr, cache.held()).await {
             Ok(mut stream) => {
                 tracing::debug!(replica = %addr, "revocation stream open");
-                pause = RETRY_MIN;
+                backoff.succeeded();
                 metrics.revocation_streams.inc();
                 loop {
                     match stream.message().await {
@@ -74,8 +75,7 @@ async fn follow_replica(
                 tracing::debug!(replica = %addr, code = ?status.code(), message = status.message(), "cannot open the revocation stream");
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(RETRY_MAX);
+        tokio::time::sleep(backoff.failed()).await;
     }
 }
 

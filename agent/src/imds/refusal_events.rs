@@ -25,13 +25,10 @@ const LOOKUPS_PER_MINUTE: usize = 3;
 /// Addresses remembered at most for the per-address limit.
 const MAX_LOOKED_UP: usize = 10_000;
 
-/// Whether `pod` is live (not finished, not terminating, not host-network) and on another node.
+/// Whether `pod` is live ([`imdsgate_core::liveness`]), not host-network, and on another node.
 fn is_live_elsewhere(pod: &Pod, node: &str) -> bool {
     let spec = pod.spec.as_ref();
-    let finished =
-        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"));
-    !finished
-        && pod.metadata.deletion_timestamp.is_none()
+    imdsgate_core::liveness::is_live(pod)
         && spec.and_then(|s| s.host_network) != Some(true)
         && spec.and_then(|s| s.node_name.as_deref()) != Some(node)
 }
@@ -67,7 +64,11 @@ impl AgentEvents {
         let (reason, message) = match error {
             ImdsError::NoRole(_) => (
                 "NO_ROLE",
-                "the pod asks for AWS credentials at 169.254.169.254 but has no usable iam.amazonaws.com/role annotation (none, or neither a role name nor a role ARN); add one naming its role (and check that its namespace's iam.amazonaws.com/permitted allows it)".to_string(),
+                "the pod asks for AWS credentials at 169.254.169.254 but has no iam.amazonaws.com/role annotation; add one naming its role (and check that its namespace's iam.amazonaws.com/permitted allows it)".to_string(),
+            ),
+            ImdsError::RoleInvalid { error, .. } => (
+                "ROLE_INVALID",
+                format!("the pod asks for AWS credentials at 169.254.169.254 but its iam.amazonaws.com/role annotation names no role: {error}"),
             ),
             ImdsError::NotThePodsRole(asked) => (
                 "ROLE_MISMATCH",

@@ -136,6 +136,25 @@ async fn role_name_is_the_annotations_last_segment_without_newline() {
     assert!(got.body.contains("no iam.amazonaws.com/role"), "{}", got.body);
 }
 
+/// An annotation that names no role (a trailing `/`, a malformed ARN) is refused as the server
+/// refuses it (403, ROLE_INVALID), and never costs a server call.
+#[tokio::test]
+async fn an_annotation_naming_no_role_is_refused_as_the_server_refuses_it() {
+    let b = bed(false);
+    for (i, annotation) in ["app-reader/", "arn:aws:iam::12345:role/app", "team//app"].iter().enumerate() {
+        let ip = format!("10.0.2.{}", i + 1);
+        b.imds.pods.apply(&mk_pod(&format!("uid-bad-{i}"), &ip, Some(annotation)));
+        for path in ["/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/info"] {
+            let got = b.get(&ip, path).await;
+            assert_eq!(got.status, StatusCode::FORBIDDEN, "{annotation:?} {path}: {}", got.body);
+            assert!(got.body.contains("names no role"), "{}", got.body);
+        }
+        let got = b.get(&ip, "/latest/meta-data/iam/security-credentials/app-reader").await;
+        assert_eq!(got.status, StatusCode::FORBIDDEN, "{annotation:?}: {}", got.body);
+    }
+    assert_eq!(b.server.calls.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn credentials_are_exactly_the_imds_document() {
     let b = bed(false);

@@ -916,7 +916,7 @@ async fn sts_economy() -> (f64, usize, u64) {
             &self,
             key: SessionKey,
             duration: Duration,
-            _urgency: Arc<imdsgate_server::credential_cache::Urgency>,
+            _urgency: imdsgate_core::latch::Latch,
         ) -> futures::future::BoxFuture<'static, Result<Credentials, StsError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(self.now.load(Ordering::SeqCst));

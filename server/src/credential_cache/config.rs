@@ -1,6 +1,7 @@
 //! The cache's timing: session lifetime, when credentials are too old to hand out or due for a
 //! refresh, how STS failures back off, and each pod's allowance of new sessions.
 
+use imdsgate_core::backoff::{Backoff, jittered};
 use std::time::Duration;
 
 /// A pod may start this many new sessions at once (its first, and a few annotation changes)...
@@ -40,10 +41,7 @@ impl CacheConfig {
     }
 }
 
-/// Exponential backoff with full jitter in [base/2, cap].
+/// The pause after `failures` STS failures in a row: exponential, capped, with jitter.
 pub(super) fn backoff(config: &CacheConfig, failures: u32) -> Duration {
-    let exp = config.backoff_base.saturating_mul(1 << failures.saturating_sub(1).min(16));
-    let cap = exp.min(config.backoff_max);
-    let half = cap / 2;
-    half + cap.saturating_sub(half).mul_f64(rand::random::<f64>())
+    jittered(Backoff::new(config.backoff_base, config.backoff_max).after(failures))
 }

@@ -4,9 +4,10 @@
 //! fails.
 
 use super::config::{SESSION_BURST, SESSION_REFILL, backoff};
-use super::{CredentialCache, Entry, Fetch, Served, StsError, Urgency};
+use super::{CredentialCache, Entry, Fetch, Served, StsError};
 use crate::authz::session::SessionKey;
 use futures::FutureExt;
+use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -57,7 +58,7 @@ impl CredentialCache {
     ) -> Fetch {
         let inner = self.inner.clone();
         let duration = inner.config.session_duration;
-        let urgency = Urgency::new(urgent);
+        let urgency = Latch::new(urgent);
         let call_urgency = urgency.clone();
         let task = tokio::spawn(async move {
             let result = inner.sts.assume_role(key.clone(), duration, call_urgency).await.map(Arc::new);

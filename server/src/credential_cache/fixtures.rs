@@ -1,10 +1,11 @@
 //! Test fixtures: an in-memory STS for a real [`CredentialCache`](super::CredentialCache), shared
 //! by the cache's own tests and the tests of what drives it (revocations, the pod watch).
 
-use super::{AssumeRole, Clock, StsError, Urgency};
+use super::{AssumeRole, Clock, StsError};
 use crate::authz::session::SessionKey;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ pub struct FakeSts {
     pub fail: Mutex<Option<StsError>>,
     pub gate: Arc<Semaphore>,
     pub clock: Clock,
-    pub urgencies: Mutex<Vec<Arc<Urgency>>>,
+    pub urgencies: Mutex<Vec<Latch>>,
 }
 
 impl FakeSts {
@@ -50,7 +51,7 @@ impl AssumeRole for FakeSts {
         &self,
         key: SessionKey,
         duration: Duration,
-        urgency: Arc<Urgency>,
+        urgency: Latch,
     ) -> BoxFuture<'static, Result<Credentials, StsError>> {
         self.urgencies.lock().unwrap().push(urgency);
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;

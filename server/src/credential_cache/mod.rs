@@ -8,7 +8,7 @@
 //! changes its annotations or loses its namespace's permission.
 //!
 //! STS is a shared budget (`--sts-max-rps`, the account's quota): calls a pod is waiting on go
-//! first, and background calls (prefetches, refreshes) only use what is left ([`Urgency`]). Each
+//! first, and background calls (prefetches, refreshes) only use what is left (an urgency [`Latch`]). Each
 //! pod may start only a few new sessions in a row ([`SESSION_BURST`], then one per
 //! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget.
 
@@ -17,12 +17,13 @@ mod config;
 mod fetch;
 mod shards;
 
-pub use assume_role::{AssumeRole, StsError, Urgency};
+pub use assume_role::{AssumeRole, StsError};
 pub use config::{CacheConfig, SESSION_BURST, SESSION_REFILL};
 
 use crate::authz::session::SessionKey;
 use crate::metrics::Metrics;
 use futures::future::{BoxFuture, Shared};
+use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
 use shards::Shards;
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ type Fetch = Shared<BoxFuture<'static, Result<Arc<Credentials>, StsError>>>;
 #[derive(Default)]
 struct Entry {
     current: Option<Arc<Credentials>>,
-    inflight: Option<(Fetch, Arc<Urgency>)>,
+    inflight: Option<(Fetch, Latch)>,
     failures: u32,
     retry_at: Option<SystemTime>,
     last_error: Option<StsError>,
@@ -140,7 +141,7 @@ impl CredentialCache {
             let fetch = match &entry.inflight {
                 Some((fetch, urgency)) => {
                     if urgent {
-                        urgency.raise();
+                        urgency.set();
                     }
                     fetch.clone()
                 }

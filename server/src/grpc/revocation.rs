@@ -7,6 +7,7 @@
 use crate::authz::authorizer::{Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use futures::{Stream, StreamExt};
+use imdsgate_core::latch::Latch;
 use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use imdsgate_proto::v1::{HeldCredentials, Revocation};
@@ -49,8 +50,7 @@ pub struct Revocations {
     cache: CredentialCache,
     metrics: crate::metrics::Metrics,
     /// Ends every stream when the server shuts down (they would hold the drain open).
-    closing: Arc<tokio::sync::Notify>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    closed: Latch,
 }
 
 impl Revocations {
@@ -66,27 +66,13 @@ impl Revocations {
             authorizer,
             cache,
             metrics,
-            closing: Arc::default(),
-            closed: Arc::default(),
+            closed: Latch::default(),
         }
     }
 
     /// Ends every open stream (at shutdown: agents reconnect to another replica).
     pub fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
-        self.closing.notify_waiters();
-    }
-
-    async fn closed(closing: Arc<tokio::sync::Notify>, closed: Arc<std::sync::atomic::AtomicBool>) {
-        loop {
-            let notified = closing.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if closed.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        self.closed.set();
     }
 
     /// Withdraws whatever `pod` holds: its server-side session, and its credentials on its agent.
@@ -172,8 +158,8 @@ impl Revocations {
                 }
             }
         });
-        let closed = Self::closed(self.closing.clone(), self.closed.clone());
-        futures::stream::iter(initial).chain(later).take_until(closed).boxed()
+        let closed = self.closed.clone();
+        futures::stream::iter(initial).chain(later).take_until(async move { closed.wait().await }).boxed()
     }
 }
 

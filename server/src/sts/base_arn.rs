@@ -5,6 +5,8 @@ use crate::authz::authorizer::Authorizer;
 use crate::credential_cache::StsError;
 use crate::metrics::Metrics;
 use crate::sts::Sts;
+use imdsgate_core::backoff::Backoff;
+use imdsgate_core::latch::Latch;
 use imdsgate_core::role::BaseArn;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +22,9 @@ const DETECT_FIRST_WAIT: Duration = Duration::from_secs(5);
 /// serves the webhook and says why pods get nothing, rather than crash-loop. Its first attempt is
 /// given a few seconds, so that normally the base is known before the first request.
 pub async fn start_detecting(sts: Arc<Sts>, authorizer: Arc<Authorizer>, metrics: Metrics) {
-    let (first_done, first) = tokio::sync::oneshot::channel();
-    tokio::spawn(detect_base_arn(sts, authorizer, metrics, first_done));
-    let _ = tokio::time::timeout(DETECT_FIRST_WAIT, first).await;
+    let first_done = Latch::default();
+    tokio::spawn(detect_base_arn(sts, authorizer, metrics, first_done.clone()));
+    let _ = tokio::time::timeout(DETECT_FIRST_WAIT, first_done.wait()).await;
 }
 
 /// What the server's log says when it cannot learn its own identity (see the README's "The
@@ -31,16 +33,10 @@ const SERVER_CREDENTIALS_HINT: &str = "the server's own AWS credentials (or STS)
 
 /// `--role-base-arn-autodetect`: the base from the server's own identity (GetCallerIdentity),
 /// retried with a capped exponential backoff until it succeeds; each failure is logged and is
-/// what requests needing the base are told meanwhile. `first_done` hears when the first attempt
+/// what requests needing the base are told meanwhile. `first_done` is set when the first attempt
 /// has ended, either way.
-async fn detect_base_arn(
-    sts: Arc<Sts>,
-    authorizer: Arc<Authorizer>,
-    metrics: Metrics,
-    first_done: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut first_done = Some(first_done);
-    let mut retry = DETECT_RETRY_FIRST;
+async fn detect_base_arn(sts: Arc<Sts>, authorizer: Arc<Authorizer>, metrics: Metrics, first_done: Latch) {
+    let mut backoff = Backoff::new(DETECT_RETRY_FIRST, DETECT_RETRY_MAX);
     loop {
         let detected = match sts.caller_arn().await {
             Ok(arn) => BaseArn::from_caller_arn(&arn).map_err(|e| format!("GetCallerIdentity: {e}")),
@@ -53,19 +49,15 @@ async fn detect_base_arn(
                 tracing::info!(base = base.as_str(), "role base ARN detected");
                 authorizer.base_arn.detected(base);
                 metrics.aws_identity_ready.set(1);
-                if let Some(done) = first_done.take() {
-                    let _ = done.send(());
-                }
+                first_done.set();
                 return;
             }
             Err(cause) => {
+                let retry = backoff.failed();
                 tracing::error!(%cause, retry_in = ?retry, "{SERVER_CREDENTIALS_HINT}");
                 authorizer.base_arn.failed(cause);
-                if let Some(done) = first_done.take() {
-                    let _ = done.send(());
-                }
+                first_done.set();
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(DETECT_RETRY_MAX);
             }
         }
     }

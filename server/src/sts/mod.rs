@@ -6,12 +6,13 @@
 pub mod base_arn;
 
 use crate::authz::session::SessionKey;
-use crate::credential_cache::{AssumeRole, StsError, Urgency};
+use crate::credential_cache::{AssumeRole, StsError};
 use crate::metrics::{Metrics, StsLabels, StsResult};
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::types::Tag;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -84,7 +85,7 @@ impl Sts {
         &self,
         key: SessionKey,
         duration: Duration,
-        urgency: Arc<Urgency>,
+        urgency: Latch,
     ) -> Result<Credentials, StsError> {
         self.limiter.acquire(&urgency).await?;
         let started = Instant::now();
@@ -138,7 +139,7 @@ impl AssumeRole for Arc<Sts> {
         &self,
         key: SessionKey,
         duration: Duration,
-        urgency: Arc<Urgency>,
+        urgency: Latch,
     ) -> BoxFuture<'static, Result<Credentials, StsError>> {
         let sts = self.clone();
         async move { sts.call(key, duration, urgency).await }.boxed()
@@ -195,10 +196,10 @@ impl StsLimiter {
 
     /// Waits for a turn: at once if urgent and within the rate; `Deferred` if a background call
     /// found no room for [`BACKGROUND_PATIENCE`].
-    pub async fn acquire(&self, urgency: &Urgency) -> Result<(), StsError> {
+    pub async fn acquire(&self, urgency: &Latch) -> Result<(), StsError> {
         let Some(all) = &self.all else { return Ok(()) };
         let deadline = tokio::time::Instant::now() + BACKGROUND_PATIENCE;
-        while !urgency.is_urgent() {
+        while !urgency.is_set() {
             if self.background.as_ref().is_none_or(|b| b.check().is_ok()) && all.check().is_ok() {
                 return Ok(());
             }
@@ -208,7 +209,7 @@ impl StsLimiter {
             let jitter = BACKGROUND_POLL.mul_f64(rand::random::<f64>());
             tokio::select! {
                 _ = tokio::time::sleep(BACKGROUND_POLL + jitter) => {}
-                _ = urgency.raised() => {}
+                _ = urgency.wait() => {}
             }
         }
         loop {
@@ -232,7 +233,7 @@ mod tests {
     #[tokio::test]
     async fn urgent_calls_take_the_burst_then_are_paced() {
         let limiter = StsLimiter::new(20.0);
-        let urgent = Urgency::new(true);
+        let urgent = Latch::new(true);
         let start = std::time::Instant::now();
         for _ in 0..25 {
             limiter.acquire(&urgent).await.unwrap();
@@ -244,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn background_calls_never_take_what_waiting_pods_need() {
         let limiter = StsLimiter::new(20.0);
-        let background = Urgency::new(false);
+        let background = Latch::new(false);
         // At most half the burst goes to background work...
         let mut granted = 0;
         for _ in 0..20 {
@@ -254,7 +255,7 @@ mod tests {
         }
         assert_eq!(granted, 10, "background work gets half the burst");
         // ...so waiting pods still find the other half at once.
-        let urgent = Urgency::new(true);
+        let urgent = Latch::new(true);
         for _ in 0..10 {
             tokio::time::timeout(Duration::from_millis(50), limiter.acquire(&urgent))
                 .await
@@ -266,17 +267,17 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_background_call_made_urgent_queues_like_one() {
         let limiter = Arc::new(StsLimiter::new(2.0));
-        let urgent = Urgency::new(true);
+        let urgent = Latch::new(true);
         limiter.acquire(&urgent).await.unwrap();
         limiter.acquire(&urgent).await.unwrap(); // the burst is spent
-        let background = Urgency::new(false);
+        let background = Latch::new(false);
         let call = {
             let (limiter, background) = (limiter.clone(), background.clone());
             tokio::spawn(async move { limiter.acquire(&background).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!call.is_finished(), "no room: the background call waits");
-        background.raise();
+        background.set();
         tokio::time::timeout(Duration::from_secs(5), call)
             .await
             .expect("served at the pace")
@@ -287,16 +288,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_background_call_that_finds_no_room_gives_way() {
         let limiter = StsLimiter::new(1.0);
-        limiter.acquire(&Urgency::new(true)).await.unwrap();
+        limiter.acquire(&Latch::new(true)).await.unwrap();
         // Real time does not pass under a paused clock, so the rate never refills.
-        assert_eq!(limiter.acquire(&Urgency::new(false)).await, Err(StsError::Deferred));
+        assert_eq!(limiter.acquire(&Latch::new(false)).await, Err(StsError::Deferred));
     }
 
     #[tokio::test]
     async fn zero_means_unlimited() {
         let limiter = StsLimiter::new(0.0);
         for _ in 0..1000 {
-            limiter.acquire(&Urgency::new(false)).await.unwrap();
+            limiter.acquire(&Latch::new(false)).await.unwrap();
         }
     }
 }

@@ -4,7 +4,8 @@
 use crate::authz::namespace_index::NamespaceIndex;
 use crate::grpc::revocation::Revocations;
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
-use imdsgate_core::watch::{self, Synced, Update};
+use imdsgate_core::latch::Latch;
+use imdsgate_core::watch::{self, Update};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ impl NamespaceWatch {
 }
 
 /// Feeds every namespace event to `state` until the process ends (a critical task).
-pub async fn watch(client: kube::Client, state: NamespaceWatch, synced: Synced) {
+pub async fn watch(client: kube::Client, state: NamespaceWatch, synced: Latch) {
     let stream = watcher(kube::Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
     let restarts =
         state.metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Namespaces }).clone();

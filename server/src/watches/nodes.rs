@@ -2,7 +2,8 @@
 
 use crate::admission::server_nodes::ServerNodes;
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
-use imdsgate_core::watch::{self, Synced, Update};
+use imdsgate_core::latch::Latch;
+use imdsgate_core::watch::{self, Update};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ pub async fn watch(client: kube::Client, nodes: Arc<ServerNodes>, metrics: Metri
     watch::drive(
         "nodes",
         stream,
-        Synced::default(),
+        Latch::default(),
         |_| {
             restarts.inc();
         },

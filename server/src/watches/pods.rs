@@ -10,8 +10,9 @@ use crate::credential_cache::CredentialCache;
 use crate::grpc::revocation::Revocations;
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
 use futures::StreamExt;
+use imdsgate_core::latch::Latch;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::watch::{self, Synced, Update};
+use imdsgate_core::watch::{self, Update};
 use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -142,7 +143,7 @@ impl PodWatch {
 
 /// Feeds every pod event to `state` until the process ends (a critical task). Starts once the
 /// namespace watch has synced: prefetching needs namespace policies.
-pub async fn watch(client: kube::Client, state: Arc<PodWatch>, ns_synced: Synced, synced: Synced) {
+pub async fn watch(client: kube::Client, state: Arc<PodWatch>, ns_synced: Latch, synced: Latch) {
     ns_synced.wait().await;
     let stream = watcher(kube::Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
     let restarts =
