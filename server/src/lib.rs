@@ -18,6 +18,7 @@ pub mod watches;
 pub mod authz;
 
 // Credentials: STS (and the base-ARN detection), and the cache in front of it.
+pub mod budget;
 pub mod credential_cache;
 pub mod sts;
 

@@ -92,6 +92,21 @@ pub struct Metrics {
     /// gRPC connections whose mutual-TLS handshake failed: `refused` (no valid client
     /// certificate from the CA, say) or `timed_out`.
     pub tls_handshake_failures: Family<OutcomeLabels, Counter>,
+    /// TokenReviews of agent tokens sent to the apiserver, by outcome: `accepted`, `refused`,
+    /// `failed` (no answer).
+    pub token_reviews: Family<OutcomeLabels, Counter>,
+    /// Agent calls refused without a review: their connection had started too many.
+    pub token_reviews_throttled: Counter,
+    /// Accepted agent token reviews cached.
+    pub review_cache_entries: Gauge,
+    /// New STS sessions not started because an allowance was spent, by `budget`: `pod` (a pod's
+    /// annotation changes) or `namespace` (a namespace's pods, created and deleted in a loop).
+    pub sessions_throttled: Family<BudgetLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub budget: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,7 +145,14 @@ impl Metrics {
             aws_identity_ready: Gauge::default(),
             certificate_expiry: ExpiryGauges::default(),
             tls_handshake_failures: Family::default(),
+            token_reviews: Family::default(),
+            token_reviews_throttled: Counter::default(),
+            review_cache_entries: Gauge::default(),
+            sessions_throttled: Family::default(),
         };
+        for budget in ["pod", "namespace"] {
+            metrics.sessions_throttled.get_or_create(&BudgetLabels { budget }).inc_by(0);
+        }
         for outcome in ["refused", "timed_out"] {
             metrics.tls_handshake_failures.get_or_create(&OutcomeLabels { outcome }).inc_by(0);
         }
@@ -195,6 +217,26 @@ impl Metrics {
             "tls_handshake_failures",
             "gRPC connections whose mutual-TLS handshake failed, by outcome (refused, timed_out)",
             self.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "token_reviews",
+            "TokenReviews of agent tokens sent to the apiserver, by outcome (accepted, refused, failed)",
+            self.token_reviews.clone(),
+        );
+        r.register(
+            "token_reviews_throttled",
+            "Agent calls refused without a TokenReview because their connection had started too many",
+            self.token_reviews_throttled.clone(),
+        );
+        r.register(
+            "token_review_cache_entries",
+            "Accepted agent token reviews cached",
+            self.review_cache_entries.clone(),
+        );
+        r.register(
+            "sessions_throttled",
+            "New STS sessions not started because an allowance was spent, by budget (pod, namespace)",
+            self.sessions_throttled.clone(),
         );
         r.register(
             "aws_identity_ready",

@@ -93,26 +93,29 @@ impl Validated {
             &args.agent_token_audience,
             &args.agent_service_account,
             args.allow_unbound_agents,
+            metrics.clone(),
         ));
         let events = Arc::new(events::DenialEvents::new(Some(client.clone()), args.pod_name.clone()));
         let revocations = Revocations::new(authorizer.clone(), cache.clone(), metrics.clone());
 
         let ns_synced = Latch::default();
         let pods_synced = Latch::default();
+        let pod_watch = Arc::new(pods::PodWatch::new(
+            authorizer.clone(),
+            cache.clone(),
+            revocations.clone(),
+            authn.clone(),
+            metrics.clone(),
+        ));
         let ns_task = tokio::spawn(namespaces::watch(
             client.clone(),
             namespaces::NamespaceWatch {
                 index: namespaces.clone(),
                 revocations: revocations.clone(),
+                pods: pod_watch.clone(),
                 metrics: metrics.clone(),
             },
             ns_synced.clone(),
-        ));
-        let pod_watch = Arc::new(pods::PodWatch::new(
-            authorizer.clone(),
-            cache.clone(),
-            revocations.clone(),
-            metrics.clone(),
         ));
         let pod_task = tokio::spawn(pods::watch(
             client.clone(),
@@ -120,7 +123,14 @@ impl Validated {
             ns_synced.clone(),
             pods_synced.clone(),
         ));
-        let refresher = cache.spawn_refresher(REFRESH_EVERY, move |uid| pod_watch.keeps_session(uid));
+        let refresher = {
+            let (live, entitled) = (pod_watch.clone(), pod_watch);
+            cache.spawn_refresher(
+                REFRESH_EVERY,
+                move |uid| live.keeps_session(uid),
+                move |key| entitled.entitled(key),
+            )
+        };
         let server_nodes = Arc::new(server_nodes::ServerNodes::new(server_node_labels));
         let node_task = tokio::spawn(nodes::watch(client.clone(), server_nodes.clone(), metrics.clone()));
         let intruder_task = tokio::spawn(server_nodes::report(

@@ -958,11 +958,11 @@ async fn sts_economy() -> (f64, usize, u64) {
     for second in (0..hours * 3600).step_by(5) {
         now.store(1_800_000_000 + second, Ordering::SeqCst);
         if second % 15 == 0 {
-            cache.refresh_due();
+            cache.refresh_due(|_| true);
         }
         if second % 10 == 0 {
             for key in &keys {
-                let _ = cache.get(key).await;
+                let _ = cache.get("ns", key).await;
             }
         }
         tokio::task::yield_now().await;

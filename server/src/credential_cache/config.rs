@@ -1,6 +1,8 @@
 //! The cache's timing: session lifetime, when credentials are too old to hand out or due for a
-//! refresh, how STS failures back off, and each pod's allowance of new sessions.
+//! refresh, how STS failures back off, and the allowances of new sessions (each pod's, and each
+//! namespace's).
 
+use crate::budget::Allowance;
 use imdsgate_core::backoff::{Backoff, jittered};
 use std::time::Duration;
 
@@ -8,6 +10,24 @@ use std::time::Duration;
 pub const SESSION_BURST: f64 = 4.0;
 /// ...and then one more per this long.
 pub const SESSION_REFILL: Duration = Duration::from_secs(5 * 60);
+/// Each pod's allowance of new sessions: annotation changes in a loop cannot spend STS.
+pub const POD_SESSIONS: Allowance = Allowance { burst: SESSION_BURST, every: SESSION_REFILL };
+
+/// A namespace's pods may start this many new sessions at once: a Deployment of up to 300
+/// replicas rolled out at once gets every session fetched ahead of its pods' first requests...
+pub const NAMESPACE_SESSION_BURST: f64 = 300.0;
+/// ...and then one more per this long (5 a second, 18,000 an hour): faster than kubelets start one
+/// namespace's pods past such a burst (the rest of a 1,000-replica rollout waits at most 140 s),
+/// and a fortieth of the default `--sts-max-rps` (200), so pods created and deleted in a loop
+/// (each a new UID, each with a fresh pod allowance) take at most that share of the account's STS
+/// quota, whatever their number.
+pub const NAMESPACE_SESSION_REFILL: Duration = Duration::from_millis(200);
+/// Each namespace's allowance of new sessions, shared by all its pods.
+pub const NAMESPACE_SESSIONS: Allowance =
+    Allowance { burst: NAMESPACE_SESSION_BURST, every: NAMESPACE_SESSION_REFILL };
+/// Namespace allowances counted at most before those whole again are forgotten (one per
+/// namespace; a whole allowance is the same as none counted).
+pub const MAX_NAMESPACE_BUDGETS: usize = 10_000;
 
 /// Cache timing.
 #[derive(Clone, Debug)]

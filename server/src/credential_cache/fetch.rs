@@ -3,28 +3,75 @@
 //! allowance of new sessions taken and given back, and still-valid credentials served when STS
 //! fails.
 
-use super::config::{SESSION_BURST, SESSION_REFILL, backoff};
+use super::config::{MAX_NAMESPACE_BUDGETS, NAMESPACE_SESSIONS, POD_SESSIONS, backoff};
 use super::{CredentialCache, Entry, Fetch, Served, StsError};
 use crate::authz::session::SessionKey;
+use crate::budget::Bucket;
+use crate::metrics::BudgetLabels;
 use futures::FutureExt;
 use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+/// Which allowance of new sessions was spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Spent {
+    Pod,
+    Namespace,
+}
+
 impl CredentialCache {
-    /// Takes one new session from the pod's allowance, if it has one.
-    pub(super) fn take_session_budget(&self, pod_uid: &str, now: SystemTime) -> bool {
+    /// Takes one new session from the pod's allowance and from its namespace's, if both have one
+    /// (neither is taken otherwise).
+    pub(super) fn take_session_budget(
+        &self,
+        pod_uid: &str,
+        namespace: &str,
+        now: SystemTime,
+    ) -> Result<(), Spent> {
         let mut budgets = self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, at) = budgets.entry(pod_uid.to_string()).or_insert((SESSION_BURST, now));
-        let earned = now.duration_since(*at).unwrap_or_default().as_secs_f64() / SESSION_REFILL.as_secs_f64();
-        *tokens = (*tokens + earned).min(SESSION_BURST);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
+        let mut namespaces = self.inner.namespace_budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let pod = budgets.entry(pod_uid.to_string()).or_insert_with(|| Bucket::full(&POD_SESSIONS, now));
+        let spent = if !pod.has_one(&POD_SESSIONS, now) {
+            Some(Spent::Pod)
         } else {
-            false
+            if !namespaces.contains_key(namespace) && namespaces.len() >= MAX_NAMESPACE_BUDGETS {
+                namespaces.retain(|_, bucket| !bucket.is_full(&NAMESPACE_SESSIONS, now));
+            }
+            let shared = namespaces
+                .entry(namespace.to_string())
+                .or_insert_with(|| Bucket::full(&NAMESPACE_SESSIONS, now));
+            if shared.take(&NAMESPACE_SESSIONS, now) {
+                pod.take(&POD_SESSIONS, now);
+                None
+            } else {
+                Some(Spent::Namespace)
+            }
+        };
+        match spent {
+            None => Ok(()),
+            Some(spent) => {
+                let budget = match spent {
+                    Spent::Pod => "pod",
+                    Spent::Namespace => "namespace",
+                };
+                self.inner.metrics.sessions_throttled.get_or_create(&BudgetLabels { budget }).inc();
+                Err(spent)
+            }
+        }
+    }
+
+    /// Gives back the new session taken from the pod's and the namespace's allowances for a call
+    /// that made none.
+    fn give_back_session_budget(&self, pod_uid: &str, namespace: &str) {
+        if let Some(pod) = self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(pod_uid) {
+            pod.give_back(&POD_SESSIONS);
+        }
+        if let Some(shared) =
+            self.inner.namespace_budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(namespace)
+        {
+            shared.give_back(&NAMESPACE_SESSIONS);
         }
     }
 
@@ -47,15 +94,16 @@ impl CredentialCache {
         entry.inflight.is_none() && entry.retry_at.is_none_or(|at| now >= at)
     }
 
-    /// Starts the STS call for `key`; `charged`: it took one of the pod's new sessions, given back
-    /// if the call gives way.
+    /// Starts the STS call for `key`; `charged`: the namespace whose allowance (and the pod's) it
+    /// took a new session from, given back if the call makes none.
     pub(super) fn start_fetch(
         &self,
         entry: &mut Entry,
         key: SessionKey,
         urgent: bool,
-        charged: bool,
+        charged: Option<String>,
     ) -> Fetch {
+        let cache = self.clone();
         let inner = self.inner.clone();
         let duration = inner.config.session_duration;
         let urgency = Latch::new(urgent);
@@ -68,12 +116,10 @@ impl CredentialCache {
             // No session was made: the call gave way to waiting pods, or STS was unavailable (an
             // outage is not the pod's doing: its retries are paced by the backoff, and must not
             // spend the allowance meant for annotation changes). A refusal (Denied) keeps it spent.
-            if charged
+            if let Some(namespace) = &charged
                 && matches!(result, Err(StsError::Deferred | StsError::Unavailable(_)))
-                && let Some((tokens, _)) =
-                    inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.pod_uid)
             {
-                *tokens = (*tokens + 1.0).min(SESSION_BURST);
+                cache.give_back_session_budget(&key.pod_uid, namespace);
             }
             if let Some(entry) = entries.get_mut(&key) {
                 entry.inflight = None;

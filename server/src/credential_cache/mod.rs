@@ -10,7 +10,11 @@
 //! STS is a shared budget (`--sts-max-rps`, the account's quota): calls a pod is waiting on go
 //! first, and background calls (prefetches, refreshes) only use what is left (an urgency [`Latch`]). Each
 //! pod may start only a few new sessions in a row ([`SESSION_BURST`], then one per
-//! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget.
+//! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget; and the
+//! pods of a namespace share an allowance of new sessions ([`NAMESPACE_SESSION_BURST`], then one
+//! per [`NAMESPACE_SESSION_REFILL`]), so pods created and deleted in a loop, each a new UID, cannot
+//! either. A background refresh first asks whether the session is still what its pod is entitled
+//! to (the refresher's `entitled`); one that is not is dropped, not refreshed.
 
 mod assume_role;
 mod config;
@@ -18,10 +22,15 @@ mod fetch;
 mod shards;
 
 pub use assume_role::{AssumeRole, StsError};
-pub use config::{CacheConfig, SESSION_BURST, SESSION_REFILL};
+pub use config::{
+    CacheConfig, NAMESPACE_SESSION_BURST, NAMESPACE_SESSION_REFILL, NAMESPACE_SESSIONS, POD_SESSIONS,
+    SESSION_BURST, SESSION_REFILL,
+};
 
 use crate::authz::session::SessionKey;
+use crate::budget::Bucket;
 use crate::metrics::Metrics;
+use fetch::Spent;
 use futures::future::{BoxFuture, Shared};
 use imdsgate_core::latch::Latch;
 use imdsgate_proto::Credentials;
@@ -53,8 +62,10 @@ struct Inner {
     entries: Shards<HashMap<SessionKey, Entry>>,
     /// The session each pod (by UID) holds.
     owners: Shards<HashMap<String, SessionKey>>,
-    /// Each live pod's allowance of new sessions: (tokens, when last counted).
-    budgets: Mutex<HashMap<String, (f64, SystemTime)>>,
+    /// Each live pod's allowance of new sessions, by UID.
+    budgets: Mutex<HashMap<String, Bucket>>,
+    /// Each namespace's allowance of new sessions, shared by its pods (locked after `budgets`).
+    namespace_budgets: Mutex<HashMap<String, Bucket>>,
 }
 
 impl Inner {
@@ -93,6 +104,7 @@ impl CredentialCache {
                 entries: Shards::new(),
                 owners: Shards::new(),
                 budgets: Mutex::new(HashMap::new()),
+                namespace_budgets: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -101,12 +113,18 @@ impl CredentialCache {
         &self.inner.config
     }
 
-    /// Credentials for `key`, on behalf of the pod `key.pod_uid`, which is waiting for them.
-    pub async fn get(&self, key: &SessionKey) -> Result<(Arc<Credentials>, Served), StsError> {
-        self.get_with(key, true).await
+    /// Credentials for `key`, on behalf of the pod `key.pod_uid` of `namespace`, which is waiting
+    /// for them.
+    pub async fn get(&self, namespace: &str, key: &SessionKey) -> Result<(Arc<Credentials>, Served), StsError> {
+        self.get_with(namespace, key, true).await
     }
 
-    async fn get_with(&self, key: &SessionKey, urgent: bool) -> Result<(Arc<Credentials>, Served), StsError> {
+    async fn get_with(
+        &self,
+        namespace: &str,
+        key: &SessionKey,
+        urgent: bool,
+    ) -> Result<(Arc<Credentials>, Served), StsError> {
         self.register(key);
         let now = (self.inner.clock)();
         let min_remaining = self.inner.config.min_remaining();
@@ -124,7 +142,7 @@ impl CredentialCache {
                     let current = current.clone();
                     if left < self.inner.config.refresh_remaining() && self.may_fetch(entry, now) {
                         // The fetch runs in its own task; nobody needs to wait for it here.
-                        drop(self.start_fetch(entry, key.clone(), false, false));
+                        drop(self.start_fetch(entry, key.clone(), false, None));
                     }
                     drop(entries);
                     self.inner.metrics.cache_hits.inc();
@@ -147,19 +165,24 @@ impl CredentialCache {
                 }
                 None => {
                     let new_session = entry.current.is_none();
-                    if new_session && !self.take_session_budget(&key.pod_uid, now) {
+                    if new_session && let Err(spent) = self.take_session_budget(&key.pod_uid, namespace, now) {
                         entries.remove(key);
                         drop(entries);
-                        return Err(if urgent {
+                        return Err(if !urgent {
+                            StsError::Deferred
+                        } else if spent == Spent::Pod {
                             StsError::Unavailable(format!(
                                 "this pod started {SESSION_BURST} new sessions recently (annotation changes); the next is possible within {} s",
                                 SESSION_REFILL.as_secs()
                             ))
                         } else {
-                            StsError::Deferred
+                            StsError::Unavailable(format!(
+                                "the pods of namespace {namespace} started {NAMESPACE_SESSION_BURST} new sessions recently; the next is possible within {} ms",
+                                NAMESPACE_SESSION_REFILL.as_millis()
+                            ))
                         });
                     }
-                    self.start_fetch(entry, key.clone(), urgent, new_session)
+                    self.start_fetch(entry, key.clone(), urgent, new_session.then(|| namespace.to_string()))
                 }
             };
             (fetch, fallback)
@@ -171,13 +194,14 @@ impl CredentialCache {
         }
     }
 
-    /// Starts fetching credentials for a pod that just appeared, so its first request is a hit.
-    /// A background call: it spends only STS budget that no waiting pod needs, and only the
-    /// pod's own allowance of new sessions.
-    pub fn prefetch(&self, key: SessionKey) {
+    /// Starts fetching credentials for a pod of `namespace` that just appeared, so its first
+    /// request is a hit. A background call: it spends only STS budget that no waiting pod needs,
+    /// and only the pod's and its namespace's allowances of new sessions.
+    pub fn prefetch(&self, namespace: &str, key: SessionKey) {
         let cache = self.clone();
+        let namespace = namespace.to_string();
         tokio::spawn(async move {
-            match cache.get_with(&key, false).await {
+            match cache.get_with(&namespace, &key, false).await {
                 Err(StsError::Deferred) => {
                     cache.inner.metrics.prefetches_skipped.inc();
                 }
@@ -228,33 +252,58 @@ impl CredentialCache {
         self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner()).contains_key(pod_uid)
     }
 
-    /// Starts background refreshes for sessions close to expiry; returns how many it started.
-    pub fn refresh_due(&self) -> usize {
+    /// Starts background refreshes for sessions close to expiry that are still what their pod is
+    /// `entitled` to now (its namespace still permits the role, say); drops those that are not.
+    /// Returns how many refreshes it started.
+    pub fn refresh_due(&self, entitled: impl Fn(&SessionKey) -> bool) -> usize {
         let now = (self.inner.clock)();
+        let due = |entry: &Entry| {
+            entry.current.as_ref().is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining())
+                && self.may_fetch(entry, now)
+        };
+        // Which sessions are due, shard by shard; then each asked about with no shard locked.
+        let candidates: Vec<SessionKey> = self
+            .inner
+            .entries
+            .each()
+            .flat_map(|entries| entries.iter().filter(|(_, e)| due(e)).map(|(k, _)| k.clone()).collect::<Vec<_>>())
+            .collect();
         let mut started = 0;
-        for mut entries in self.inner.entries.each() {
-            let keys: Vec<SessionKey> = entries.keys().cloned().collect();
-            for key in keys {
-                let Some(entry) = entries.get_mut(&key) else { continue };
-                let due = entry
-                    .current
-                    .as_ref()
-                    .is_none_or(|c| remaining(c, now) < self.inner.config.refresh_remaining());
-                if due && self.may_fetch(entry, now) {
-                    drop(self.start_fetch(entry, key, false, false));
-                    started += 1;
-                }
+        for key in candidates {
+            if !entitled(&key) {
+                tracing::info!(role = %key.role_arn, session = %key.session_name, "session no longer permitted; dropped, not refreshed");
+                self.drop_unentitled(&key);
+                continue;
+            }
+            let mut entries = self.inner.entries.of(&key.pod_uid);
+            if let Some(entry) = entries.get_mut(&key)
+                && due(entry)
+            {
+                drop(self.start_fetch(entry, key, false, None));
+                started += 1;
             }
         }
         started
     }
 
+    /// Drops `key`, and forgets its pod's hold on it if it is still the pod's session.
+    fn drop_unentitled(&self, key: &SessionKey) {
+        {
+            let mut owners = self.inner.owners.of(&key.pod_uid);
+            if owners.get(&key.pod_uid) == Some(key) {
+                owners.remove(&key.pod_uid);
+            }
+        }
+        self.drop_session(key);
+    }
+
     /// Every `every` until the process ends: drops what pods no longer `live` hold, then runs
-    /// [`CredentialCache::refresh_due`].
+    /// [`CredentialCache::refresh_due`] with `entitled`.
     pub fn spawn_refresher(
         &self,
         every: Duration,
         live: impl Fn(&str) -> bool + Send + 'static,
+        entitled: impl Fn(&SessionKey) -> bool + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let cache = self.clone();
         tokio::spawn(async move {
@@ -263,7 +312,7 @@ impl CredentialCache {
             loop {
                 tick.tick().await;
                 cache.retain_pods(&live);
-                cache.refresh_due();
+                cache.refresh_due(&entitled);
             }
         })
     }

@@ -64,10 +64,10 @@ fn timing_follows_the_session_duration() {
 #[tokio::test]
 async fn one_sts_call_per_session_then_hits() {
     let b = bed();
-    let (first, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (first, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Miss);
     for _ in 0..100 {
-        let (again, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+        let (again, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
         assert_eq!(served, Served::Hit);
         assert_eq!(again.access_key_id, first.access_key_id);
     }
@@ -83,7 +83,7 @@ async fn concurrent_misses_share_one_call() {
     let waiters: Vec<_> = (0..20)
         .map(|_| {
             let cache = b.cache.clone();
-            tokio::spawn(async move { cache.get(&key("pod-1", "app")).await })
+            tokio::spawn(async move { cache.get("ns", &key("pod-1", "app")).await })
         })
         .collect();
     settle().await;
@@ -100,13 +100,13 @@ async fn a_caller_that_goes_away_does_not_cancel_the_fetch() {
     let gate = b.sts.gate.clone();
     gate.forget_permits(gate.available_permits());
     let cache = b.cache.clone();
-    let impatient = tokio::spawn(async move { cache.get(&key("pod-1", "app")).await });
+    let impatient = tokio::spawn(async move { cache.get("ns", &key("pod-1", "app")).await });
     settle().await;
     impatient.abort();
     settle().await;
     gate.add_permits(1);
     settle().await;
-    let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (_, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Hit, "the abandoned fetch completed and filled the cache");
     assert_eq!(b.calls(), 1);
 }
@@ -114,13 +114,13 @@ async fn a_caller_that_goes_away_does_not_cancel_the_fetch() {
 #[tokio::test]
 async fn refreshes_ahead_of_expiry_in_the_background() {
     let b = bed();
-    let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (first, _) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     b.advance(30 * 60);
-    assert_eq!(b.cache.refresh_due(), 0, "30 minutes left: not due");
+    assert_eq!(b.cache.refresh_due(|_| true), 0, "30 minutes left: not due");
     b.advance(11 * 60);
-    assert_eq!(b.cache.refresh_due(), 1, "19 minutes left: due");
+    assert_eq!(b.cache.refresh_due(|_| true), 1, "19 minutes left: due");
     settle().await;
-    let (second, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (second, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Hit);
     assert_ne!(second.access_key_id, first.access_key_id);
     assert_eq!(b.calls(), 2);
@@ -129,9 +129,9 @@ async fn refreshes_ahead_of_expiry_in_the_background() {
 #[tokio::test]
 async fn never_hands_out_credentials_with_less_than_the_minimum_left() {
     let b = bed();
-    let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (first, _) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     b.advance(50 * 60); // 10 minutes left, no refresher ran
-    let (second, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (second, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Miss);
     assert_ne!(second.access_key_id, first.access_key_id);
     assert!(second.expiration.duration_since(first.expiration).unwrap() >= Duration::from_secs(50 * 60));
@@ -140,14 +140,14 @@ async fn never_hands_out_credentials_with_less_than_the_minimum_left() {
 #[tokio::test]
 async fn sts_outage_serves_still_valid_credentials() {
     let b = bed();
-    let (first, _) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (first, _) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     b.fail_with(Some(StsError::Unavailable("connection refused".into())));
     b.advance(50 * 60);
-    let (served_creds, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (served_creds, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Stale);
     assert_eq!(served_creds.access_key_id, first.access_key_id);
     b.advance(11 * 60); // expired now
-    let err = b.cache.get(&key("pod-1", "app")).await.unwrap_err();
+    let err = b.cache.get("ns", &key("pod-1", "app")).await.unwrap_err();
     assert!(matches!(err, StsError::Unavailable(_)));
 }
 
@@ -155,15 +155,15 @@ async fn sts_outage_serves_still_valid_credentials() {
 async fn failures_back_off_instead_of_calling_sts_per_request() {
     let b = bed();
     b.fail_with(Some(StsError::Denied("AccessDenied".into())));
-    assert!(b.cache.get(&key("pod-1", "app")).await.is_err());
+    assert!(b.cache.get("ns", &key("pod-1", "app")).await.is_err());
     for _ in 0..50 {
-        let err = b.cache.get(&key("pod-1", "app")).await.unwrap_err();
+        let err = b.cache.get("ns", &key("pod-1", "app")).await.unwrap_err();
         assert_eq!(err, StsError::Denied("AccessDenied".into()), "the last error is repeated");
     }
     assert_eq!(b.calls(), 1, "no STS call while backing off");
     b.fail_with(None);
     b.advance(2);
-    assert!(b.cache.get(&key("pod-1", "app")).await.is_ok());
+    assert!(b.cache.get("ns", &key("pod-1", "app")).await.is_ok());
     assert_eq!(b.calls(), 2);
 }
 
@@ -180,13 +180,13 @@ fn backoff_grows_with_jitter_and_is_capped() {
 #[tokio::test]
 async fn released_pods_drop_their_sessions() {
     let b = bed();
-    b.cache.get(&key("pod-1", "app")).await.unwrap();
-    b.cache.get(&key("pod-2", "other")).await.unwrap();
+    b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
+    b.cache.get("ns", &key("pod-2", "other")).await.unwrap();
     assert_eq!(b.cache.len(), 2);
     b.cache.release("pod-1");
     assert_eq!(b.cache.len(), 1);
     // A pod whose role changes leaves its old session behind.
-    b.cache.get(&key("pod-2", "third")).await.unwrap();
+    b.cache.get("ns", &key("pod-2", "third")).await.unwrap();
     assert_eq!(b.cache.len(), 1);
 }
 
@@ -194,8 +194,8 @@ async fn released_pods_drop_their_sessions() {
 async fn two_pods_with_equal_sessions_get_different_credentials() {
     let b = bed();
     // Same role and session name (an override naming another pod's session): two pods.
-    let (victim, _) = b.cache.get(&key("victim", "app")).await.unwrap();
-    let (attacker, served) = b.cache.get(&key("attacker", "app")).await.unwrap();
+    let (victim, _) = b.cache.get("ns", &key("victim", "app")).await.unwrap();
+    let (attacker, served) = b.cache.get("ns", &key("attacker", "app")).await.unwrap();
     assert_eq!(served, Served::Miss, "the attacker's request is no hit on the victim's session");
     assert_ne!(attacker.access_key_id, victim.access_key_id);
     assert_eq!(b.calls(), 2);
@@ -212,22 +212,22 @@ async fn annotation_changes_in_a_loop_cannot_spend_the_sts_budget() {
     let b = bed();
     // The pod's session-name annotation changes 50 times; each change prefetches.
     for n in 0..50 {
-        b.cache.prefetch(renamed("pod-1", n));
+        b.cache.prefetch("ns", renamed("pod-1", n));
         settle().await;
     }
     assert_eq!(b.calls(), SESSION_BURST as u32, "only the pod's allowance of new sessions");
     // Asking while the allowance is spent: refused with a reason, no STS call.
-    let error = b.cache.get(&renamed("pod-1", 99)).await.unwrap_err();
+    let error = b.cache.get("ns", &renamed("pod-1", 99)).await.unwrap_err();
     assert!(error.to_string().contains("new sessions recently"), "{error}");
     assert_eq!(b.calls(), SESSION_BURST as u32);
     // Other pods are untouched, and the allowance refills with time.
-    b.cache.get(&key("pod-2", "app")).await.unwrap();
+    b.cache.get("ns", &key("pod-2", "app")).await.unwrap();
     b.advance(SESSION_REFILL.as_secs());
-    b.cache.get(&renamed("pod-1", 100)).await.unwrap();
+    b.cache.get("ns", &renamed("pod-1", 100)).await.unwrap();
     assert_eq!(b.calls(), SESSION_BURST as u32 + 2);
     // A refresh of a session the pod already holds never counts against it.
     b.advance(41 * 60);
-    assert_eq!(b.cache.refresh_due(), 2);
+    assert_eq!(b.cache.refresh_due(|_| true), 2);
     settle().await;
     assert_eq!(b.calls(), SESSION_BURST as u32 + 4);
 }
@@ -237,12 +237,12 @@ async fn a_request_joining_a_background_call_makes_it_urgent() {
     let b = bed();
     let gate = b.sts.gate.clone();
     gate.forget_permits(gate.available_permits());
-    b.cache.prefetch(key("pod-1", "app"));
+    b.cache.prefetch("ns", key("pod-1", "app"));
     settle().await;
     let background = b.sts.urgencies.lock().unwrap()[0].clone();
     assert!(!background.is_set(), "a prefetch is background work");
     let cache = b.cache.clone();
-    let waiting = tokio::spawn(async move { cache.get(&key("pod-1", "app")).await });
+    let waiting = tokio::spawn(async move { cache.get("ns", &key("pod-1", "app")).await });
     settle().await;
     assert!(background.is_set(), "a pod now waits on it");
     gate.add_permits(1);
@@ -253,12 +253,12 @@ async fn a_request_joining_a_background_call_makes_it_urgent() {
 #[tokio::test]
 async fn sessions_of_pods_that_are_gone_are_dropped_not_refreshed() {
     let b = bed();
-    b.cache.get(&key("live", "app")).await.unwrap();
-    b.cache.get(&key("gone", "app")).await.unwrap(); // raced its pod's deletion
+    b.cache.get("ns", &key("live", "app")).await.unwrap();
+    b.cache.get("ns", &key("gone", "app")).await.unwrap(); // raced its pod's deletion
     assert_eq!(b.cache.retain_pods(|uid| uid == "live"), 1);
     assert!(!b.cache.holds("gone") && b.cache.holds("live"));
     b.advance(41 * 60);
-    assert_eq!(b.cache.refresh_due(), 1, "only the live pod's session is refreshed");
+    assert_eq!(b.cache.refresh_due(|_| true), 1, "only the live pod's session is refreshed");
 }
 
 #[tokio::test]
@@ -266,12 +266,12 @@ async fn a_deferred_background_call_gives_the_pods_allowance_back() {
     let b = bed();
     b.fail_with(Some(StsError::Deferred));
     for n in 0..10 {
-        b.cache.prefetch(renamed("pod-1", n));
+        b.cache.prefetch("ns", renamed("pod-1", n));
         settle().await;
     }
     b.fail_with(None);
     for n in 10..14 {
-        b.cache.get(&renamed("pod-1", n)).await.expect("deferrals cost the pod nothing");
+        b.cache.get("ns", &renamed("pod-1", n)).await.expect("deferrals cost the pod nothing");
     }
 }
 
@@ -279,19 +279,19 @@ async fn a_deferred_background_call_gives_the_pods_allowance_back() {
 async fn a_deferred_background_call_is_no_failure() {
     let b = bed();
     b.fail_with(Some(StsError::Deferred));
-    b.cache.prefetch(key("pod-1", "app"));
+    b.cache.prefetch("ns", key("pod-1", "app"));
     settle().await;
     b.fail_with(None);
-    let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (_, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Miss, "no backing off after a deferral");
 }
 
 #[tokio::test]
 async fn prefetch_makes_the_first_request_a_hit() {
     let b = bed();
-    b.cache.prefetch(key("pod-1", "app"));
+    b.cache.prefetch("ns", key("pod-1", "app"));
     settle().await;
-    let (_, served) = b.cache.get(&key("pod-1", "app")).await.unwrap();
+    let (_, served) = b.cache.get("ns", &key("pod-1", "app")).await.unwrap();
     assert_eq!(served, Served::Hit);
     assert_eq!(b.calls(), 1);
 }

@@ -197,7 +197,7 @@ mod tests {
     async fn a_narrowed_namespace_revokes_its_pods_and_tells_only_their_nodes() {
         let r = revocations();
         let app = r.pods.by_uid("u-app").unwrap();
-        r.cache.get(&r.authorizer.session_for(&app).unwrap()).await.unwrap();
+        r.cache.get(&app.namespace, &r.authorizer.session_for(&app).unwrap()).await.unwrap();
         assert!(r.cache.holds("u-app"));
         let mut node_a = r.stream(&[], Some("node-a".into()));
         let mut node_b = r.stream(&[], Some("node-b".into()));

@@ -50,7 +50,7 @@ impl Credentials for CredentialsService {
         &self,
         request: Request<WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        let agent = self.agent(request.metadata()).await.map_err(|d| d.to_status())?;
+        let agent = self.agent(&request).await.map_err(|d| d.to_status())?;
         if !(self.synced)() {
             return Err(Status::unavailable(NOT_SYNCED));
         }
@@ -102,20 +102,19 @@ impl Credentials for CredentialsService {
 }
 
 impl CredentialsService {
-    /// The calling agent, from the token in the request's metadata.
-    async fn agent(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<crate::grpc::agent_auth::AgentIdentity, Denial> {
-        let authorization = metadata.get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
-        Ok(self.authn.authenticate(authorization).await?)
+    /// The calling agent, from the token in the request's metadata; the connection (the peer's
+    /// address) is charged for the TokenReview, if one is needed.
+    async fn agent<T>(&self, request: &Request<T>) -> Result<crate::grpc::agent_auth::AgentIdentity, Denial> {
+        let authorization =
+            request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
+        Ok(self.authn.authenticate(authorization, request.remote_addr()).await?)
     }
 
     async fn answer(
         &self,
         request: Request<GetCredentialsRequest>,
     ) -> Result<GetCredentialsResponse, Denial> {
-        let agent = self.agent(request.metadata()).await?;
+        let agent = self.agent(&request).await?;
         let req = request.get_ref();
         let ask = Ask::parse(&req.pod_ip, &req.pod_uid, &req.role)?;
         // A pod the agent already knows may not have reached this server's watch yet.
@@ -130,7 +129,7 @@ impl CredentialsService {
                 return Err(denial);
             }
         };
-        let (issued, served) = match self.cache.get(&key).await {
+        let (issued, served) = match self.cache.get(&pod.namespace, &key).await {
             Ok(ok) => ok,
             Err(error) => {
                 let denial = Denial::Sts(error);

@@ -9,7 +9,8 @@ use crate::authz::namespace_index::NamespaceIndex;
 use crate::authz::session::TagConfig;
 use crate::credential_cache::fixtures::FakeSts;
 use crate::credential_cache::{CacheConfig, CredentialCache};
-use crate::grpc::revocation::{RevocationStream, Revocations};
+use crate::grpc::agent_auth::fixtures::{AGENT, auth, bound_status};
+use crate::grpc::revocation::{RevocationStream, Revocations, Subscriber};
 use crate::metrics::Metrics;
 use futures::StreamExt;
 use imdsgate_core::{PodIndex, fixtures};
@@ -23,12 +24,13 @@ pub const TEAM_PERMITS: &str = "arn:aws:iam::123456789012:role/app-.*";
 /// Both watches over one set of indexes, a cache and the revocations, with an unbound agent's
 /// revocation stream open (it hears every node).
 pub struct Bed {
-    pub pods: PodWatch,
+    pub pods: Arc<PodWatch>,
     pub namespaces: NamespaceWatch,
     pub sts: Arc<FakeSts>,
     pub cache: CredentialCache,
     pub authorizer: Arc<Authorizer>,
     pub agent: RevocationStream,
+    pub metrics: Metrics,
 }
 
 pub fn bed() -> Bed {
@@ -45,10 +47,19 @@ pub fn bed() -> Bed {
     let cache =
         CredentialCache::new(sts.clone(), CacheConfig::new(Duration::from_secs(3600)), metrics.clone());
     let revocations = Revocations::new(authorizer.clone(), cache.clone(), metrics.clone());
-    let agent = revocations.stream(&[], None);
+    let agent = revocations.stream(Vec::new(), Subscriber::default());
+    let (agent_tokens, _reviewer) = auth(bound_status(AGENT, Some("node-a"), Some("agent-pod")), false);
+    let pods = Arc::new(PodWatch::new(
+        authorizer.clone(),
+        cache.clone(),
+        revocations.clone(),
+        Arc::new(agent_tokens),
+        metrics.clone(),
+    ));
     Bed {
-        pods: PodWatch::new(authorizer.clone(), cache.clone(), revocations.clone(), metrics.clone()),
-        namespaces: NamespaceWatch { index, revocations, metrics },
+        pods: pods.clone(),
+        namespaces: NamespaceWatch { index, revocations, pods, metrics: metrics.clone() },
+        metrics,
         sts,
         cache,
         authorizer,
@@ -77,7 +88,7 @@ impl Bed {
         }
         let pod = self.authorizer.pods.by_uid(uid)?;
         let key = self.authorizer.session_for(&pod).ok()?;
-        let (credentials, _) = self.cache.get(&key).await.ok()?;
+        let (credentials, _) = self.cache.get(&pod.namespace, &key).await.ok()?;
         Some(credentials.role_arn.clone())
     }
 }

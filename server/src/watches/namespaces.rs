@@ -1,6 +1,8 @@
 //! The namespace watch: keeps the namespace index (role policies) current and, when a policy
-//! changes, re-checks the pods of that namespace and revokes what it no longer permits.
+//! changes, re-checks the pods of that namespace and revokes what it no longer permits, and drops
+//! the sessions fetched ahead for its pending pods that it no longer permits.
 
+use super::pods::PodWatch;
 use crate::authz::namespace_index::NamespaceIndex;
 use crate::grpc::revocation::Revocations;
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
@@ -14,6 +16,8 @@ use std::sync::Arc;
 pub struct NamespaceWatch {
     pub index: Arc<NamespaceIndex>,
     pub revocations: Revocations,
+    /// Its pending pods (scheduled, no IP yet) are rechecked too.
+    pub pods: Arc<PodWatch>,
     pub metrics: Metrics,
 }
 
@@ -27,6 +31,7 @@ impl NamespaceWatch {
         };
         // A policy that changed may no longer permit roles that pods hold credentials for.
         self.revocations.recheck_namespaces(&changed);
+        self.pods.recheck_pending(&changed);
         self.metrics.namespaces_indexed.set(self.index.len() as i64);
     }
 }

@@ -1,12 +1,15 @@
 //! The pod watch: keeps the pod index current and reacts to what each pod event means for the
 //! credentials the server holds or hands out: a pod whose identity changed is revoked, a pod gone
-//! is revoked and forgotten, a new pod with a permitted role is prefetched, and a pod still
-//! waiting for its IP ([`pending`]) is prefetched and its session kept until the IP comes.
+//! is revoked and forgotten, a new pod with a permitted role is prefetched, and a pod scheduled and
+//! still waiting for its IP ([`pending`]) is prefetched and its session kept until the IP comes. A
+//! pod deleted also ends the agent tokens bound to it ([`AgentAuthenticator::pod_deleted`]).
 
 pub mod pending;
 
 use crate::authz::authorizer::Authorizer;
+use crate::authz::session::SessionKey;
 use crate::credential_cache::CredentialCache;
+use crate::grpc::agent_auth::AgentAuthenticator;
 use crate::grpc::revocation::Revocations;
 use crate::metrics::{Metrics, WatchKind, WatchLabels};
 use futures::StreamExt;
@@ -17,6 +20,7 @@ use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use pending::{Pending, PendingPods};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// What the pod watch updates.
@@ -26,6 +30,8 @@ pub struct PodWatch {
     authorizer: Arc<Authorizer>,
     cache: CredentialCache,
     revocations: Revocations,
+    /// Told of every pod deleted: agent tokens bound to it stop working.
+    agent_tokens: Arc<AgentAuthenticator>,
     metrics: Metrics,
 }
 
@@ -35,6 +41,7 @@ impl PodWatch {
         authorizer: Arc<Authorizer>,
         cache: CredentialCache,
         revocations: Revocations,
+        agent_tokens: Arc<AgentAuthenticator>,
         metrics: Metrics,
     ) -> Self {
         PodWatch {
@@ -43,6 +50,7 @@ impl PodWatch {
             authorizer,
             cache,
             revocations,
+            agent_tokens,
             metrics,
         }
     }
@@ -56,12 +64,15 @@ impl PodWatch {
                 self.changed(change)
             }
             Update::Delete(pod) => {
+                self.agent_tokens.pod_deleted(pod.metadata.uid.as_deref().unwrap_or_default());
                 self.changed(self.pods.delete(&pod));
                 if self.pending.delete(&pod) {
                     self.left_pending(pod.metadata.uid.as_deref().unwrap_or_default());
                 }
             }
             Update::Reset(all) => {
+                let listed: HashSet<&str> = all.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+                self.agent_tokens.pods_listed(|uid| listed.contains(uid));
                 self.pods.reset(all.iter()).into_iter().for_each(|c| self.changed(c));
                 for uid in self.pending.reset(all.iter()) {
                     self.left_pending(&uid);
@@ -79,6 +90,30 @@ impl PodWatch {
     /// the IP.
     pub fn keeps_session(&self, uid: &str) -> bool {
         self.pods.by_uid(uid).is_some() || self.pending.contains(uid)
+    }
+
+    /// Whether `key` is the session its pod is entitled to now (the refresher asks before every
+    /// background refresh): the pod is indexed or pending, and the authorizer gives it `key`
+    /// today (the same role, permitted by its namespace's policy now, with the same session name,
+    /// ExternalId and tags). Anything else, an undecided base ARN included, is no.
+    pub fn entitled(&self, key: &SessionKey) -> bool {
+        let pod = self.pods.by_uid(&key.pod_uid).or_else(|| self.pending.get(&key.pod_uid).map(Arc::new));
+        pod.is_some_and(|pod| self.authorizer.session_for(&pod).is_ok_and(|now| now == *key))
+    }
+
+    /// The policies of `namespaces` changed: the sessions fetched ahead for their pending pods
+    /// that the new policy no longer permits are dropped (nothing was handed out: no agent is
+    /// told). Pods with an IP are the revocations' ([`Revocations::recheck_namespaces`]).
+    pub fn recheck_pending(&self, namespaces: &[String]) {
+        if namespaces.is_empty() {
+            return;
+        }
+        let namespaces: HashSet<&str> = namespaces.iter().map(String::as_str).collect();
+        for pod in self.pending.in_namespaces(&namespaces) {
+            if self.authorizer.session_for(&pod).is_err() {
+                self.cache.release(&pod.uid);
+            }
+        }
     }
 
     fn changed(&self, change: Change) {
@@ -101,11 +136,12 @@ impl PodWatch {
         }
     }
 
-    /// A pod that has no IP yet (just created, being scheduled, its sandbox starting) already
-    /// names its role: its credentials are fetched now, so they are ready when its IP appears
-    /// (the session does not depend on the IP; it is bound to the pod's UID and served only to
-    /// the agent of the pod's node asking from the pod's IP). Repeated status updates of the
-    /// same pending pod find the session cached or in flight and cost nothing.
+    /// A pod scheduled to a node that has no IP yet (its sandbox starting) already names its
+    /// role: its credentials are fetched now, so they are ready when its IP appears (the session
+    /// does not depend on the IP; it is bound to the pod's UID and served only to the agent of the
+    /// pod's node asking from the pod's IP). Repeated status updates of the same pending pod find
+    /// the session cached or in flight and cost nothing. A pod not yet scheduled is never
+    /// prefetched ([`pending::is_pending`]): it may never run.
     fn prefetch_before_ip(&self, pod: &Pod) {
         let info = PodInfo::describe(pod);
         if !info.uid.is_empty() {
@@ -130,13 +166,17 @@ impl PodWatch {
         }
     }
 
-    /// A pod with an IP and a permitted role gets its credentials fetched before it asks.
+    /// A pod scheduled to a node with a permitted role gets its credentials fetched before it
+    /// asks.
     fn prefetch(&self, pod: &PodInfo) {
-        if !matches!(pod.phase.as_deref(), Some("Pending") | Some("Running")) || pod.role.is_none() {
+        if !matches!(pod.phase.as_deref(), Some("Pending") | Some("Running"))
+            || pod.role.is_none()
+            || pod.node.as_deref().is_none_or(str::is_empty)
+        {
             return;
         }
         if let Ok(key) = self.authorizer.session_for(pod) {
-            self.cache.prefetch(key);
+            self.cache.prefetch(&pod.namespace, key);
         }
     }
 }

@@ -1,16 +1,19 @@
-//! Pods that name a role but have no IP yet (scheduled, their images pulling, their sandbox
-//! starting). The pod index holds only pods with an IP; this set is what keeps the sessions the
-//! server fetched for these pods ahead of their IP alive until the IP comes (or the pod goes), so
-//! the cache's sweep of dead pods does not throw them away and fetch them again.
+//! Pods that name a role, are scheduled to a node, and have no IP yet (their images pulling,
+//! their sandbox starting). The pod index holds only pods with an IP; this set is what keeps the
+//! sessions the server fetched for these pods ahead of their IP alive until the IP comes (or the
+//! pod goes), so the cache's sweep of dead pods does not throw them away and fetch them again. It
+//! keeps each pod's description, so that a namespace's new policy and the refresher can judge the
+//! pod again. A pod not yet scheduled is not kept: it may never run, and costs no STS call.
 
+use imdsgate_core::PodInfo;
 use k8s_openapi::api::core::v1::Pod;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub struct PendingPods {
-    uids: Mutex<HashSet<String>>,
+    pods: Mutex<HashMap<String, PodInfo>>,
 }
 
 /// What one watch event did to a pod's place in the set.
@@ -25,11 +28,13 @@ pub enum Pending {
     No,
 }
 
-/// Whether `pod` is one the set keeps: a role annotation, no IP, not host-network, live
-/// ([`imdsgate_core::liveness`]) and not yet running.
+/// Whether `pod` is one the set keeps: a role annotation, scheduled to a node, no IP, not
+/// host-network, live ([`imdsgate_core::liveness`]) and not yet running.
 pub fn is_pending(pod: &Pod) -> bool {
     let no_ip = pod.status.as_ref().is_none_or(|s| s.pod_ip.as_deref().is_none_or(str::is_empty));
+    let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.as_deref().is_some_and(|n| !n.is_empty()));
     no_ip
+        && scheduled
         && imdsgate_core::liveness::is_live(pod)
         && pod.spec.as_ref().is_some_and(|s| s.host_network != Some(true))
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending")
@@ -40,13 +45,11 @@ impl PendingPods {
     /// Records the pod's state from a watch event.
     pub fn apply(&self, pod: &Pod) -> Pending {
         let Some(uid) = pod.metadata.uid.as_deref().filter(|u| !u.is_empty()) else { return Pending::No };
-        let mut uids = self.lock();
+        let mut pods = self.lock();
         if is_pending(pod) {
-            if !uids.contains(uid) {
-                uids.insert(uid.to_string());
-            }
+            pods.insert(uid.to_string(), PodInfo::describe(pod));
             Pending::Yes
-        } else if uids.remove(uid) {
+        } else if pods.remove(uid).is_some() {
             Pending::Left
         } else {
             Pending::No
@@ -55,26 +58,40 @@ impl PendingPods {
 
     /// Forgets a deleted pod; whether it was pending.
     pub fn delete(&self, pod: &Pod) -> bool {
-        pod.metadata.uid.as_deref().is_some_and(|uid| self.lock().remove(uid))
+        pod.metadata.uid.as_deref().is_some_and(|uid| self.lock().remove(uid).is_some())
     }
 
     /// Replaces the set with the pending pods of a full list; returns the UIDs that were pending
     /// and are not now.
     pub fn reset<'a>(&self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<String> {
-        let now: HashSet<String> =
-            pods.into_iter().filter(|p| is_pending(p)).filter_map(|p| p.metadata.uid.clone()).collect();
-        let mut uids = self.lock();
-        let left = uids.difference(&now).cloned().collect();
-        *uids = now;
+        let now: HashMap<String, PodInfo> = pods
+            .into_iter()
+            .filter(|p| is_pending(p))
+            .filter_map(|p| Some((p.metadata.uid.clone()?, PodInfo::describe(p))))
+            .collect();
+        let mut kept = self.lock();
+        let before: HashSet<&String> = kept.keys().collect();
+        let left = before.into_iter().filter(|uid| !now.contains_key(*uid)).cloned().collect();
+        *kept = now;
         left
     }
 
     pub fn contains(&self, uid: &str) -> bool {
-        self.lock().contains(uid)
+        self.lock().contains_key(uid)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.uids.lock().unwrap_or_else(|e| e.into_inner())
+    /// The pending pod `uid`, as last seen.
+    pub fn get(&self, uid: &str) -> Option<PodInfo> {
+        self.lock().get(uid).cloned()
+    }
+
+    /// The pending pods of `namespaces`, as last seen.
+    pub fn in_namespaces(&self, namespaces: &HashSet<&str>) -> Vec<PodInfo> {
+        self.lock().values().filter(|p| namespaces.contains(p.namespace.as_str())).cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodInfo>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
