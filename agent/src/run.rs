@@ -117,6 +117,8 @@ impl Validated {
     /// Starts everything and runs until SIGTERM (or a critical task dies).
     async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, node_name, server, allow, upstream, interception } = self;
+        // Before any socket: every pod's connection, watch and file counts against it.
+        imdsgate_core::process::raise_fd_limit_logged();
         let tokens = match TokenKey::load_or_create(&args.token_key_file) {
             Ok(key) => key,
             Err(error) => return Ok(bad_config(error)),

@@ -261,6 +261,54 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
     Ok(kube::Client::try_from(config)?)
 }
 
+/// The limit on open file descriptors, as [`raise_fd_limit`] found and left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdLimit {
+    /// The soft limit before.
+    pub was: u64,
+    /// The soft limit now: what this process may open.
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises the soft limit on open file descriptors (`RLIMIT_NOFILE`) to the hard limit. Many nodes
+/// start containers with a soft limit of 1024, which a few hundred idle connections exhaust;
+/// the hard limit is what the operator (or the container runtime) actually allows. Call it once
+/// at start, before any listener: every connection, watch and file counts against it.
+pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
+    let (was, hard) = rlimit::Resource::NOFILE.get()?;
+    let soft = rlimit::increase_nofile_limit(hard)?;
+    Ok(FdLimit { was, soft, hard })
+}
+
+/// [`raise_fd_limit`], logged: a failure is a warning, never fatal (the process runs with the
+/// limit it has). Returns the soft limit in force.
+pub fn raise_fd_limit_logged() -> Option<u64> {
+    match raise_fd_limit() {
+        Ok(limit) if limit.was != limit.soft => {
+            tracing::info!(
+                from = limit.was,
+                to = limit.soft,
+                hard = limit.hard,
+                "raised the open-file limit"
+            );
+            Some(limit.soft)
+        }
+        Ok(limit) => {
+            tracing::debug!(
+                soft = limit.soft,
+                hard = limit.hard,
+                "open-file limit already at its hard limit"
+            );
+            Some(limit.soft)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the open-file limit; running with the one inherited");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,5 +413,18 @@ mod tests {
         for w in waiters {
             tokio::time::timeout(std::time::Duration::from_secs(1), w).await.unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+        let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        // Start from a low soft limit, as many nodes give containers (other tests of this process
+        // never hold more than a few hundred descriptors).
+        let low = hard.min(1024).min(soft.max(512));
+        rlimit::Resource::NOFILE.set(low, hard).unwrap();
+        let limit = raise_fd_limit().unwrap();
+        assert_eq!(limit, FdLimit { was: low, soft: hard, hard });
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
+        assert_eq!(raise_fd_limit().unwrap().was, hard, "a second call changes nothing");
     }
 }

@@ -34,6 +34,8 @@ impl Validated {
     /// Runs the server until shutdown or the death of a critical task.
     pub(crate) async fn serve(self) -> anyhow::Result<ExitCode> {
         let Validated { args, base_arn, server_node_labels, tls, webhook } = self;
+        // Before any socket: every connection, watch and file counts against it.
+        let fd_limit = imdsgate_core::process::raise_fd_limit_logged();
         let client = match imdsgate_core::process::kube_client(args.common.kubeconfig.as_deref()).await {
             Ok(c) => c,
             Err(error) => return Ok(bad_config(format!("Kubernetes client: {error:#}"))),
@@ -201,10 +203,12 @@ impl Validated {
             synced,
             metrics,
         };
-        let incoming = tls_server::incoming(grpc_listener, tls, handshake_failures);
-        let grpc = tonic::transport::Server::builder()
+        let handshakes = tls_server::HandshakeLimits::for_fd_limit(fd_limit);
+        tracing::debug!(?handshakes, "gRPC handshake limits");
+        let incoming = tls_server::incoming(grpc_listener, tls, handshakes, handshake_failures);
+        let grpc = tls_server::grpc_server()
             .add_service(health_service)
-            .add_service(CredentialsServer::new(service))
+            .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown.wait());
         let mut grpc_task = tokio::spawn(grpc);
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "imdsgate-server started");

@@ -6,15 +6,22 @@ use crate::authz::authorizer::{self, Ask, Authorizer, Denial};
 use crate::credential_cache::CredentialCache;
 use crate::events::DenialEvents;
 use crate::grpc::agent_auth::AgentAuthenticator;
-use crate::grpc::revocation::{MAX_HELD, RevocationStream, Revocations};
+use crate::grpc::revocation::{self, RevocationStream, Revocations, Subscriber};
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
 use futures::StreamExt;
 use imdsgate_proto::AUTHORIZATION_METADATA_KEY;
-use imdsgate_proto::v1::credentials_server::Credentials;
+use imdsgate_proto::v1::credentials_server::{Credentials, CredentialsServer};
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse, WatchRevocationsRequest};
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
+
+/// Largest request message decoded, in bytes: a `WatchRevocations` request with
+/// [`revocation::MAX_HELD`] entries of the longest valid UID and role (64 characters each, 135
+/// bytes an entry encoded) is 138,240 bytes; a `GetCredentials` request is a few hundred. Anything
+/// larger is refused from its length prefix (OUT_OF_RANGE), before it is buffered (tonic's default
+/// is 4 MiB a message).
+pub const MAX_REQUEST_BYTES: usize = 160 * 1024;
 
 /// The refusal of a replica whose pod and namespace watches have not synced yet.
 pub const NOT_SYNCED: &str = "this server replica's watches have not synced yet; try another";
@@ -50,19 +57,20 @@ impl Credentials for CredentialsService {
         &self,
         request: Request<WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
+        // Checked first: a malformed list costs no TokenReview.
+        revocation::validate_held(&request.get_ref().held).map_err(|d| d.to_status())?;
         let agent = self.agent(&request).await.map_err(|d| d.to_status())?;
         if !(self.synced)() {
             return Err(Status::unavailable(NOT_SYNCED));
         }
-        let held = &request.get_ref().held;
-        if held.len() > MAX_HELD {
-            return Err(Denial::InvalidArgument(format!("at most {MAX_HELD} held entries")).to_status());
-        }
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        let held = request.into_inner().held;
         let gauge = self.metrics.revocation_streams.clone();
         gauge.inc();
         let guard = StreamGauge(gauge);
         tracing::debug!(agent_node = ?agent.node, held = held.len(), "revocation stream opened");
-        let stream = self.revocations.stream(held, agent.node).map(move |item| {
+        let subscriber = Subscriber { node: agent.node, peer };
+        let stream = self.revocations.stream(held, subscriber).map(move |item| {
             let _alive = &guard;
             item
         });
@@ -102,11 +110,15 @@ impl Credentials for CredentialsService {
 }
 
 impl CredentialsService {
+    /// The gRPC service, with its limit on request size ([`MAX_REQUEST_BYTES`]).
+    pub fn into_server(self) -> CredentialsServer<CredentialsService> {
+        CredentialsServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
     /// The calling agent, from the token in the request's metadata; the connection (the peer's
     /// address) is charged for the TokenReview, if one is needed.
     async fn agent<T>(&self, request: &Request<T>) -> Result<crate::grpc::agent_auth::AgentIdentity, Denial> {
-        let authorization =
-            request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
+        let authorization = request.metadata().get(AUTHORIZATION_METADATA_KEY).and_then(|v| v.to_str().ok());
         Ok(self.authn.authenticate(authorization, request.remote_addr()).await?)
     }
 
