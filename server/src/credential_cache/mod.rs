@@ -115,7 +115,11 @@ impl CredentialCache {
 
     /// Credentials for `key`, on behalf of the pod `key.pod_uid` of `namespace`, which is waiting
     /// for them.
-    pub async fn get(&self, namespace: &str, key: &SessionKey) -> Result<(Arc<Credentials>, Served), StsError> {
+    pub async fn get(
+        &self,
+        namespace: &str,
+        key: &SessionKey,
+    ) -> Result<(Arc<Credentials>, Served), StsError> {
         self.get_with(namespace, key, true).await
     }
 
@@ -165,7 +169,8 @@ impl CredentialCache {
                 }
                 None => {
                     let new_session = entry.current.is_none();
-                    if new_session && let Err(spent) = self.take_session_budget(&key.pod_uid, namespace, now) {
+                    if new_session && let Err(spent) = self.take_session_budget(&key.pod_uid, namespace, now)
+                    {
                         entries.remove(key);
                         drop(entries);
                         return Err(if !urgent {
@@ -266,7 +271,9 @@ impl CredentialCache {
             .inner
             .entries
             .each()
-            .flat_map(|entries| entries.iter().filter(|(_, e)| due(e)).map(|(k, _)| k.clone()).collect::<Vec<_>>())
+            .flat_map(|entries| {
+                entries.iter().filter(|(_, e)| due(e)).map(|(k, _)| k.clone()).collect::<Vec<_>>()
+            })
             .collect();
         let mut started = 0;
         for key in candidates {

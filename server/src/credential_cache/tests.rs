@@ -295,3 +295,43 @@ async fn prefetch_makes_the_first_request_a_hit() {
     assert_eq!(served, Served::Hit);
     assert_eq!(b.calls(), 1);
 }
+
+#[tokio::test]
+async fn pods_created_in_a_loop_share_their_namespaces_allowance_of_new_sessions() {
+    let b = bed();
+    let burst = NAMESPACE_SESSION_BURST as u32;
+    // Each pod a new UID (created, deleted, created again): each has a whole pod allowance.
+    for n in 0..burst + 100 {
+        b.cache.prefetch("busy", key(&format!("churn-{n}"), "app"));
+        settle().await;
+    }
+    assert_eq!(b.calls(), burst, "only the namespace's allowance");
+    // A pod of the namespace that asks now is told when to retry; no STS call.
+    let error = b.cache.get("busy", &key("asking", "app")).await.unwrap_err();
+    assert!(error.to_string().contains("namespace busy"), "{error}");
+    assert_eq!(b.calls(), burst);
+    // Other namespaces are untouched.
+    b.cache.get("quiet", &key("neighbour", "app")).await.unwrap();
+    assert_eq!(b.calls(), burst + 1);
+    // The allowance refills at its pace.
+    b.advance(1);
+    let per_second = (1.0 / NAMESPACE_SESSION_REFILL.as_secs_f64()) as u32;
+    for n in 0..per_second + 5 {
+        b.cache.prefetch("busy", key(&format!("later-{n}"), "app"));
+        settle().await;
+    }
+    assert_eq!(b.calls(), burst + 1 + per_second);
+}
+
+#[tokio::test]
+async fn a_refresh_asks_first_whether_the_session_is_still_permitted() {
+    let b = bed();
+    b.cache.get("ns", &key("permitted", "app")).await.unwrap();
+    b.cache.get("ns", &key("withdrawn", "app")).await.unwrap();
+    b.advance(41 * 60);
+    assert_eq!(b.cache.refresh_due(|k| k.pod_uid == "permitted"), 1);
+    settle().await;
+    assert_eq!(b.calls(), 3, "one refresh, none for the session no longer permitted");
+    assert!(!b.cache.holds("withdrawn"), "which is dropped");
+    assert!(b.cache.holds("permitted"));
+}

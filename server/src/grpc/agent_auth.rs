@@ -227,7 +227,12 @@ impl AgentAuthenticator {
 
     /// The review of `token` under way, or a new one shared with the calls that follow, if the
     /// connection from `peer` may start one.
-    fn review(&self, digest: TokenDigest, token: &str, peer: Option<SocketAddr>) -> Result<InFlight, AuthError> {
+    fn review(
+        &self,
+        digest: TokenDigest,
+        token: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<InFlight, AuthError> {
         let mut in_flight = lock(&self.in_flight);
         if let Some(shared) = in_flight.get(&digest) {
             return Ok(shared.clone());

@@ -9,7 +9,8 @@ use crate::authz::namespace_index::NamespaceIndex;
 use crate::authz::session::TagConfig;
 use crate::credential_cache::fixtures::FakeSts;
 use crate::credential_cache::{CacheConfig, CredentialCache};
-use crate::grpc::agent_auth::fixtures::{AGENT, auth, bound_status};
+use crate::grpc::agent_auth::AgentAuthenticator;
+use crate::grpc::agent_auth::fixtures::{AGENT, FakeReviewer, auth, bound_status};
 use crate::grpc::revocation::{RevocationStream, Revocations, Subscriber};
 use crate::metrics::Metrics;
 use futures::StreamExt;
@@ -30,7 +31,10 @@ pub struct Bed {
     pub cache: CredentialCache,
     pub authorizer: Arc<Authorizer>,
     pub agent: RevocationStream,
-    pub metrics: Metrics,
+    /// The agent authenticator the pod watch tells of deletions, and its TokenReview API, which
+    /// accepts tokens bound to node-a and the pod `agent-pod` until a test says otherwise.
+    pub agent_tokens: Arc<AgentAuthenticator>,
+    pub reviewer: Arc<FakeReviewer>,
 }
 
 pub fn bed() -> Bed {
@@ -48,18 +52,20 @@ pub fn bed() -> Bed {
         CredentialCache::new(sts.clone(), CacheConfig::new(Duration::from_secs(3600)), metrics.clone());
     let revocations = Revocations::new(authorizer.clone(), cache.clone(), metrics.clone());
     let agent = revocations.stream(Vec::new(), Subscriber::default());
-    let (agent_tokens, _reviewer) = auth(bound_status(AGENT, Some("node-a"), Some("agent-pod")), false);
+    let (agent_tokens, reviewer) = auth(bound_status(AGENT, Some("node-a"), Some("agent-pod")), false);
+    let agent_tokens = Arc::new(agent_tokens);
     let pods = Arc::new(PodWatch::new(
         authorizer.clone(),
         cache.clone(),
         revocations.clone(),
-        Arc::new(agent_tokens),
+        agent_tokens.clone(),
         metrics.clone(),
     ));
     Bed {
         pods: pods.clone(),
-        namespaces: NamespaceWatch { index, revocations, pods, metrics: metrics.clone() },
-        metrics,
+        namespaces: NamespaceWatch { index, revocations, pods, metrics },
+        agent_tokens,
+        reviewer,
         sts,
         cache,
         authorizer,
@@ -78,6 +84,11 @@ impl Bed {
             told.push(format!("{}:{}", revocation.pod_uid, revocation.reason));
         }
         told
+    }
+
+    /// The session `pod` is entitled to now.
+    pub fn key_for(&self, pod: &Pod) -> crate::authz::session::SessionKey {
+        self.authorizer.session_for(&imdsgate_core::PodInfo::describe(pod)).expect("entitled")
     }
 
     /// The role ARN of the session the pod `uid` holds, if it holds one: asked as the pod would,
@@ -105,7 +116,21 @@ pub fn running(uid: &str, role: Option<&str>, ip: &str) -> Pod {
     pod(uid, role, Some(ip), "Running")
 }
 
-/// A pod of namespace `team` that names `role` and has no IP yet.
+/// A pod of namespace `team`, scheduled to node-a, that names `role` and has no IP yet.
 pub fn pending(uid: &str, role: &str) -> Pod {
     pod(uid, Some(role), None, "Pending")
+}
+
+/// A pod of namespace `team` that names `role` and is not scheduled yet (no node, no IP).
+pub fn unscheduled(uid: &str, role: &str) -> Pod {
+    fixtures::pod(uid, uid).node(None).phase("Pending").role(role).build()
+}
+
+/// The agent pod `uid` on node-a (host network, the agents' ServiceAccount).
+pub fn agent_pod(uid: &str) -> Pod {
+    let mut pod = fixtures::pod(uid, uid).namespace("imdsgate").ip("192.168.0.1").build();
+    let spec = pod.spec.as_mut().expect("spec");
+    spec.host_network = Some(true);
+    spec.service_account_name = Some("imdsgate-agent".into());
+    pod
 }

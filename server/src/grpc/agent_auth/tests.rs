@@ -4,8 +4,8 @@
 use super::fixtures::{AGENT, auth, bound_status, gated, header, jwt, status};
 use super::reviews::{MAX_ACCEPTED, Reviews};
 use super::*;
-use sha2::Digest;
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
+use sha2::Digest;
 
 fn peer(port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::from(([10, 0, 0, 1], port)))

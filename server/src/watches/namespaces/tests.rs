@@ -3,7 +3,7 @@
 
 use crate::authz::fixtures::mk_ns;
 use crate::credential_cache::fixtures::settle;
-use crate::watches::fixtures::{TEAM_PERMITS, bed, running};
+use crate::watches::fixtures::{TEAM_PERMITS, bed, pending, running};
 use imdsgate_core::watch::Update;
 
 #[tokio::test]
@@ -30,4 +30,27 @@ async fn a_narrowed_policy_revokes_the_sessions_it_no_longer_permits() {
     told.sort();
     assert_eq!(told, ["reader:NAMESPACE_FORBIDS", "writer:NAMESPACE_FORBIDS"]);
     assert!(!b.cache.holds("reader"));
+}
+
+#[tokio::test]
+async fn a_withdrawn_role_drops_the_pending_pods_sessions_and_they_are_not_refreshed() {
+    let b = bed();
+    for n in 0..20 {
+        b.pods.update(Update::Apply(pending(&format!("waiting-{n}"), "app-writer")));
+    }
+    b.pods.update(Update::Apply(pending("reader", "app-reader")));
+    settle().await;
+    assert_eq!(b.sts.calls(), 21);
+    let writer_key = b.key_for(&pending("waiting-0", "app-writer"));
+    assert!(b.pods.entitled(&writer_key));
+
+    b.namespaces.update(Update::Apply(mk_ns("team", "arn:aws:iam::123456789012:role/app-reader")));
+    for n in 0..20 {
+        assert!(!b.cache.holds(&format!("waiting-{n}")), "waiting-{n}: its session is dropped at once");
+    }
+    assert!(b.cache.holds("reader"), "a pod still permitted keeps its session");
+    // And were a session left (a missed event), the refresher would ask first and drop it.
+    assert!(!b.pods.entitled(&writer_key));
+    assert!(b.pods.entitled(&b.key_for(&pending("reader", "app-reader"))));
+    assert_eq!(b.sts.calls(), 21, "no AssumeRole for what the namespace no longer permits");
 }

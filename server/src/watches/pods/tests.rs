@@ -2,8 +2,11 @@
 //! STS, and the revocations an agent's stream hears.
 
 use crate::credential_cache::fixtures::settle;
-use crate::watches::fixtures::{bed, pending, pod, running};
+use crate::grpc::agent_auth::AuthError;
+use crate::grpc::agent_auth::fixtures::header;
+use crate::watches::fixtures::{agent_pod, bed, pending, pod, running, unscheduled};
 use imdsgate_core::watch::Update;
+use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 
 const APP_A: &str = "arn:aws:iam::123456789012:role/app-a";
 const APP_B: &str = "arn:aws:iam::123456789012:role/app-b";
@@ -130,4 +133,72 @@ async fn a_relist_revokes_the_pods_gone_meanwhile_and_prefetches_the_pending_one
     assert!(!b.cache.holds("gone") && !b.cache.holds("was-pending"));
     assert!(b.cache.holds("stays") && b.cache.holds("new"));
     assert_eq!(b.sts.calls(), 4, "only the new pending pod cost a call");
+}
+
+#[tokio::test]
+async fn a_pod_not_yet_scheduled_costs_no_sts_call_until_it_is() {
+    let b = bed();
+    for n in 0..200 {
+        b.pods.update(Update::Apply(unscheduled(&format!("never-{n}"), "app-a")));
+    }
+    settle().await;
+    assert_eq!(b.sts.calls(), 0, "200 pods that may never run: no AssumeRole");
+    assert!(!b.cache.holds("never-0") && !b.pods.keeps_session("never-0"));
+
+    // The scheduler gives one a node: now it is fetched ahead of its IP.
+    b.pods.update(Update::Apply(pending("never-0", "app-a")));
+    settle().await;
+    assert_eq!(b.sts.calls(), 1);
+    assert!(b.cache.holds("never-0"));
+}
+
+#[tokio::test]
+async fn a_relist_prefetches_only_scheduled_pending_pods() {
+    let b = bed();
+    b.pods.update(Update::Reset(vec![unscheduled("floating", "app-a"), pending("placed", "app-a")]));
+    settle().await;
+    assert_eq!(b.sts.calls(), 1);
+    assert!(b.cache.holds("placed") && !b.cache.holds("floating"));
+}
+
+async fn refused_after_review(b: &crate::watches::fixtures::Bed, header: &str) -> Result<(), AuthError> {
+    *b.reviewer.status.lock().unwrap() = TokenReviewStatus {
+        authenticated: Some(false),
+        error: Some("pod not found".into()),
+        ..Default::default()
+    };
+    b.agent_tokens.authenticate(Some(header), None).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_deleted_agent_pod_ends_the_tokens_bound_to_it() {
+    let b = bed();
+    let header = header(0);
+    b.pods.update(Update::Apply(agent_pod("agent-pod")));
+    b.agent_tokens.authenticate(Some(&header), None).await.unwrap();
+    assert_eq!(b.reviewer.calls(), 1);
+
+    // Other pods coming and going change nothing.
+    b.pods.update(Update::Delete(running("other", Some("app-a"), "10.0.0.1")));
+    b.agent_tokens.authenticate(Some(&header), None).await.unwrap();
+    assert_eq!(b.reviewer.calls(), 1, "still cached");
+
+    // The agent pod is deleted: its token is reviewed again (and the apiserver refuses it).
+    b.pods.update(Update::Delete(agent_pod("agent-pod")));
+    assert!(matches!(refused_after_review(&b, &header).await, Err(AuthError::Rejected(_))));
+    assert_eq!(b.reviewer.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_relist_without_the_agent_pod_ends_the_tokens_bound_to_it() {
+    let b = bed();
+    let header = header(0);
+    b.agent_tokens.authenticate(Some(&header), None).await.unwrap();
+    b.pods.update(Update::Reset(vec![agent_pod("agent-pod"), running("web", Some("app-a"), "10.0.0.1")]));
+    b.agent_tokens.authenticate(Some(&header), None).await.unwrap();
+    assert_eq!(b.reviewer.calls(), 1, "listed: still cached");
+    // Deleted while the watch was away.
+    b.pods.update(Update::Reset(vec![running("web", Some("app-a"), "10.0.0.1")]));
+    assert!(matches!(refused_after_review(&b, &header).await, Err(AuthError::Rejected(_))));
+    assert_eq!(b.reviewer.calls(), 2);
 }
