@@ -28,6 +28,9 @@ use tokio::sync::broadcast;
 /// what it holds, so nothing is lost).
 const BUFFER: usize = 4096;
 
+/// Revocations queued for one stream's response at most; the stream waits while they are.
+const QUEUE: usize = 16;
+
 /// Most held entries one subscription may list. An agent holds credentials only for pods of its
 /// own node, and a Kubernetes node runs at most a few hundred pods (the kubelet's `--max-pods` is
 /// 110 by default, Kubernetes' large-cluster guidance is at most 110 per node, and EKS lists at
@@ -277,23 +280,41 @@ impl Revocations {
                 }
             }
         });
-        let until_replaced = replaced.clone();
-        let ending =
-            futures::stream::once(
-                async move { replaced.is_set().then(|| Err(tonic::Status::aborted(REPLACED))) },
-            )
-            .filter_map(futures::future::ready);
+        // The stream runs in its own task and hands the response a few revocations at a time: a
+        // replaced stream, or one at shutdown, gives back its subscription, its held entries and
+        // its place at once, even if its agent never reads what is queued for it.
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let closed = self.closed.clone();
-        initial
-            .chain(later)
-            .take_until(async move { until_replaced.wait().await })
-            .chain(ending)
-            .take_until(async move { closed.wait().await })
-            .map(move |item| {
-                let _registered = &registration;
-                item
-            })
-            .boxed()
+        let gauge = self.metrics.revocation_streams.clone();
+        gauge.inc();
+        tokio::spawn(async move {
+            let _registered = registration;
+            let mut revocations = std::pin::pin!(initial.chain(later));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = closed.wait() => break,
+                    _ = replaced.wait() => {
+                        let _ = tx.try_send(Err(tonic::Status::aborted(REPLACED)));
+                        break;
+                    }
+                    // The agent went away.
+                    _ = tx.closed() => break,
+                    sent = async {
+                        // Two slots, one used: a slot is always left for the status that ends a
+                        // replaced stream.
+                        let mut slots = tx.reserve_many(2).await.ok()?;
+                        let item = revocations.next().await?;
+                        slots.next()?.send(item);
+                        Some(())
+                    } => if sent.is_none() {
+                        break;
+                    },
+                }
+            }
+            gauge.dec();
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
     }
 }
 
@@ -400,8 +421,8 @@ mod tests {
         for _ in 0..BUFFER + 10 {
             r.revoke(&pod, Reason::PodNotFound);
         }
-        let ended = tokio::time::timeout(Duration::from_secs(1), all.next()).await.unwrap().unwrap();
-        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+        let ended = ending(&mut all).await.expect("ends");
+        assert_eq!(ended.code(), tonic::Code::Unavailable);
         assert!(all.next().await.is_none(), "the stream ends; the agent resubscribes");
     }
 
@@ -452,6 +473,7 @@ mod tests {
         }
         assert_eq!(r.streams.open(), 6);
         drop((first, second, third, other_node, unbound, _unbound_elsewhere));
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(r.streams.open(), 0, "a dropped stream gives its place back");
     }
 
@@ -461,6 +483,9 @@ mod tests {
         let held: Vec<_> = (0..MAX_HELD).map(|i| held(&format!("u-{i:060}"), "app")).collect();
         let mut streams: Vec<_> = (0..500).map(|_| r.stream(held.clone(), on("node-a"))).collect();
         assert_eq!(r.streams.open(), STREAMS_PER_AGENT);
+        // Unread, the replaced ones give back their subscriptions and held entries at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(r.metrics.revocation_streams.get(), STREAMS_PER_AGENT as i64);
         let mut replaced = 0;
         for stream in &mut streams[..498] {
             if ending(stream).await.is_some_and(|s| s.code() == tonic::Code::Aborted) {
@@ -468,6 +493,9 @@ mod tests {
             }
         }
         assert_eq!(replaced, 498);
+        drop(streams);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(r.metrics.revocation_streams.get(), 0, "a dropped stream's task ends");
     }
 
     #[tokio::test]

@@ -40,15 +40,6 @@ pub struct CredentialsService {
     pub metrics: Metrics,
 }
 
-/// Counts an open revocation stream while it lives.
-struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 #[tonic::async_trait]
 impl Credentials for CredentialsService {
     type WatchRevocationsStream = RevocationStream;
@@ -65,16 +56,9 @@ impl Credentials for CredentialsService {
         }
         let peer = request.remote_addr().map(|addr| addr.ip());
         let held = request.into_inner().held;
-        let gauge = self.metrics.revocation_streams.clone();
-        gauge.inc();
-        let guard = StreamGauge(gauge);
         tracing::debug!(agent_node = ?agent.node, held = held.len(), "revocation stream opened");
         let subscriber = Subscriber { node: agent.node, peer };
-        let stream = self.revocations.stream(held, subscriber).map(move |item| {
-            let _alive = &guard;
-            item
-        });
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(self.revocations.stream(held, subscriber)))
     }
 
     async fn get_credentials(
