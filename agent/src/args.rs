@@ -87,9 +87,18 @@ pub struct Args {
 
     /// Regular expression of a path that may be proxied (repeatable); replaces the default list
     /// (placement/*, instance-type, instance-id, local-ipv4, hostname, local-hostname, mac,
-    /// dynamic/instance-identity/document). iam/* and identity-credentials/* are never proxied.
+    /// dynamic/instance-identity/document). iam/* and identity-credentials/* are never proxied;
+    /// user-data, public-keys and the signed identity (instance-identity/pkcs7, signature,
+    /// rsa2048) only with --unsafe-allow-node-secrets.
     #[arg(long = "allow-path", env = "IMDSGATE_ALLOW_PATH", value_delimiter = ',')]
     pub allow_paths: Vec<String>,
+
+    /// Unsafe: let --allow-path open the node's secrets: its user-data (often bootstrap
+    /// credentials), its SSH public keys, and the AWS-signed forms of its identity document, which
+    /// Vault's and SPIRE's EC2 attestors accept as proof of being this node. Every pod of the node
+    /// can then read them.
+    #[arg(long, env = "IMDSGATE_UNSAFE_ALLOW_NODE_SECRETS")]
+    pub unsafe_allow_node_secrets: bool,
 
     /// The imdsgate server, e.g. https://imdsgate-server.imdsgate.svc:8443; every address the name
     /// resolves to is used.
@@ -220,7 +229,13 @@ impl Args {
             AllowList::default_list()
         } else {
             AllowList::new(&self.allow_paths).context("--allow-path")?
-        };
+        }
+        .with_node_secrets(self.unsafe_allow_node_secrets);
+        if self.unsafe_allow_node_secrets {
+            tracing::warn!(
+                "--unsafe-allow-node-secrets: the allow-list may open the node's user-data, public keys and signed identity to every pod of the node"
+            );
+        }
         let upstream = match self.metadata_upstream.trim() {
             "" | "none" => None,
             url => Some(

@@ -55,7 +55,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pauses_double_up_to_the_ceiling_and_start_over_after_a_success() {
+    fn the_backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
         let s = Duration::from_secs;
         let mut backoff = Backoff::new(s(1), s(5));
         let pauses: Vec<_> = (0..5).map(|_| backoff.failed()).collect();
@@ -63,6 +63,9 @@ mod tests {
         backoff.succeeded();
         assert_eq!(backoff.failed(), s(1));
         assert_eq!(Backoff::new(s(3), s(1)).failed(), s(3));
+        let mut accept = Backoff::default();
+        let pauses: Vec<u128> = (0..10).map(|_| accept.failed().as_millis()).collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000], "between failed accepts");
     }
 
     #[test]

@@ -77,6 +77,15 @@ impl PodBuilder {
         self
     }
 
+    /// A mirror pod, as the kubelet writes one for a static pod: the mirror annotation and its
+    /// node as owner.
+    pub fn mirror(mut self) -> Self {
+        let node = self.0["spec"]["nodeName"].as_str().unwrap_or("node-a").to_string();
+        self.0["metadata"]["annotations"][crate::pod_index::MIRROR_ANNOTATION] = json!("0123abcd");
+        self.0["metadata"]["ownerReferences"] = json!([{ "apiVersion": "v1", "kind": "Node", "name": node, "uid": "node-uid", "controller": true }]);
+        self
+    }
+
     /// `metadata.deletionTimestamp` set: the pod is being deleted.
     pub fn deleting(mut self) -> Self {
         let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);

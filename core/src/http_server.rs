@@ -521,15 +521,6 @@ mod tests {
     }
 
     #[test]
-    fn the_backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
-        let mut backoff = Backoff::default();
-        let pauses: Vec<u64> = (0..10).map(|_| backoff.failed().as_millis() as u64).collect();
-        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        backoff.succeeded();
-        assert_eq!(backoff.failed(), Duration::from_millis(5));
-    }
-
-    #[test]
     fn a_source_budget_caps_each_source_and_the_total_and_frees_on_drop() {
         let budget = SourceBudget::new(Budget { total: 3, per_source: 2 });
         let (a, b, c): (IpAddr, IpAddr, IpAddr) =

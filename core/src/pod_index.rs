@@ -15,6 +15,8 @@ pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
 /// Pod annotation overriding the STS session name.
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
+/// The annotation the kubelet puts on the mirror pod of a static pod.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// What the index keeps of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,6 +31,10 @@ pub struct PodInfo {
     pub role: Option<String>,
     pub external_id: Option<String>,
     pub session_name: Option<String>,
+    /// A pod object its node could have written: a mirror pod (the kubelet's copy of a static
+    /// pod: [`MIRROR_ANNOTATION`], or an owner reference to a Node). A kubelet may create those in
+    /// any namespace with any annotation, so they name no role unless their namespace says so.
+    pub node_written: bool,
 }
 
 impl PodInfo {
@@ -71,8 +77,18 @@ impl PodInfo {
             role: annotation(ROLE_ANNOTATION),
             external_id: annotation(EXTERNAL_ID_ANNOTATION),
             session_name: annotation(SESSION_NAME_ANNOTATION),
+            node_written: is_node_written(pod),
         }
     }
+}
+
+/// Whether the pod object is one its node could have written (see [`PodInfo::node_written`]):
+/// NodeRestriction lets a kubelet create only mirror pods, marked by the annotation and owned by
+/// its Node, so either mark is enough to tell.
+pub fn is_node_written(pod: &Pod) -> bool {
+    let meta = &pod.metadata;
+    meta.annotations.as_ref().is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+        || meta.owner_references.iter().flatten().any(|o| o.kind == "Node")
 }
 
 /// A pod's annotation, trimmed; `None` when absent or blank.
@@ -86,6 +102,7 @@ impl PodInfo {
         self.role == other.role
             && self.external_id == other.external_id
             && self.session_name == other.session_name
+            && self.node_written == other.node_written
     }
 }
 
@@ -336,6 +353,22 @@ pub(crate) mod tests {
         assert_eq!(index.apply(&mk_pod("u3", "failed", &["10.0.0.3"], "Failed", None)), Change::Unchanged);
         assert_eq!(index.apply(&mk_pod("u4", "pending", &[], "Pending", None)), Change::Unchanged);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_mirror_pod_is_known_by_its_annotation_or_its_node_owner() {
+        let describe = |pod: Pod| PodInfo::describe(&pod).node_written;
+        assert!(describe(fixtures::pod("u", "static-web").mirror().build()));
+        assert!(!describe(fixtures::pod("u", "web").build()));
+        let annotated = fixtures::pod("u", "a").annotation(MIRROR_ANNOTATION, "x").build();
+        assert!(describe(annotated));
+        let mut owned = fixtures::pod("u", "o").mirror().build();
+        owned.metadata.annotations.as_mut().unwrap().remove(MIRROR_ANNOTATION);
+        assert!(describe(owned), "a Node owner is enough");
+        let mut by_replicaset = fixtures::pod("u", "r").mirror().build();
+        by_replicaset.metadata.annotations.as_mut().unwrap().remove(MIRROR_ANNOTATION);
+        by_replicaset.metadata.owner_references.as_mut().unwrap()[0].kind = "ReplicaSet".into();
+        assert!(!describe(by_replicaset));
     }
 
     #[test]

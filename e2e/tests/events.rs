@@ -65,6 +65,8 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
             BedPod::new("team", "plain", "10.200.1.10"),
             BedPod::new("team", "mismatch", "10.200.1.11").role("app-reader"),
             BedPod::new("team", "greedy", "10.200.1.12").role("admin"),
+            // A trailing `/` names no role: the agent refuses it as the server would.
+            BedPod::new("team", "slashed", "10.200.1.15").role("app-reader/"),
             // Its Pod object is created once no server replica answers (before, the agent would
             // have fetched its credentials as it appeared).
             BedPod::ghost("stranded", "10.200.1.13"),
@@ -94,11 +96,13 @@ async fn each_refusal_class_leaves_one_event_on_the_pod() {
     assert!(ask(&bed, "team/plain", "some-role", 4).iter().all(|&s| s == 404));
     assert!(ask(&bed, "team/mismatch", "admin", 5).iter().all(|&s| s == 404));
     assert!(ask(&bed, "team/greedy", "admin", 5).iter().all(|&s| s == 403));
+    assert!(ask(&bed, "team/slashed", "", 3).iter().all(|&s| s == 403));
     assert!(ask(&bed, "ghost/elsewhere", "app-reader", 3).iter().all(|&s| s == 404));
 
-    exactly_one(&bed, "team", "plain", "NO_ROLE", "no usable iam.amazonaws.com/role annotation").await;
+    exactly_one(&bed, "team", "plain", "NO_ROLE", "has no iam.amazonaws.com/role annotation").await;
     exactly_one(&bed, "team", "mismatch", "ROLE_MISMATCH", "asked for role \"admin\"").await;
     exactly_one(&bed, "team", "greedy", "NAMESPACE_FORBIDS", "does not permit").await;
+    exactly_one(&bed, "team", "slashed", "ROLE_INVALID", "ends in `/`").await;
     exactly_one(&bed, "team", "elsewhere", "POD_NOT_FOUND", "it runs on node-b").await;
 
     // STS cannot be reached: the server says so on the pod that asked.

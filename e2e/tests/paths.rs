@@ -58,7 +58,8 @@ fn names_node_identity(target: &str) -> bool {
         || folded.contains("node role")
 }
 
-/// Request targets spelling the node's role and identity credentials every way we could think of.
+/// Request targets spelling the node's role and identity credentials every way we could think of,
+/// and its secrets (user-data, public keys, the signed identity document).
 const SPELLINGS: &[&str] = &[
     "/latest/meta-data/./iam/security-credentials/node-role",
     "/latest/./meta-data/iam/security-credentials/node-role",
@@ -105,6 +106,16 @@ const SPELLINGS: &[&str] = &[
     "/latest/meta-data/identity-credentials%2Fec2/info",
     "/latest/meta-data/%69dentity-credentials/ec2/info",
     "/latest/dynamic/../meta-data/identity-credentials/ec2/info",
+    // The node's secrets: never proxied without --unsafe-allow-node-secrets, even by `.*`.
+    "/latest/user-data",
+    "/latest/User-Data",
+    "/latest/user_data/",
+    "/latest/meta-data/public-keys/",
+    "/latest/meta-data/public-keys/0/openssh-key",
+    "/latest/dynamic/instance-identity/pkcs7",
+    "/latest/dynamic/instance-identity/PKCS7",
+    "/latest/dynamic/instance-identity/signature",
+    "/latest/dynamic/instance-identity/rsa2048",
 ];
 
 /// Raw request lines sent over a TCP socket from the pod, untouched by any client library.
@@ -407,10 +418,14 @@ async fn a_role_annotation_cannot_forge_a_log_line() {
     assert!(answer.contains("no valid role path"), "with IAM's reason: {answer}");
     assert!(!answer.contains("\n2026-01-01T00:00:00Z"), "{answer}");
 
-    for (who, log) in
-        [("server", bed.server.child.log_tail(100_000)), ("agent", bed.agent().child.log_tail(100_000))]
-    {
-        assert!(log.contains("2026-01-01T00:00:00Z"), "{who}: the attempt is logged, escaped:\n{log}");
+    // The agent reads the annotation as the server does and refuses it itself (it names no valid
+    // role): the attempt is in its log, escaped, and never reaches the server.
+    let agent_log = bed.agent().child.log_tail(100_000);
+    assert!(
+        agent_log.contains("2026-01-01T00:00:00Z"),
+        "agent: the attempt is logged, escaped:\n{agent_log}"
+    );
+    for (who, log) in [("server", bed.server.child.log_tail(100_000)), ("agent", agent_log)] {
         let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("2026-01-01T00:00:00Z")).collect();
         assert!(forged.is_empty(), "{who} log has a forged line: {forged:?}");
         for line in log.lines() {

@@ -126,10 +126,13 @@ pub enum Reason {
     SessionChanged,
     /// The pod's session-name annotation cannot be used as written.
     SessionNameInvalid,
+    /// The pod object is one its node could have written (a mirror pod), in a namespace that
+    /// does not let such pods have roles.
+    MirrorPod,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::PodNotFound,
         Reason::NoRole,
         Reason::RoleMismatch,
@@ -144,6 +147,7 @@ impl Reason {
         Reason::Internal,
         Reason::SessionChanged,
         Reason::SessionNameInvalid,
+        Reason::MirrorPod,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +166,7 @@ impl Reason {
             Reason::Internal => "INTERNAL",
             Reason::SessionChanged => "SESSION_CHANGED",
             Reason::SessionNameInvalid => "SESSION_NAME_INVALID",
+            Reason::MirrorPod => "MIRROR_POD",
         }
     }
 
@@ -178,6 +183,7 @@ impl Reason {
             | Reason::NamespaceForbids
             | Reason::WrongNode
             | Reason::SessionNameInvalid
+            | Reason::MirrorPod
             | Reason::StsDenied => tonic::Code::PermissionDenied,
             Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
             Reason::PodUidMismatch | Reason::SessionChanged => tonic::Code::FailedPrecondition,

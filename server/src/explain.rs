@@ -247,7 +247,13 @@ impl ExplainArgs {
 /// role name its annotation names, read as the agent reads it); a manifest, which has no IP or node
 /// yet, goes through the part of the decision that depends on the pod alone
 /// ([`Authorizer::session_for`], which every request ends in).
-fn explain_pod(e: &mut Explanation, pod: &Pod, namespace: &str, from_file: bool, authorizer: &Authorizer) {
+pub fn explain_pod(
+    e: &mut Explanation,
+    pod: &Pod,
+    namespace: &str,
+    from_file: bool,
+    authorizer: &Authorizer,
+) {
     // Whether the server would find the pod at all: the pod index's rules.
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         e.refuse("hostNetwork: true: the pod's requests never pass the imdsgate agent (and reach the node's own role)");

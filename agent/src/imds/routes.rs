@@ -85,6 +85,13 @@ impl Route<'_> {
 /// Path segments that name the node's own identity, compared after folding (see [`folds_to`]): never proxied.
 const NODE_IDENTITY_SEGMENTS: &[&str] = &["iam", "identitycredentials"];
 
+/// Path segments that name the node's secrets, compared after folding: its bootstrap user-data,
+/// its SSH public keys, and the AWS-signed forms of its identity document (`pkcs7`, `signature`,
+/// `rsa2048`, `rsa4096` under `dynamic/instance-identity/`), which Vault's and SPIRE's EC2
+/// attestors accept as proof of being the node. Proxied only with `--unsafe-allow-node-secrets`,
+/// whatever the allow-list says.
+const NODE_SECRET_SEGMENTS: &[&str] = &["userdata", "publickeys", "pkcs7", "signature", "rsa2048", "rsa4096"];
+
 /// Longest path accepted (the longest real IMDS path is far shorter).
 const MAX_PATH: usize = 1024;
 
@@ -170,6 +177,12 @@ impl CanonicalPath {
     /// case or punctuation: such a path is never proxied.
     pub fn names_node_identity(&self) -> bool {
         names_node_identity(self.as_str())
+    }
+
+    /// Whether any segment names one of the node's secrets (user-data, public keys, the signed
+    /// identity document) in any case or punctuation.
+    pub fn names_node_secret(&self) -> bool {
+        self.segments().any(|s| NODE_SECRET_SEGMENTS.iter().any(|name| folds_to(s, name)))
     }
 }
 

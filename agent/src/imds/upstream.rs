@@ -1,7 +1,8 @@
 //! Everything that is not the pod's own identity: proxied to the real metadata service with the
 //! agent's own IMDSv2 token, but only for paths on the allow-list (what SDKs need to learn their
 //! region and zone). The node's `iam/*` and `identity-credentials/*` are never proxied, whatever
-//! the allow-list says. No `X-Forwarded-For` is added; nothing of the pod's request but its path
+//! the allow-list says; its secrets (user-data, public keys, the signed identity document) only
+//! with `--unsafe-allow-node-secrets`. No `X-Forwarded-For` is added; nothing of the pod's request but its path
 //! is passed on, and only as a [`CanonicalPath`]: the one spelling that was routed and checked
 //! against the allow-list is the one sent upstream, so no dot segment, empty segment,
 //! percent-encoding or case variant can make the metadata service see another path than the one
@@ -36,21 +37,35 @@ const MAX_BODY: usize = 1 << 20;
 
 /// Which paths may be proxied, matched against the canonical path.
 #[derive(Clone, Debug)]
-pub struct AllowList(RegexSet);
+pub struct AllowList {
+    patterns: RegexSet,
+    /// `--unsafe-allow-node-secrets`: the patterns may open the node's secrets too.
+    node_secrets: bool,
+}
 
 impl AllowList {
     pub fn new(patterns: &[String]) -> Result<AllowList, regex::Error> {
-        Ok(AllowList(RegexSet::new(patterns)?))
+        Ok(AllowList { patterns: RegexSet::new(patterns)?, node_secrets: false })
     }
 
     pub fn default_list() -> AllowList {
-        AllowList(RegexSet::new(DEFAULT_ALLOW).expect("default patterns compile"))
+        AllowList {
+            patterns: RegexSet::new(DEFAULT_ALLOW).expect("default patterns compile"),
+            node_secrets: false,
+        }
     }
 
-    /// Whether `path` may be proxied: it matches a pattern and names nothing of the node's own
-    /// identity, whatever the patterns say.
+    /// Lets the patterns open the node's secrets (`--unsafe-allow-node-secrets`).
+    pub fn with_node_secrets(self, allowed: bool) -> AllowList {
+        AllowList { node_secrets: allowed, ..self }
+    }
+
+    /// Whether `path` may be proxied: it matches a pattern, names nothing of the node's own
+    /// identity whatever the patterns say, and none of its secrets unless they were let through.
     pub fn allows(&self, path: &CanonicalPath) -> bool {
-        !path.names_node_identity() && self.0.is_match(path.as_str())
+        !path.names_node_identity()
+            && (self.node_secrets || !path.names_node_secret())
+            && self.patterns.is_match(path.as_str())
     }
 }
 
@@ -187,5 +202,34 @@ mod tests {
         ] {
             assert!(!allow.allows(&canonical(node)), "{node}");
         }
+    }
+
+    /// The node's secrets stay closed to an allow-everything list in every spelling the canonical
+    /// form lets through, and open only with the explicit unsafe flag.
+    #[test]
+    fn an_allow_everything_list_opens_the_nodes_secrets_only_with_the_unsafe_flag() {
+        let allow = AllowList::new(&[".*".to_string()]).unwrap();
+        let secrets = [
+            "/latest/user-data",
+            "/latest/User-Data",
+            "/latest/user_data",
+            "/latest/userdata/",
+            "/latest/meta-data/public-keys/0/openssh-key",
+            "/latest/meta-data/Public-Keys/",
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/instance-identity/PKCS7",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/rsa2048",
+            "/2021-01-03/dynamic/instance-identity/RSA-2048",
+        ];
+        for secret in secrets {
+            assert!(!allow.allows(&canonical(secret)), "{secret}");
+        }
+        assert!(allow.allows(&canonical("/latest/dynamic/instance-identity/document")));
+        let opened = allow.with_node_secrets(true);
+        for secret in secrets {
+            assert!(opened.allows(&canonical(secret)), "{secret}");
+        }
+        assert!(!opened.allows(&canonical("/latest/meta-data/iam/info")), "the node's role never");
     }
 }

@@ -11,7 +11,7 @@
 //! ServiceAccount `imdsgate/imdsgate-agent`) and a real token bound to that pod, holds a lazy
 //! mutual-TLS channel to each replica and one `WatchRevocations` stream to each (as the real agent
 //! does), and asks `GetCredentials` for the role pods of its node in turn, all agents together at
-//! `--rate` calls per second. Replicas are tried as `agent/src/server_client.rs` does: from a
+//! `--rate` calls per second. Replicas are tried as `agent/src/credentials/server_client.rs` does: from a
 //! rotating start, a replica that failed as unreachable within 30 s last, the next one at once on
 //! an unreachable answer, never after a refusal (an answer carrying a reason).
 //!
@@ -1215,9 +1215,9 @@ async fn run(cli: Cli) -> Result<()> {
         pods * 10,
         namespaces * 10,
         if agents10 > REVIEW_CACHE {
-            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most {REVIEW_CACHE} reviews (`MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) and each replica needs one per agent, {agents10}; past that a review is not cached, so the calls of {} agents reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - REVIEW_CACHE, rate * 10.0 * (agents10 - REVIEW_CACHE) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
+            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most {REVIEW_CACHE} reviews (`MAX_CACHE_ENTRIES` in `server/src/grpc/agent_auth.rs`) and each replica needs one per agent, {agents10}; past that a review is not cached, so the calls of {} agents reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - REVIEW_CACHE, rate * 10.0 * (agents10 - REVIEW_CACHE) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
         } else {
-            format!("(1) The TokenReview cache (at most {REVIEW_CACHE} reviews per replica, `MAX_CACHE_ENTRIES` in `server/src/agent_auth.rs`) still holds all {agents10} agents; steady reviews would be ~{:.0}/s, and a restart's burst about one per agent per replica ({agents10}), concurrent calls with one token sharing one review.", 20.0 * agents as f64 / 600.0)
+            format!("(1) The TokenReview cache (at most {REVIEW_CACHE} reviews per replica, `MAX_CACHE_ENTRIES` in `server/src/grpc/agent_auth.rs`) still holds all {agents10} agents; steady reviews would be ~{:.0}/s, and a restart's burst about one per agent per replica ({agents10}), concurrent calls with one token sharing one review.", 20.0 * agents as f64 / 600.0)
         },
         mib(rest_rss[0].max(rest_rss[1])),
         sessions * 15.0,

@@ -13,6 +13,7 @@
 //! [`server_nodes`], the HTTPS listener in [`webhook_server`].
 
 use crate::authz::authorizer::{Authorizer, Denial};
+use crate::authz::namespace_index::NamespaceRules;
 use imdsgate_core::pod_index::annotation;
 use k8s_openapi::api::core::v1::{Binding, Namespace, Node, Pod};
 use kube::api::DynamicObject;
@@ -38,6 +39,7 @@ pub enum DenyReason {
     HostNetwork,
     RoleNotPermitted,
     SessionNameInvalid,
+    MirrorPodRole,
 }
 
 impl DenyReason {
@@ -53,6 +55,7 @@ impl DenyReason {
             DenyReason::HostNetwork => "host_network",
             DenyReason::RoleNotPermitted => "role_not_permitted",
             DenyReason::SessionNameInvalid => "session_name_invalid",
+            DenyReason::MirrorPodRole => "mirror_pod_role",
         }
     }
 }
@@ -190,7 +193,10 @@ impl Admission {
         let warn_only = self.config.mode == WebhookMode::Warn
             && matches!(
                 verdict,
-                Verdict::Deny(DenyReason::RoleNotPermitted | DenyReason::SessionNameInvalid, _)
+                Verdict::Deny(
+                    DenyReason::RoleNotPermitted | DenyReason::SessionNameInvalid | DenyReason::MirrorPodRole,
+                    _
+                )
             );
         let (decision, reason) = match &verdict {
             Verdict::Allow => ("allowed", "permitted"),
@@ -262,12 +268,21 @@ impl Admission {
         let spec = pod.spec.clone().unwrap_or_default();
         let bound = spec.node_name.as_deref().is_some_and(|n| !n.is_empty());
         let pinned = pinned_node(spec.affinity.as_ref()).filter(|_| !bound);
+        let refused_before = |reason: DenyReason| {
+            old.is_some_and(
+                |old| matches!(check_placement(&self.config, old), Some(Verdict::Deny(r, _)) if r == reason),
+            )
+        };
         match check_placement(&self.config, pod) {
             None => {}
             // A toleration of the server taint matters where the scheduler may choose the node. A
             // pod bound to a node (spec.nodeName, judged below) or pinned to one by name (as the
             // DaemonSet controller pins each of its pods) can run nowhere else: that node decides.
             Some(Verdict::Deny(DenyReason::ServerTaintToleration, _)) if bound || pinned.is_some() => {}
+            // An UPDATE is never refused for what it did not change: the old pod earned the same
+            // refusal (it predates imdsgate, or came through an exemption), and refusing a label
+            // or a finalizer's removal would only leave it stuck.
+            Some(Verdict::Deny(reason, _)) if refused_before(reason) => {}
             Some(verdict) => return verdict,
         }
         // The pin decides however the pod was made (anyone can write a DaemonSet owner reference).
@@ -330,7 +345,22 @@ impl Admission {
         }
         let role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION)
             .filter(|_| !unchanged(imdsgate_core::pod_index::ROLE_ANNOTATION));
-        if let Some(annotation) = role {
+        let rules = match role {
+            Some(_) => Some(self.namespace_rules(namespace).await),
+            None => None,
+        };
+        if let (Some(_), Some(rules)) = (role, &rules)
+            && imdsgate_core::pod_index::is_node_written(pod)
+            && let Err(denial) = Authorizer::check_mirror(
+                namespace,
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                true,
+                rules.mirror_pods,
+            )
+        {
+            return Verdict::Deny(DenyReason::MirrorPodRole, format!("{denial}."));
+        }
+        if let (Some(annotation), Some(rules)) = (role, rules) {
             let resolved = match self.authorizer.resolve_role(annotation) {
                 Ok(arn) => arn,
                 Err(Denial::RoleInvalid(e)) => {
@@ -341,8 +371,7 @@ impl Admission {
                 }
                 Err(other) => return unchecked(annotation, &other),
             };
-            let policy = self.namespace_policy(namespace).await;
-            match self.authorizer.check_policy(namespace, &policy, &resolved) {
+            match self.authorizer.check_policy(namespace, &rules.policy, &resolved) {
                 Ok(()) => {}
                 Err(Denial::NamespaceForbids { why, .. }) => {
                     return Verdict::Deny(
@@ -366,17 +395,18 @@ impl Admission {
         )
     }
 
-    async fn namespace_policy(&self, namespace: &str) -> Arc<crate::authz::policy::NamespacePolicy> {
-        if self.authorizer.namespaces.contains(namespace) {
-            return self.authorizer.namespaces.policy(namespace);
-        }
-        // Created a moment ago: the watch may not have delivered it yet.
-        if let Some(client) = &self.client
+    /// The namespace's rules: from the index, or read from the apiserver when the watch has not
+    /// delivered the namespace yet (created a moment ago). What is read is used for this one
+    /// decision and never written to the index: only the watch writes it, in order, so an old
+    /// read cannot undo a newer policy.
+    async fn namespace_rules(&self, namespace: &str) -> NamespaceRules {
+        if !self.authorizer.namespaces.contains(namespace)
+            && let Some(client) = &self.client
             && let Ok(ns) = kube::Api::<Namespace>::all(client.clone()).get(namespace).await
         {
-            self.authorizer.namespaces.apply(&ns);
+            return NamespaceRules::of(&ns);
         }
-        self.authorizer.namespaces.policy(namespace)
+        self.authorizer.namespaces.rules(namespace)
     }
 
     async fn node_kind(&self, node: &str) -> NodeKind {

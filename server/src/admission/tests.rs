@@ -213,13 +213,82 @@ async fn an_update_is_judged_on_what_it_changes() {
     ));
 }
 
+/// Nothing a hostNetwork pod's UPDATE did not change is held against it: pods that predate
+/// imdsgate or came through an exemption can still be relabelled or lose a finalizer; giving one a
+/// role is judged.
+#[tokio::test]
+async fn an_update_of_a_host_network_pod_is_refused_only_for_what_it_changes() {
+    let a = admission();
+    let host =
+        |label: &str| imdsgate_core::fixtures::pod("u", "exporter").host_network().annotation("x", label);
+    let old = host("1").build();
+    assert!(matches!(a.decide("team", &old).await, Verdict::Deny(DenyReason::HostNetwork, _)));
+    assert_eq!(a.decide_change("team", &host("2").build(), Some(&old)).await, Verdict::Allow);
+    let with_role = host("1").role("app-reader").build();
+    assert!(matches!(
+        a.decide_change("team", &with_role, Some(&old)).await,
+        Verdict::Deny(DenyReason::HostNetworkWithRole, _)
+    ));
+    let old_with_role = with_role.clone();
+    assert_eq!(a.decide_change("team", &with_role, Some(&old_with_role)).await, Verdict::Allow);
+}
+
+/// A mirror pod (what a kubelet writes for a static pod, in any namespace, with any annotation)
+/// names no role unless its namespace allows it; other pods of the namespace are not affected.
+#[tokio::test]
+async fn a_mirror_pod_with_a_role_is_refused_unless_its_namespace_allows_it() {
+    let a = admission();
+    // Judged on the role alone: no node to look up (the test has no apiserver).
+    let mirror =
+        imdsgate_core::fixtures::pod("u", "static-web").role("app-reader").mirror().node(None).build();
+    match a.decide("team", &mirror).await {
+        Verdict::Deny(DenyReason::MirrorPodRole, message) => {
+            assert!(message.contains("imdsgate.io/allow-mirror-pod-roles"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let plain = imdsgate_core::fixtures::pod("u2", "web").role("app-reader").node(None).build();
+    assert_eq!(a.decide("team", &plain).await, Verdict::Allow);
+    let no_role = imdsgate_core::fixtures::pod("u3", "static-proxy").mirror().node(None).build();
+    assert_eq!(a.decide("team", &no_role).await, Verdict::Allow, "a mirror pod without a role is no concern");
+    a.authorizer.namespaces.apply(&imdsgate_core::fixtures::namespace(
+        "team",
+        &[
+            ("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*"),
+            (crate::authz::namespace_index::MIRROR_PODS_ANNOTATION, "true"),
+        ],
+    ));
+    assert_eq!(a.decide("team", &mirror).await, Verdict::Allow);
+}
+
+/// A namespace the watch has not delivered yet is read for the one decision, never written into
+/// the index the authorizer decides from: only the watch writes it, in order, so an old read can
+/// neither undo a narrowed policy nor bring back a deleted namespace.
+#[tokio::test]
+async fn a_namespace_read_for_one_decision_is_never_written_to_the_index() {
+    let a = with_nodes(admission());
+    let pod =
+        imdsgate_core::fixtures::pod("u", "web").namespace("fresh").role("app-reader").node(None).build();
+    assert_eq!(a.decide("fresh", &pod).await, Verdict::Allow, "judged by what was read");
+    assert!(!a.authorizer.namespaces.contains("fresh"), "the read left the index alone");
+    let denied = imdsgate_core::fixtures::pod("u", "web").namespace("fresh").role("admin").node(None).build();
+    assert!(matches!(a.decide("fresh", &denied).await, Verdict::Deny(DenyReason::RoleNotPermitted, _)));
+}
+
 /// An apiserver that knows two nodes, `worker-1` and the server node `server-1`, and
-/// answers every other read of a node with 404; `broken-1` with a 500.
+/// answers every other read of a node with 404; `broken-1` with a 500; and the namespace `fresh`.
 fn with_nodes(mut a: Admission) -> Admission {
     let service = imdsgate_core::http_server::service_fn(
         |req: http::Request<kube::client::Body>| async move {
             let node = |name: &str, labels: serde_json::Value| json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name, "labels": labels } });
-            let (status, body) = match req.uri().path().strip_prefix("/api/v1/nodes/") {
+            let path = req.uri().path();
+            let (status, body) = match path.strip_prefix("/api/v1/nodes/") {
+                // A namespace the watch has not delivered yet, permitting app roles.
+                None if path == "/api/v1/namespaces/fresh" => (
+                    200,
+                    json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "fresh",
+                        "annotations": { "iam.amazonaws.com/permitted": "arn:aws:iam::123456789012:role/app-.*" } } }),
+                ),
                 Some("worker-1") => (200, node("worker-1", json!({ "kubernetes.io/hostname": "worker-1" }))),
                 Some("server-1") => (200, node("server-1", json!({ "imdsgate.io/server-node": "true" }))),
                 Some("broken-1") => (

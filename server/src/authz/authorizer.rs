@@ -36,6 +36,10 @@ pub enum Denial {
     SessionNameInvalid { chosen: String, why: String },
     #[error("namespace {namespace} does not permit role {role}: {why}")]
     NamespaceForbids { namespace: String, role: String, why: String },
+    #[error(
+        "pod {namespace}/{pod} is a mirror pod (an object its node could have written, with any annotation): it gets no role unless its namespace is annotated {annotation}: \"true\""
+    )]
+    MirrorPod { namespace: String, pod: String, annotation: &'static str },
     #[error("{0}")]
     Sts(#[from] StsError),
     /// `--role-base-arn-autodetect` has not succeeded yet, and the answer depends on the base.
@@ -60,6 +64,7 @@ impl Denial {
             Denial::RoleMismatch { .. } => Reason::RoleMismatch,
             Denial::NamespaceForbids { .. } => Reason::NamespaceForbids,
             Denial::SessionNameInvalid { .. } => Reason::SessionNameInvalid,
+            Denial::MirrorPod { .. } => Reason::MirrorPod,
             Denial::Sts(StsError::Denied(_)) => Reason::StsDenied,
             Denial::Sts(StsError::Unavailable(_) | StsError::Deferred) | Denial::BaseArnUnknown(_) => {
                 Reason::StsUnavailable
@@ -161,20 +166,42 @@ impl Authorizer {
         Ok((pod, key))
     }
 
-    /// The session a pod is entitled to: its annotated role, permitted by its namespace.
+    /// The session a pod is entitled to: its annotated role, permitted by its namespace. Every
+    /// path to credentials goes through here: requests, prefetches, refreshes, revocation
+    /// rechecks and `explain`.
     pub fn session_for(&self, pod: &PodInfo) -> Result<SessionKey, Denial> {
         let annotation = pod
             .role
             .as_deref()
             .ok_or_else(|| Denial::NoRole { namespace: pod.namespace.clone(), pod: pod.name.clone() })?;
         let role = self.resolve_role(annotation)?;
-        self.check_policy(&pod.namespace, &self.namespaces.policy(&pod.namespace), &role)?;
+        let rules = self.namespaces.rules(&pod.namespace);
+        Self::check_mirror(&pod.namespace, &pod.name, pod.node_written, rules.mirror_pods)?;
+        self.check_policy(&pod.namespace, &rules.policy, &role)?;
         // The webhook refuses such pods; pods it never saw (exempt, or older) are refused here.
         if let Some(chosen) = &pod.session_name {
             crate::authz::session::check_override(&pod.namespace, chosen)
                 .map_err(|why| Denial::SessionNameInvalid { chosen: chosen.clone(), why })?;
         }
         Ok(SessionKey::for_pod(pod, role, &self.tags))
+    }
+
+    /// A pod object its node could have written gets a role only where its namespace allows it
+    /// (the server's and the webhook's rule).
+    pub fn check_mirror(
+        namespace: &str,
+        pod: &str,
+        node_written: bool,
+        namespace_allows: bool,
+    ) -> Result<(), Denial> {
+        if node_written && !namespace_allows {
+            return Err(Denial::MirrorPod {
+                namespace: namespace.to_string(),
+                pod: pod.to_string(),
+                annotation: crate::authz::namespace_index::MIRROR_PODS_ANNOTATION,
+            });
+        }
+        Ok(())
     }
 
     /// A role annotation's ARN (the server's and the webhook's resolution). A name needs the base
@@ -255,6 +282,31 @@ mod tests {
             reason(a.authorize(&ask("10.0.0.4", "u-evil", "admin"), &node_a)),
             Reason::NamespaceForbids
         );
+    }
+
+    /// A compromised node can write a mirror pod in any namespace, naming any role, on itself: it
+    /// gets nothing for it, unless the namespace opted its mirror pods in.
+    #[test]
+    fn a_mirror_pod_gets_no_role_unless_its_namespace_allows_it() {
+        let a = authorizer();
+        let mirror = imdsgate_core::fixtures::pod("u-static", "static-app")
+            .ip("10.0.0.8")
+            .role("app")
+            .mirror()
+            .build();
+        a.pods.apply(&mirror);
+        let asked = ask("10.0.0.8", "u-static", "app");
+        assert_eq!(reason(a.authorize(&asked, &agent("node-a"))), Reason::MirrorPod);
+        let info = a.pods.by_uid("u-static").unwrap();
+        assert!(matches!(a.session_for(&info), Err(Denial::MirrorPod { .. })), "prefetch and rechecks too");
+        a.namespaces.apply(&imdsgate_core::fixtures::namespace(
+            "team",
+            &[
+                (crate::authz::policy::PERMITTED_ANNOTATION, "arn:aws:iam::123456789012:role/app"),
+                (crate::authz::namespace_index::MIRROR_PODS_ANNOTATION, "true"),
+            ],
+        ));
+        assert!(a.authorize(&asked, &agent("node-a")).is_ok());
     }
 
     #[test]

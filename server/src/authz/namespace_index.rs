@@ -1,14 +1,45 @@
-//! The namespace index: each namespace's role policy, parsed once when the watch delivers it.
+//! The namespace index: each namespace's role policy, and whether it lets mirror pods have roles,
+//! parsed once when the watch delivers it. Only the namespace watch writes it.
 
 use crate::authz::policy::NamespacePolicy;
 use k8s_openapi::api::core::v1::Namespace;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-/// Namespace name to policy.
+/// Namespace annotation that lets the namespace's mirror pods (objects a kubelet writes for its
+/// static pods) have the roles its policy permits: `"true"`. Without it they get none, since any
+/// node may write such a pod, with any annotation, in any namespace.
+pub const MIRROR_PODS_ANNOTATION: &str = "imdsgate.io/allow-mirror-pod-roles";
+
+/// What the index keeps of a namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamespaceRules {
+    pub policy: Arc<NamespacePolicy>,
+    /// [`MIRROR_PODS_ANNOTATION`] is `"true"`.
+    pub mirror_pods: bool,
+}
+
+impl NamespaceRules {
+    /// The rules `ns`'s annotations describe.
+    pub fn of(ns: &Namespace) -> NamespaceRules {
+        let annotations = ns.metadata.annotations.as_ref();
+        let get = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+        NamespaceRules {
+            policy: Arc::new(NamespacePolicy::from_annotations(get)),
+            mirror_pods: get(MIRROR_PODS_ANNOTATION).is_some_and(|v| v.trim() == "true"),
+        }
+    }
+
+    /// A namespace not (yet) seen: nothing permitted.
+    fn none() -> NamespaceRules {
+        NamespaceRules { policy: Arc::new(NamespacePolicy::Nothing), mirror_pods: false }
+    }
+}
+
+/// Namespace name to rules.
 #[derive(Default)]
 pub struct NamespaceIndex {
-    policies: RwLock<HashMap<String, Arc<NamespacePolicy>>>,
+    policies: RwLock<HashMap<String, NamespaceRules>>,
 }
 
 impl NamespaceIndex {
@@ -20,15 +51,12 @@ impl NamespaceIndex {
     /// the credentials it no longer permits can be revoked).
     pub fn apply(&self, ns: &Namespace) -> Option<String> {
         let name = ns.metadata.name.clone()?;
-        let policy = policy_of(ns);
-        if let Some(why) = policy.invalid_reason() {
+        let rules = NamespaceRules::of(ns);
+        if let Some(why) = rules.policy.invalid_reason() {
             tracing::warn!(namespace = %name, reason = why, "namespace role policy is invalid; every role is denied");
         }
-        let previous = self.write().insert(name.clone(), Arc::new(policy.clone()));
-        let unchanged = match previous {
-            Some(previous) => *previous == policy,
-            None => policy == NamespacePolicy::Nothing,
-        };
+        let previous = self.write().insert(name.clone(), rules.clone());
+        let unchanged = previous.unwrap_or_else(NamespaceRules::none) == rules;
         (!unchanged).then_some(name)
     }
 
@@ -42,7 +70,7 @@ impl NamespaceIndex {
     pub fn reset(&self, namespaces: &[Namespace]) -> Vec<String> {
         let fresh: HashMap<_, _> = namespaces
             .iter()
-            .filter_map(|ns| Some((ns.metadata.name.clone()?, Arc::new(policy_of(ns)))))
+            .filter_map(|ns| Some((ns.metadata.name.clone()?, NamespaceRules::of(ns))))
             .collect();
         let mut policies = self.write();
         let mut changed: Vec<String> = policies
@@ -55,14 +83,19 @@ impl NamespaceIndex {
         changed
     }
 
-    /// The namespace's policy; a namespace not (yet) seen permits nothing.
-    pub fn policy(&self, namespace: &str) -> Arc<NamespacePolicy> {
+    /// The namespace's rules; a namespace not (yet) seen permits nothing.
+    pub fn rules(&self, namespace: &str) -> NamespaceRules {
         self.policies
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(namespace)
             .cloned()
-            .unwrap_or_else(|| Arc::new(NamespacePolicy::Nothing))
+            .unwrap_or_else(NamespaceRules::none)
+    }
+
+    /// The namespace's role policy; a namespace not (yet) seen permits nothing.
+    pub fn policy(&self, namespace: &str) -> Arc<NamespacePolicy> {
+        self.rules(namespace).policy
     }
 
     /// Whether the watch has delivered this namespace.
@@ -78,15 +111,9 @@ impl NamespaceIndex {
         self.len() == 0
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<NamespacePolicy>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NamespaceRules>> {
         self.policies.write().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-fn policy_of(ns: &Namespace) -> NamespacePolicy {
-    NamespacePolicy::from_annotations(|key| {
-        ns.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned()
-    })
 }
 
 #[cfg(test)]

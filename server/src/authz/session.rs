@@ -133,6 +133,7 @@ mod tests {
             role: Some("app".into()),
             external_id: None,
             session_name: None,
+            node_written: false,
         }
     }
 
