@@ -5,9 +5,9 @@
 //!
 //! A connection costs a descriptor from its accept, whoever opens it; until its handshake
 //! completes, nothing says it is an agent's. So handshakes pending at once are capped per source
-//! address ([`HandshakeLimits::per_source`]: one over it is closed at once) and in total (the
-//! oldest pending one gives way to a new one: an agent's handshake takes milliseconds, an idle
-//! neighbour's lasts until its deadline), and the total is a share of the open-file limit, so the
+//! address ([`HandshakeLimits::per_source`]: one over it is closed at once) and in total (past
+//! it, the oldest pending handshake of the source with the most gives way to the new one: an
+//! agent's lone handshake takes milliseconds, a flood's idle ones last until their deadline), and the total is a share of the open-file limit, so the
 //! webhook's and admin listeners' connections and the agents that completed mutual TLS always find
 //! descriptors. [`grpc_server`] caps what one connection may open after the handshake.
 
@@ -21,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -73,7 +73,7 @@ pub fn grpc_server() -> tonic::transport::Server {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HandshakeLimits {
     pub timeout: Duration,
-    /// Pending at once in total; a new one past it ends the oldest.
+    /// Pending at once in total; a new one past it ends the oldest of the source with the most.
     pub total: usize,
     /// Pending at once from one source address; a new one past it is closed at once.
     pub per_source: usize,
@@ -90,18 +90,61 @@ impl HandshakeLimits {
     }
 }
 
-/// The handshakes pending now: a per-source budget, and the total in arrival order, each with the
-/// latch that ends it when it gives way to a newer one.
+/// The handshakes pending now: a per-source budget, and each source's pending handshakes in
+/// arrival order, each with the latch that ends it when it gives way to a newer one.
 struct Pending {
     total: usize,
     per_source: Arc<SourceBudget>,
     next: AtomicU64,
-    order: Mutex<BTreeMap<u64, Latch>>,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    len: usize,
+    /// Only sources with a pending handshake have an entry.
+    by_source: HashMap<IpAddr, VecDeque<(u64, Latch)>>,
+}
+
+impl Queue {
+    /// Ends the oldest pending handshake of the source with the most: a flood's, not the lone
+    /// handshake of an agent.
+    fn evict(&mut self) {
+        let busiest = self
+            .by_source
+            .iter()
+            .filter_map(|(source, queue)| {
+                queue.front().map(|(id, _)| (queue.len(), std::cmp::Reverse(*id), *source))
+            })
+            .max();
+        let Some((_, _, source)) = busiest else { return };
+        if let Some(queue) = self.by_source.get_mut(&source) {
+            if let Some((_, latch)) = queue.pop_front() {
+                latch.set();
+                self.len -= 1;
+            }
+            if queue.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    fn remove(&mut self, source: IpAddr, id: u64) {
+        if let Some(queue) = self.by_source.get_mut(&source) {
+            let before = queue.len();
+            queue.retain(|(pending, _)| *pending != id);
+            self.len -= before - queue.len();
+            if queue.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
 }
 
 /// One pending handshake's place; given back on drop.
 struct Admitted {
     pending: Arc<Pending>,
+    source: IpAddr,
     id: u64,
     /// Set when a newer handshake took this one's place.
     evicted: Latch,
@@ -115,35 +158,34 @@ impl Pending {
             // The total is kept below, by eviction rather than refusal.
             per_source: SourceBudget::new(Budget { total: usize::MAX, per_source: limits.per_source }),
             next: AtomicU64::new(0),
-            order: Mutex::new(BTreeMap::new()),
+            queue: Mutex::default(),
         })
     }
 
-    /// Admits a handshake from `source`, ending the oldest pending one if the total is reached;
-    /// refuses one past its source's share.
+    /// Admits a handshake from `source`; past the total, the oldest pending handshake of the
+    /// source with the most gives way; one past its source's share is refused.
     fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Exhausted> {
         let permit = self.per_source.try_acquire(source)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let evicted = Latch::default();
-        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-        while order.len() >= self.total {
-            if let Some((_, oldest)) = order.pop_first() {
-                oldest.set();
-            }
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while queue.len >= self.total && queue.len > 0 {
+            queue.evict();
         }
-        order.insert(id, evicted.clone());
-        Ok(Admitted { pending: self.clone(), id, evicted, _source: permit })
+        queue.by_source.entry(source).or_default().push_back((id, evicted.clone()));
+        queue.len += 1;
+        Ok(Admitted { pending: self.clone(), source, id, evicted, _source: permit })
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.order.lock().unwrap().len()
+        self.queue.lock().unwrap().len
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.pending.order.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.pending.queue.lock().unwrap_or_else(|e| e.into_inner()).remove(self.source, self.id);
     }
 }
 
@@ -279,25 +321,33 @@ mod tests {
     }
 
     #[test]
-    fn pending_handshakes_are_capped_per_source_and_the_oldest_gives_way() {
-        let pending = Pending::new(&HandshakeLimits { timeout: HANDSHAKE_TIMEOUT, total: 3, per_source: 2 });
+    fn pending_handshakes_are_capped_per_source_and_the_busiest_source_gives_way() {
+        let pending = Pending::new(&HandshakeLimits { timeout: HANDSHAKE_TIMEOUT, total: 4, per_source: 3 });
+        let agent = pending.admit(ip(1)).unwrap();
         let a1 = pending.admit(ip(2)).unwrap();
         let a2 = pending.admit(ip(2)).unwrap();
+        let a3 = pending.admit(ip(2)).unwrap();
         assert_eq!(pending.admit(ip(2)).err(), Some(Exhausted::Source), "past its source's share");
         let b1 = pending.admit(ip(3)).unwrap();
-        assert!(!a1.evicted.is_set());
+        assert!(a1.evicted.is_set(), "127.0.0.2 had the most: its oldest gave way");
+        assert!(!agent.evicted.is_set(), "the agent's lone handshake, older still, stays");
+        let b2 = pending.admit(ip(3)).unwrap();
+        assert!(a2.evicted.is_set() && !agent.evicted.is_set());
         let c1 = pending.admit(ip(4)).unwrap();
-        assert!(a1.evicted.is_set(), "the oldest gave way");
-        assert!(!a2.evicted.is_set() && !b1.evicted.is_set() && !c1.evicted.is_set());
-        assert_eq!(pending.len(), 3);
-        // The evicted one keeps its source's share until its task has closed the connection.
-        assert_eq!(pending.admit(ip(2)).err(), Some(Exhausted::Source));
-        drop(a1);
-        let a3 = pending.admit(ip(2)).unwrap();
-        assert!(a2.evicted.is_set(), "a2 was the oldest now");
-        drop((a2, a3, b1, c1));
+        assert!(b1.evicted.is_set(), "two each: the oldest of the two busiest");
+        assert!(
+            !agent.evicted.is_set() && !a3.evicted.is_set() && !b2.evicted.is_set() && !c1.evicted.is_set()
+        );
+        assert_eq!(pending.len(), 4);
+        assert_eq!(
+            pending.admit(ip(2)).err(),
+            Some(Exhausted::Source),
+            "an evicted one keeps its source's share until its connection is closed"
+        );
+        drop((a1, a2));
+        let a4 = pending.admit(ip(2)).unwrap();
+        drop((agent, a3, a4, b1, b2, c1));
         assert_eq!(pending.len(), 0);
-        assert!(pending.admit(ip(2)).is_ok(), "all given back");
     }
 
     /// A connection from 127.0.0.`last` to `addr`.
@@ -344,9 +394,15 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut agent, b"x").await.unwrap();
         let served = tokio::time::timeout(Duration::from_secs(1), incoming.next()).await;
         assert!(matches!(served, Ok(Some(Ok(_)))), "the agent's handshake completes");
-        assert!(closed_within(&mut idle[1], Duration::from_secs(1)).await, "it made room too");
-        for conn in &mut idle[2..] {
-            assert!(closed_within(conn, Duration::from_secs(3)).await, "idle ones end at the deadline");
+        assert!(
+            closed_within(&mut idle[2], Duration::from_secs(1)).await,
+            "it made room too: the oldest of 127.0.0.3, the busiest source"
+        );
+        for i in [1, 3, 4] {
+            assert!(
+                closed_within(&mut idle[i], Duration::from_secs(3)).await,
+                "idle ones end at the deadline"
+            );
         }
         let count = |outcome| failures.get_or_create(&OutcomeLabels { outcome }).get();
         assert_eq!((count("shed"), count("evicted"), count("timed_out")), (1, 2, 3));
