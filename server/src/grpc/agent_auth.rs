@@ -26,7 +26,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
-use reviews::{DeletedSince, Reviews, TokenDigest};
+use reviews::{Deleted, Reviews, TokenDigest};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -177,16 +177,18 @@ impl AgentAuthenticator {
                 let mut reviews = lock(&self.reviews);
                 match self.identity_from(status) {
                     Ok((identity, pod)) => {
-                        let deleted = pod.as_deref().map(|uid| reviews.deleted_since(uid, mark));
+                        let deleted = pod.as_deref().map(|uid| reviews.deleted(uid, mark));
                         match deleted {
-                            // Accepted by the apiserver just before this replica saw its pod go.
-                            Some(DeletedSince::Yes) => {
+                            // Its pod is gone; the apiserver answered before it saw it go, or from
+                            // its own cache of token checks.
+                            Some(Deleted::Yes) => {
                                 reviews.refuse(digest, AuthError::PodGone, now);
                                 Err(AuthError::PodGone)
                             }
                             // Too many deletions meanwhile to tell: answered, not remembered.
-                            Some(DeletedSince::Unknown) => Ok(identity),
-                            Some(DeletedSince::No) | None => {
+                            Some(Deleted::Unknown) => Ok(identity),
+                            Some(Deleted::No) | None => {
+                                tracing::debug!(node = ?identity.node, pod = ?pod, "agent token accepted");
                                 let until = token_expiry(token).unwrap_or(now).min(now + MAX_CACHE_TTL);
                                 reviews.accept(digest, identity.clone(), pod, until, now);
                                 Ok(identity)
@@ -213,6 +215,7 @@ impl AgentAuthenticator {
     /// The pod `uid` was deleted: tokens bound to it stop working here now.
     pub fn pod_deleted(&self, uid: &str) {
         if !uid.is_empty() {
+            tracing::trace!(uid, "pod deleted; agent tokens bound to it end");
             lock(&self.reviews).pod_deleted(uid);
         }
     }

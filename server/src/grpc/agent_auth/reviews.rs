@@ -1,8 +1,10 @@
 //! What the authenticator remembers of past TokenReviews, by token digest: accepted reviews until
 //! the token expires (at most ten minutes) or its agent pod is deleted, whichever comes first;
 //! refusals for a few seconds (a token sent again and again costs one review, not one each); and
-//! the pods deleted lately, so that a review the apiserver answered just before its pod went is
-//! not cached after the deletion was seen.
+//! the pods deleted lately: a token bound to one of them is refused whatever a review says (the
+//! apiserver caches its own token checks for ten seconds, and a review it answered just before the
+//! pod went may arrive after the deletion was seen). A pod's UID is never reused, so a pod deleted
+//! stays deleted.
 //!
 //! Bounded and fair: each node (the holder of a bound token) keeps at most a few accepted reviews
 //! (a node that mints tokens in a loop pushes out only its own), the whole map is capped and, when
@@ -26,9 +28,9 @@ pub const MAX_PER_HOLDER: usize = 4;
 pub const REFUSAL_TTL: Duration = Duration::from_secs(10);
 /// Refusals remembered at most (about 100 bytes each); past this the oldest is forgotten.
 pub const MAX_REFUSED: usize = 10_000;
-/// Pod deletions remembered for reviews in flight: more than any apiserver deletes during one
-/// review. Past this, a review that started before the oldest remembered deletion is answered but
-/// not cached.
+/// Pod deletions remembered: more than any apiserver deletes in the ten seconds it may still
+/// accept a deleted pod's token. Past this, a review that started before the oldest remembered
+/// deletion is answered but not cached.
 pub const MAX_DELETIONS: usize = 8_192;
 
 struct Accepted {
@@ -55,12 +57,12 @@ pub(super) struct Reviews {
     next_deletion: u64,
 }
 
-/// Whether a pod was deleted since a review started.
+/// Whether a pod is known to be deleted.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum DeletedSince {
+pub(super) enum Deleted {
     Yes,
     No,
-    /// Too many deletions since to tell.
+    /// Not among the deletions remembered, but some since the review started were forgotten.
     Unknown,
 }
 
@@ -83,19 +85,19 @@ impl Reviews {
         }
     }
 
-    /// The mark a review takes when it starts, for [`Reviews::deleted_since`].
+    /// The mark a review takes when it starts, for [`Reviews::deleted`].
     pub(super) fn mark(&self) -> u64 {
         self.next_deletion
     }
 
-    /// Whether the pod `uid` was deleted after `mark` was taken.
-    pub(super) fn deleted_since(&self, uid: &str, mark: u64) -> DeletedSince {
-        if self.deletions.iter().any(|(n, gone)| *n >= mark && gone == uid) {
-            DeletedSince::Yes
+    /// Whether the pod `uid` is deleted, for a review that started at `mark`.
+    pub(super) fn deleted(&self, uid: &str, mark: u64) -> Deleted {
+        if self.deletions.iter().any(|(_, gone)| gone == uid) {
+            Deleted::Yes
         } else if self.deletions.front().is_some_and(|(oldest, _)| *oldest > mark) {
-            DeletedSince::Unknown
+            Deleted::Unknown
         } else {
-            DeletedSince::No
+            Deleted::No
         }
     }
 
