@@ -243,3 +243,52 @@ async fn annotation_changes_in_a_loop_cannot_burn_the_sts_budget() {
     // The neighbour is untouched.
     bed.access_key(bed.pod("team/neighbour"), "app-reader").expect("neighbour still served");
 }
+
+/// A compromised node may write a mirror pod (the kubelet's copy of a static pod) in any
+/// namespace, naming any role, on itself. With the node's agent identity it asks for that role:
+/// nothing is issued and no STS call is made for it, while an ordinary pod of the namespace is
+/// served; once the namespace opts its mirror pods in, the same request is served.
+#[tokio::test]
+async fn a_mirror_pod_gets_no_role_unless_its_namespace_opts_in() {
+    if !e2e_enabled("a_mirror_pod_gets_no_role_unless_its_namespace_opts_in") {
+        return;
+    }
+    let bed = AgentBed::start(BedPlan {
+        namespaces: vec![("payments", "arn:aws:iam::123456789012:role/payments-.*")],
+        roles: vec!["payments-admin"],
+        pods: vec![
+            BedPod::new("payments", "static-admin-node-a", "10.200.1.30")
+                .role("payments-admin")
+                .annotation("kubernetes.io/config.mirror", "0123abcd"),
+            BedPod::new("payments", "web", "10.200.1.31").role("payments-admin"),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("bed");
+    let creds = "/latest/meta-data/iam/security-credentials/payments-admin";
+    let (status, body) = bed.imds_get(bed.pod("payments/web"), creds);
+    assert_eq!(status, 200, "the ordinary pod is served: {body}");
+    for _ in 0..3 {
+        let (status, body) = bed.imds_get(bed.pod("payments/static-admin-node-a"), creds);
+        assert_eq!(status, 403, "the mirror pod is refused: {body}");
+        assert!(body.contains("mirror pod"), "{body}");
+    }
+    let success = "imdsgate_server_sts_calls_total{result=\"Success\"}";
+    assert_eq!(bed.server.metric(success).await.unwrap(), 1.0, "one AssumeRole, the ordinary pod's");
+
+    let opt_in = json!({ "metadata": { "annotations": { "imdsgate.io/allow-mirror-pod-roles": "true" } } });
+    Api::<Namespace>::all(bed.cluster.client())
+        .patch("payments", &PatchParams::default(), &Patch::Merge(&opt_in))
+        .await
+        .expect("namespace patched");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = bed.imds_get(bed.pod("payments/static-admin-node-a"), creds);
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused after the opt-in: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
