@@ -8,7 +8,6 @@ use crate::events::DenialEvents;
 use crate::grpc::agent_auth::AgentAuthenticator;
 use crate::grpc::revocation::{self, RevocationStream, Revocations, Subscriber};
 use crate::metrics::{Metrics, ReasonLabels, Rpc, RpcLabels, RpcOnly};
-use futures::StreamExt;
 use imdsgate_proto::AUTHORIZATION_METADATA_KEY;
 use imdsgate_proto::v1::credentials_server::{Credentials, CredentialsServer};
 use imdsgate_proto::v1::{GetCredentialsRequest, GetCredentialsResponse, WatchRevocationsRequest};
