@@ -90,7 +90,9 @@ pub struct Metrics {
     pub aws_identity_ready: Gauge,
     pub certificate_expiry: ExpiryGauges,
     /// gRPC connections whose mutual-TLS handshake failed: `refused` (no valid client
-    /// certificate from the CA, say) or `timed_out`.
+    /// certificate from the CA, say), `timed_out`, `shed` (closed at once: its source already
+    /// had its share of pending handshakes) or `evicted` (the oldest handshake of the busiest
+    /// source, giving way when the total was reached).
     pub tls_handshake_failures: Family<OutcomeLabels, Counter>,
     /// TokenReviews of agent tokens sent to the apiserver, by outcome: `accepted`, `refused`,
     /// `failed` (no answer).

@@ -100,6 +100,13 @@ impl Ask {
         let pod_ip = pod_ip
             .parse()
             .map_err(|_| Denial::InvalidArgument(format!("pod_ip {pod_ip:?} is not an IP address")))?;
+        Ask::check_pod_and_role(pod_uid, role)?;
+        Ok(Ask { pod_ip, pod_uid: pod_uid.to_string(), role: role.to_string() })
+    }
+
+    /// The rules for a pod UID and a role name as an agent sends them (in a request, or in what
+    /// it holds when it opens a revocation stream).
+    pub fn check_pod_and_role(pod_uid: &str, role: &str) -> Result<(), Denial> {
         if pod_uid.is_empty()
             || pod_uid.len() > 64
             || !pod_uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -109,7 +116,7 @@ impl Ask {
         if !role::valid_role_name(role) {
             return Err(Denial::InvalidArgument(format!("role {role:?} is not an IAM role name")));
         }
-        Ok(Ask { pod_ip, pod_uid: pod_uid.to_string(), role: role.to_string() })
+        Ok(())
     }
 }
 

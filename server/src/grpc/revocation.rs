@@ -18,7 +18,7 @@ use imdsgate_core::{PodIndex, PodInfo};
 use imdsgate_proto::Reason;
 use imdsgate_proto::v1::{HeldCredentials, Revocation};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,8 +57,8 @@ pub fn validate_held(held: &[HeldCredentials]) -> Result<(), Denial> {
         )));
     }
     for h in held {
-        // The same rules as a request's UID and role; the address plays no part here.
-        Ask::parse(&Ipv6Addr::UNSPECIFIED.to_string(), &h.pod_uid, &h.role)?;
+        // The same rules as a request's UID and role.
+        Ask::check_pod_and_role(&h.pod_uid, &h.role)?;
     }
     Ok(())
 }
