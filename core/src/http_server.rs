@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt as _};
 
-pub use crate::backoff::Backoff;
+use crate::backoff::Backoff;
 
 /// Builds a listener's service from an async function (tower's, re-exported so listeners need no
 /// tower dependency of their own).

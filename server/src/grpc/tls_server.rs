@@ -12,9 +12,8 @@
 //! descriptors. [`grpc_server`] caps what one connection may open after the handshake.
 
 use crate::metrics::OutcomeLabels;
-use imdsgate_core::http_server::{
-    Backoff, Budget, Exhausted, SourceBudget, SourcePermit, accept_with_backoff,
-};
+use imdsgate_core::backoff::Backoff;
+use imdsgate_core::http_server::{Budget, Exhausted, SourceBudget, SourcePermit, accept_with_backoff};
 use imdsgate_core::latch::Latch;
 use imdsgate_core::tls::{self, Reloading, TlsError};
 use prometheus_client::metrics::counter::Counter;
