@@ -3,6 +3,7 @@
 
 use imdsgate_e2e::components::{Pki, ServerProcess, http_get, install_rbac, metric_value};
 use imdsgate_e2e::process::free_port;
+use imdsgate_e2e::tools::workspace_root;
 use imdsgate_e2e::{Cluster, Sts, e2e_enabled};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -30,8 +31,22 @@ fn rejected(result: Result<Pod, String>, needle: &str) {
     }
 }
 
+/// The matchConditions deploy/base/webhook.yaml ships (what the apiserver evaluates before it
+/// calls the webhook at all).
+fn shipped_match_conditions() -> serde_json::Value {
+    let yaml = std::fs::read_to_string(workspace_root().join("deploy/base/webhook.yaml")).unwrap();
+    let config: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    let conditions = config["webhooks"][0]["matchConditions"].clone();
+    assert!(
+        conditions.as_array().is_some_and(|c| !c.is_empty()),
+        "deploy/base/webhook.yaml has matchConditions"
+    );
+    conditions
+}
+
 /// The apiserver, the server with its webhook, a server node and a worker, and the webhook
-/// configured for pods and pods/binding (as deploy/base/webhook.yaml does), in effect.
+/// configured for pods and pods/binding with the shipped matchConditions (as
+/// deploy/base/webhook.yaml does), in effect.
 struct WebhookBed {
     cluster: Cluster,
     server: ServerProcess,
@@ -79,7 +94,8 @@ async fn start(extra_server_args: &[&str]) -> WebhookBed {
                   "resources": ["pods/binding", "bindings"], "scope": "Namespaced" }
             ],
             "namespaceSelector": { "matchExpressions": [{ "key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                                                          "values": ["imdsgate", "kube-system"] }] }
+                                                          "values": ["imdsgate", "kube-system"] }] },
+            "matchConditions": shipped_match_conditions(),
         }]
     }))
     .unwrap();
@@ -431,4 +447,89 @@ async fn warn_mode_admits_with_a_warning_what_enforce_refuses() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// With no server answering (failurePolicy Fail), the apiserver still creates every pod that
+/// carries nothing imdsgate decides and cannot reach a server node, and relabels pods whose
+/// judged fields did not change; what needs judging is refused until a server answers.
+#[tokio::test]
+async fn an_unanswering_webhook_blocks_only_what_it_must_judge() {
+    if !e2e_enabled("an_unanswering_webhook_blocks_only_what_it_must_judge") {
+        return;
+    }
+    let WebhookBed { cluster, mut server, .. } = start(&[]).await;
+    create(
+        &cluster,
+        "team",
+        json!({ "metadata": { "name": "web", "annotations": { "iam.amazonaws.com/role": "app-reader" } }, "spec": {} }),
+    )
+    .await
+    .expect("a permitted pod is admitted while the server answers");
+    server.child.terminate(Duration::from_secs(10)).unwrap();
+
+    let started = Instant::now();
+    let plain = json!({ "metadata": { "name": "plain", "labels": { "app": "plain" } }, "spec": {
+        // As every pod has them once the apiserver's DefaultTolerationSeconds has run.
+        "tolerations": [
+            { "key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300 },
+            { "key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300 }
+        ],
+        "affinity": { "nodeAffinity": { "preferredDuringSchedulingIgnoredDuringExecution": [
+            { "weight": 1, "preference": { "matchExpressions": [{ "key": "zone", "operator": "In", "values": ["a"] }] } }] } }
+    } });
+    create(&cluster, "team", plain).await.expect("an ordinary pod never reaches the webhook");
+    cluster.create_namespace("fresh", &[]).await.unwrap();
+    create(&cluster, "fresh", json!({ "metadata": { "name": "job" }, "spec": {} }))
+        .await
+        .expect("nor does one in a namespace created a moment ago");
+    assert!(started.elapsed() < Duration::from_secs(5), "admitted at once, not after the webhook's timeout");
+    // Updates that change nothing imdsgate judges go through, even on a pod with a role.
+    let relabel = json!({ "metadata": { "labels": { "version": "2" } } });
+    Api::<Pod>::namespaced(cluster.client(), "team")
+        .patch("web", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .expect("a relabel of a role pod is not judged again");
+
+    let failed = |result: Result<Pod, String>, what: &str| match result {
+        Ok(_) => panic!("{what} was admitted with no server to judge it"),
+        Err(message) => assert!(message.contains("pods.imdsgate.io"), "{what}: {message}"),
+    };
+    let role = json!({ "metadata": { "name": "r", "annotations": { "iam.amazonaws.com/role": "app-reader" } }, "spec": {} });
+    failed(create(&cluster, "team", role).await, "a pod naming a role");
+    let session = json!({ "metadata": { "name": "s", "annotations": { "iam.amazonaws.com/session-name": "x" } }, "spec": {} });
+    failed(create(&cluster, "team", session).await, "a pod naming a session");
+    let tolerant = json!({ "metadata": { "name": "t" }, "spec": { "tolerations": [
+        { "key": "imdsgate.io/server-node", "operator": "Exists", "effect": "NoSchedule" }] } });
+    failed(create(&cluster, "team", tolerant).await, "a pod tolerating the server taint");
+    let everything =
+        json!({ "metadata": { "name": "e" }, "spec": { "tolerations": [{ "operator": "Exists" }] } });
+    failed(create(&cluster, "team", everything).await, "a pod tolerating every taint");
+    let bound = json!({ "metadata": { "name": "b" }, "spec": { "nodeName": "server-1" } });
+    failed(create(&cluster, "team", bound).await, "a pod bound to a node");
+    let host = json!({ "metadata": { "name": "h" }, "spec": { "hostNetwork": true } });
+    failed(create(&cluster, "team", host).await, "a hostNetwork pod");
+    let selector = json!({ "metadata": { "name": "n" }, "spec": { "nodeSelector": { "imdsgate.io/server-node": "true" } } });
+    failed(create(&cluster, "team", selector).await, "a pod selecting server nodes");
+    let pinned = json!({ "metadata": { "name": "p" }, "spec": { "affinity": { "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+            { "matchFields": [{ "key": "metadata.name", "operator": "In", "values": ["server-1"] }] }] } } } } });
+    failed(create(&cluster, "team", pinned).await, "a pod pinned to a node");
+    // A binding by anyone but the scheduler is judged: the test's client is an administrator.
+    let binding = Api::<Pod>::namespaced(cluster.client(), "team")
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            "plain",
+            &PostParams::default(),
+            &json!({ "apiVersion": "v1", "kind": "Binding", "metadata": { "name": "plain", "namespace": "team" },
+                     "target": { "apiVersion": "v1", "kind": "Node", "name": "server-1" } }),
+        )
+        .await;
+    let message = binding.expect_err("a binding by an administrator is judged").to_string();
+    assert!(message.contains("pods.imdsgate.io"), "{message}");
+    // Changing a role is judged.
+    let patch = json!({ "metadata": { "annotations": { "iam.amazonaws.com/role": "app-writer" } } });
+    let update = Api::<Pod>::namespaced(cluster.client(), "team")
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    assert!(update.expect_err("a role change is judged").to_string().contains("pods.imdsgate.io"));
 }

@@ -134,3 +134,38 @@ order as deploy/base/agent.yaml. Also the uninstall hook's, which runs where age
 {{- $_ := set $affinity "nodeAffinity" $nodeAffinity -}}
 {{- toYaml $affinity -}}
 {{- end -}}
+
+{{/* The webhook's matchConditions expression (deploy/base/webhook.yaml explains it), naming the
+server nodes' label keys and taint of these values. */}}
+{{- define "imdsgate.webhookMatchExpression" -}}
+{{- $taint := regexSplit ":" .Values.server.serverNodeTaint -1 -}}
+{{- $taintKey := index (regexSplit "=" (index $taint 0) -1) 0 -}}
+{{- $taintEffect := index $taint 1 -}}
+{{- $keys := list -}}
+{{- range $k, $_ := (include "imdsgate.serverNodeLabels" . | fromJson) -}}{{- $keys = append $keys (printf "'%s' in object.spec.nodeSelector" $k) -}}{{- end -}}
+{{- $selector := printf "(has(object.spec.nodeSelector) && %s)" (join " || " $keys) -}}
+{{- if gt (len $keys) 1 -}}{{- $selector = printf "(has(object.spec.nodeSelector) && (%s))" (join " || " $keys) -}}{{- end -}}
+((has(request.subResource) && request.subResource == 'binding') || request.resource.resource == 'bindings')
+? request.userInfo.username != 'system:kube-scheduler'
+: (
+    (has(object.metadata.annotations)
+      && ('iam.amazonaws.com/role' in object.metadata.annotations
+          || 'iam.amazonaws.com/session-name' in object.metadata.annotations))
+    || (has(object.spec.hostNetwork) && object.spec.hostNetwork)
+    || (has(object.spec.nodeName) && object.spec.nodeName != '')
+    || {{ $selector }}
+    || (has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity)
+        && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution))
+    || (has(object.spec.tolerations) && object.spec.tolerations.exists(t,
+        (!has(t.effect) || t.effect == '' || t.effect == '{{ $taintEffect }}')
+        && ((has(t.key) && t.key == '{{ $taintKey }}')
+            || ((!has(t.key) || t.key == '') && has(t.operator) && t.operator == 'Exists'))))
+  )
+  && (oldObject == null
+    || (has(object.metadata.annotations) && 'iam.amazonaws.com/role' in object.metadata.annotations ? object.metadata.annotations['iam.amazonaws.com/role'] : '')
+       != (has(oldObject.metadata.annotations) && 'iam.amazonaws.com/role' in oldObject.metadata.annotations ? oldObject.metadata.annotations['iam.amazonaws.com/role'] : '')
+    || (has(object.metadata.annotations) && 'iam.amazonaws.com/session-name' in object.metadata.annotations ? object.metadata.annotations['iam.amazonaws.com/session-name'] : '')
+       != (has(oldObject.metadata.annotations) && 'iam.amazonaws.com/session-name' in oldObject.metadata.annotations ? oldObject.metadata.annotations['iam.amazonaws.com/session-name'] : '')
+    || (has(object.spec.tolerations) ? size(object.spec.tolerations) : 0)
+       != (has(oldObject.spec.tolerations) ? size(oldObject.spec.tolerations) : 0))
+{{- end -}}
