@@ -1215,7 +1215,7 @@ async fn run(cli: Cli) -> Result<()> {
         pods * 10,
         namespaces * 10,
         if agents10 > REVIEW_CACHE {
-            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most {REVIEW_CACHE} reviews (`MAX_CACHE_ENTRIES` in `server/src/grpc/agent_auth.rs`) and each replica needs one per agent, {agents10}; past that a review is not cached, so the calls of {} agents reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - REVIEW_CACHE, rate * 10.0 * (agents10 - REVIEW_CACHE) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
+            format!("(1) **The TokenReview cache** is the first hard limit: it holds at most {REVIEW_CACHE} reviews (`MAX_CACHE_ENTRIES` in `server/src/grpc/agent_auth.rs`) and each replica needs one per agent, {agents10}; past that the review closest to its end is evicted for each new one, so the calls of {} agents keep cycling through the cache and reach the apiserver as a TokenReview each ({:.0}/s at this run's call rate × 10, against ~{:.0}/s when all are cached), and every revocation stream reopened costs one too.", agents10 - REVIEW_CACHE, rate * 10.0 * (agents10 - REVIEW_CACHE) as f64 / agents10 as f64, 20.0 * agents as f64 / 600.0)
         } else {
             format!("(1) The TokenReview cache (at most {REVIEW_CACHE} reviews per replica, `MAX_CACHE_ENTRIES` in `server/src/grpc/agent_auth.rs`) still holds all {agents10} agents; steady reviews would be ~{:.0}/s, and a restart's burst about one per agent per replica ({agents10}), concurrent calls with one token sharing one review.", 20.0 * agents as f64 / 600.0)
         },
