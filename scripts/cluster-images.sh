@@ -7,7 +7,8 @@
 #   coredns.tar   localhost/imdsgate/coredns:$COREDNS_VERSION   $IMDSGATE_K8S_BIN_DIR/coredns, FROM scratch
 #   imdsgate.tar  localhost/imdsgate/imdsgate:dev        the repository's Dockerfile, BINARIES=prebuilt
 #   workload.tar  localhost/imdsgate/workload:dev        imds-whoami (aws-sdk-rust) and imdsgate-asker,
-#                                                        ca-certificates, a shell and sleep
+#                                                        ca-certificates, a shell and sleep, and
+#                                                        python3 and iproute2 (e2e/tests/spoofing.rs)
 # The last two are FROM localhost/imdsgate/debian:bookworm-slim, a debootstrap minbase bookworm (kept in
 # buildah's store only). Binaries come from `cargo build --bins` in $IMDSGATE_BINARIES_DIR (relative to
 # the repository; default target/debug); this script never builds them. Each tarball is rebuilt only
@@ -273,7 +274,7 @@ build_workload() {
   cat >"$ctx/Containerfile" <<EOF
 FROM $BASE_IMAGE
 RUN apt-get update \\
- && apt-get install -y --no-install-recommends ca-certificates \\
+ && apt-get install -y --no-install-recommends ca-certificates python3 iproute2 \\
  && rm -rf /var/lib/apt/lists/*
 COPY imds-whoami imdsgate-asker /usr/local/bin/
 CMD ["sleep", "infinity"]

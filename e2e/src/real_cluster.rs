@@ -122,6 +122,42 @@ impl RealCluster {
         bail!("timed out waiting for {what}; last: {last}")
     }
 
+    /// imdsgate installed as the README says (namespace, `scripts/gen-certs.sh --apply`,
+    /// `kubectl apply -k deploy/overlays/local`, the webhook's CA patch) and rolled out within
+    /// `timeout`: the real agent on every worker and the real server, with moto as STS.
+    pub fn install_local_overlay(&self, timeout: Duration) -> Result<()> {
+        let path = |rel: &str| workspace_root().join(rel);
+        self.kubectl(&["apply", "-f", &path("deploy/base/namespace.yaml").to_string_lossy()])?;
+        let certs = self.dir.join("imdsgate-certs");
+        let k8s_dir = crate::tools::k8s_bin_dir()?;
+        run(Command::new("bash")
+            .arg(path("scripts/gen-certs.sh"))
+            .args(["--apply", "--out"])
+            .arg(&certs)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", format!("{}:{}", k8s_dir.display(), std::env::var("PATH").unwrap_or_default())))
+        .context("scripts/gen-certs.sh --apply")?;
+        self.kubectl(&["apply", "-k", &path("deploy/overlays/local").to_string_lossy()])?;
+        self.kubectl(&[
+            "patch",
+            "validatingwebhookconfiguration",
+            "imdsgate",
+            "--type=json",
+            &format!("--patch-file={}", certs.join("webhook-cabundle-patch.json").display()),
+        ])?;
+        let timeout = format!("--timeout={}s", timeout.as_secs());
+        for what in ["daemonset/imdsgate-agent", "deployment/imdsgate-server"] {
+            if let Err(e) = self.kubectl(&["-n", "imdsgate", "rollout", "status", what, &timeout]) {
+                bail!(
+                    "{what} did not roll out: {e:#}\n{}\n{}",
+                    self.kubectl(&["-n", "imdsgate", "describe", "pods"]).unwrap_or_default(),
+                    self.logs_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The last lines of the cluster's component logs (for failure messages).
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
