@@ -474,3 +474,40 @@ pub async fn post_review(webhook: SocketAddr, ca_pem: &str, body: &str) -> Resul
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((status, text))
 }
+
+/// What the server-side tests start from: the apiserver with the shipped RBAC, moto with the
+/// role `app-reader`, node `node-a` with an agent pod (`imdsgate/agent-a`) and that pod's
+/// node-bound token, and namespace `team-a` permitting `app-.*`.
+pub struct ControlPlane {
+    pub cluster: Cluster,
+    pub sts: Sts,
+    pub agent_pod: k8s_openapi::api::core::v1::Pod,
+    pub agent_token: String,
+}
+
+impl ControlPlane {
+    pub async fn start() -> Result<ControlPlane> {
+        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
+        let (cluster, sts) = (cluster.context("cluster")?, sts.context("moto")?);
+        install_rbac(&cluster).context("shipped RBAC applies")?;
+        sts.create_role("app-reader")?;
+        cluster.create_node("node-a").await?;
+        let agent_pod = cluster
+            .create_pod(
+                &crate::PodSpec::new("imdsgate", "agent-a", "node-a")
+                    .service_account("imdsgate-agent")
+                    .host_network(),
+            )
+            .await?;
+        let agent_token = cluster
+            .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&agent_pod))
+            .await?;
+        cluster
+            .create_namespace(
+                "team-a",
+                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
+            )
+            .await?;
+        Ok(ControlPlane { cluster, sts, agent_pod, agent_token })
+    }
+}

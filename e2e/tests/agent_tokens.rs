@@ -4,7 +4,7 @@
 //! tokens on one connection cost the apiserver a few TokenReviews, not one each; and pods that are
 //! never scheduled cost no AssumeRole.
 
-use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, install_rbac};
+use imdsgate_e2e::components::{ControlPlane, Pki, ServerProcess, grpc_client};
 use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
 use imdsgate_proto::Reason;
 use imdsgate_proto::v1::GetCredentialsRequest;
@@ -31,30 +31,8 @@ struct Bed {
 
 impl Bed {
     async fn start() -> Bed {
-        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
-        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
-        install_rbac(&cluster).expect("shipped RBAC applies");
-        sts.create_role("app-reader").unwrap();
-        cluster.create_node("node-a").await.unwrap();
-        let agent_pod = cluster
-            .create_pod(
-                &PodSpec::new("imdsgate", "agent-a", "node-a")
-                    .service_account("imdsgate-agent")
-                    .host_network(),
-            )
-            .await
-            .unwrap();
-        let token = cluster
-            .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&agent_pod))
-            .await
-            .unwrap();
-        cluster
-            .create_namespace(
-                "team-a",
-                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
-            )
-            .await
-            .unwrap();
+        let ControlPlane { cluster, sts, agent_pod, agent_token: token } =
+            ControlPlane::start().await.expect("control plane");
         cluster
             .create_pod(&PodSpec::new("team-a", "web", "node-a").annotation(ROLE.0, ROLE.1))
             .await

@@ -157,12 +157,16 @@ async fn said(i: usize, annotation: &str) -> Said {
     Said { listed, served, webhook_admits, explain_admits: !explanation.refused() }
 }
 
+/// What all four must say of a spelling: the role name the agent lists and the role ARN the
+/// server issues, or `None` for both when it names no role.
+type Expected = (Option<String>, Option<String>);
+
 #[tokio::test]
 async fn agent_server_webhook_and_explain_agree_on_every_spelling() {
     let ok = |name: &str, arn: &str| (Some(name.to_string()), Some(arn.to_string()));
     let refused = (None, None);
     let too_long = "r".repeat(65);
-    let cases: Vec<(&str, (Option<String>, Option<String>))> = vec![
+    let cases: Vec<(&str, Expected)> = vec![
         ("app-reader", ok("app-reader", "arn:aws:iam::123456789012:role/app-reader")),
         ("/app-reader", ok("app-reader", "arn:aws:iam::123456789012:role/app-reader")),
         (" app-reader\n", ok("app-reader", "arn:aws:iam::123456789012:role/app-reader")),

@@ -1,7 +1,7 @@
 //! The server on real parts: its own process with the shipped RBAC on a real apiserver, moto as
 //! STS, and a tonic client with a test CA standing in for agents.
 
-use imdsgate_e2e::components::{Pki, ServerProcess, grpc_client, http_get, install_rbac};
+use imdsgate_e2e::components::{ControlPlane, Pki, ServerProcess, grpc_client, http_get};
 use imdsgate_e2e::process::free_port;
 use imdsgate_e2e::{Cluster, PodSpec, Sts, e2e_enabled};
 use imdsgate_proto::Reason;
@@ -29,34 +29,10 @@ impl Bed {
     /// [`Bed::start`] with the server's STS at `sts_endpoint` instead of moto, and its admission
     /// webhook on `webhook_port` (off when None).
     async fn start_with(server_args: &[&str], sts_endpoint: Option<&str>, webhook_port: Option<u16>) -> Bed {
-        let (cluster, sts) = tokio::join!(Cluster::start(), Sts::start());
-        let (cluster, sts) = (cluster.expect("cluster"), sts.expect("moto"));
-        install_rbac(&cluster).expect("shipped RBAC applies");
-        sts.create_role("app-reader").unwrap();
+        let ControlPlane { cluster, sts, agent_token: token_a, .. } =
+            ControlPlane::start().await.expect("control plane");
         sts.create_role("app-intermediate").unwrap();
-        for node in ["node-a", "node-b"] {
-            cluster.create_node(node).await.unwrap();
-        }
-        let agent_a = cluster
-            .create_pod(
-                &PodSpec::new("imdsgate", "agent-a", "node-a")
-                    .service_account("imdsgate-agent")
-                    .host_network(),
-            )
-            .await
-            .unwrap();
-        let token_a = cluster
-            .service_account_token("imdsgate", "imdsgate-agent", &["imdsgate"], Some(&agent_a))
-            .await
-            .unwrap();
-
-        cluster
-            .create_namespace(
-                "team-a",
-                &[("iam.amazonaws.com/permitted", "arn:aws:iam::123456789012:role/app-.*")],
-            )
-            .await
-            .unwrap();
+        cluster.create_node("node-b").await.unwrap();
         cluster.create_namespace("locked", &[]).await.unwrap();
         cluster.create_service_account("team-a", "web").await.unwrap();
         let role = ("iam.amazonaws.com/role", "app-reader");
