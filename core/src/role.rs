@@ -45,8 +45,27 @@ pub enum RoleError {
 /// Longest IAM path (`/…/`), as IAM limits it.
 const MAX_PATH: usize = 512;
 
+/// Where the parts of a checked role ARN lie: [`RoleArn::check`], without allocating.
+struct ArnParts {
+    partition_end: usize,
+    account_start: usize,
+    name_start: usize,
+}
+
 impl RoleArn {
     pub fn parse(arn: &str) -> Result<RoleArn, RoleError> {
+        let parts = RoleArn::check(arn)?;
+        Ok(RoleArn {
+            arn: arn.to_string(),
+            partition_end: parts.partition_end,
+            account: arn[parts.account_start..parts.account_start + 12].to_string(),
+            name_start: parts.name_start,
+        })
+    }
+
+    /// The checks of [`RoleArn::parse`], allocating nothing unless the ARN is refused (the agent
+    /// reads a pod's annotation on every request).
+    fn check(arn: &str) -> Result<ArnParts, RoleError> {
         let bad = || RoleError::NotRoleArn(arn.to_string());
         let rest = arn.strip_prefix("arn:").ok_or_else(bad)?;
         let (partition, rest) = rest.split_once(':').ok_or_else(bad)?;
@@ -70,10 +89,10 @@ impl RoleArn {
         if !valid_role_name(name) {
             return Err(RoleError::BadName(arn.to_string()));
         }
-        Ok(RoleArn {
-            arn: arn.to_string(),
-            partition_end: 4 + partition.len(),
-            account: account.to_string(),
+        let partition_end = 4 + partition.len();
+        Ok(ArnParts {
+            partition_end,
+            account_start: partition_end + ":iam::".len(),
             name_start: arn.len() - name.len(),
         })
     }
@@ -168,8 +187,8 @@ impl BaseArn {
 pub fn role_name(annotation: &str) -> Result<&str, RoleError> {
     let annotation = annotation.trim();
     if annotation.starts_with("arn:") {
-        let arn = RoleArn::parse(annotation)?;
-        return Ok(&annotation[arn.name_start..]);
+        let parts = RoleArn::check(annotation)?;
+        return Ok(&annotation[parts.name_start..]);
     }
     if annotation.ends_with('/') {
         return Err(RoleError::TrailingSlash(annotation.to_string()));
