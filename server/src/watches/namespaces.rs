@@ -5,11 +5,10 @@
 use super::pods::PodWatch;
 use crate::authz::namespace_index::NamespaceIndex;
 use crate::grpc::revocation::Revocations;
-use crate::metrics::{Metrics, WatchKind, WatchLabels};
+use crate::metrics::{Metrics, WatchKind};
 use imdsgate_core::latch::Latch;
-use imdsgate_core::watch::{self, Update};
+use imdsgate_core::watch::Update;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
 
 /// What the namespace watch updates.
@@ -38,18 +37,9 @@ impl NamespaceWatch {
 
 /// Feeds every namespace event to `state` until the process ends (a critical task).
 pub async fn watch(client: kube::Client, state: NamespaceWatch, synced: Latch) {
-    let stream = watcher(kube::Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
-    let restarts =
-        state.metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Namespaces }).clone();
-    watch::drive(
-        "namespaces",
-        stream,
-        synced,
-        |_| {
-            restarts.inc();
-        },
-        |update| state.update(update),
-    )
+    super::watch_all(client, WatchKind::Namespaces, synced, &state.metrics.clone(), |update| {
+        state.update(update)
+    })
     .await;
 }
 

@@ -1,11 +1,10 @@
 //! The node watch: keeps the set of server nodes current (the intruder report wakes on changes).
 
 use crate::admission::server_nodes::ServerNodes;
-use crate::metrics::{Metrics, WatchKind, WatchLabels};
+use crate::metrics::{Metrics, WatchKind};
 use imdsgate_core::latch::Latch;
-use imdsgate_core::watch::{self, Update};
+use imdsgate_core::watch::Update;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
 
 /// What one watch update does to the server nodes.
@@ -19,16 +18,6 @@ pub fn update(nodes: &ServerNodes, update: Update<Node>) {
 
 /// Feeds every node event to `nodes` until the process ends (a critical task).
 pub async fn watch(client: kube::Client, nodes: Arc<ServerNodes>, metrics: Metrics) {
-    let stream = watcher(kube::Api::<Node>::all(client), watcher::Config::default()).default_backoff();
-    let restarts = metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Nodes }).clone();
-    watch::drive(
-        "nodes",
-        stream,
-        Latch::default(),
-        |_| {
-            restarts.inc();
-        },
-        |event| update(&nodes, event),
-    )
-    .await;
+    super::watch_all(client, WatchKind::Nodes, Latch::default(), &metrics, |event| update(&nodes, event))
+        .await;
 }

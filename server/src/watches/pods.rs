@@ -11,14 +11,12 @@ use crate::authz::session::SessionKey;
 use crate::credential_cache::CredentialCache;
 use crate::grpc::agent_auth::AgentAuthenticator;
 use crate::grpc::revocation::Revocations;
-use crate::metrics::{Metrics, WatchKind, WatchLabels};
-use futures::StreamExt;
+use crate::metrics::{Metrics, WatchKind};
 use imdsgate_core::latch::Latch;
 use imdsgate_core::pod_index::Change;
-use imdsgate_core::watch::{self, Update};
+use imdsgate_core::watch::Update;
 use imdsgate_core::{PodIndex, PodInfo};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{WatchStreamExt, watcher};
 use pending::{Pending, PendingPods};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -185,18 +183,9 @@ impl PodWatch {
 /// namespace watch has synced: prefetching needs namespace policies.
 pub async fn watch(client: kube::Client, state: Arc<PodWatch>, ns_synced: Latch, synced: Latch) {
     ns_synced.wait().await;
-    let stream = watcher(kube::Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
-    let restarts =
-        state.metrics.watch_restarts.get_or_create(&WatchLabels { watch: WatchKind::Pods }).clone();
-    watch::drive(
-        "pods",
-        stream.boxed(),
-        synced,
-        |_| {
-            restarts.inc();
-        },
-        |update| state.update(update),
-    )
+    super::watch_all(client, WatchKind::Pods, synced, &state.metrics, |update: Update<Pod>| {
+        state.update(update)
+    })
     .await;
 }
 
