@@ -247,6 +247,10 @@ fn bad_values_stop_the_rendering_with_what_to_change() {
         ("webhook.failurePolicy=fail", "webhook.failurePolicy must be Fail or Ignore"),
         ("webhook.mode=audit", "webhook.mode must be enforce or warn"),
         ("server.podAntiAffinity=soft", "server.podAntiAffinity must be required, preferred or none"),
+        (
+            "server.pdb.minAvailable=2",
+            "server.pdb.minAvailable=2 with server.replicas=2 lets no server pod be evicted",
+        ),
     ] {
         let out = helm(&["template", "x", &chart, "--kube-version", KUBE_VERSION, "--set", set]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -268,7 +272,39 @@ async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
         all.extend(["--kubeconfig", &kubeconfig, "--namespace", "imdsgate"]);
         helm(&all)
     };
-    ok(release(&["install", "imdsgate", &chart, "--create-namespace"]), "helm install");
+    let installed = ok(release(&["install", "imdsgate", &chart, "--create-namespace"]), "helm install");
+    // NOTES.txt: what to check after the install, how to see why a pod gets no credentials, and
+    // what failurePolicy=Fail refuses while no server answers.
+    for want in [
+        "kubectl -n imdsgate rollout status deployment/imdsgate-server",
+        "kubectl -n imdsgate rollout status daemonset/imdsgate-agent",
+        "helm test imdsgate -n imdsgate",
+        "kubernetes.io/service-name=imdsgate-webhook",
+        "--dry-run=server --annotations=iam.amazonaws.com/role=",
+        "kubectl -n imdsgate exec deploy/imdsgate-server -- imdsgate-server explain <namespace>/<pod>",
+        "webhook.failurePolicy=Fail: the apiserver refuses the pods the webhook must judge",
+        "(outside\n   the exempt namespaces: imdsgate, kube-system)",
+        "pods naming a role or session (iam.amazonaws.com/role",
+        "matchConditions let it through",
+    ] {
+        assert!(installed.contains(want), "NOTES lack {want:?}:\n{installed}");
+    }
+    assert_eq!(notes_of(&ok(release(&["get", "notes", "imdsgate"]), "helm get notes")), notes_of(&installed));
+    // Another install's NOTES follow its names, namespace and failurePolicy (a dry run: not kept).
+    let everything = workspace_root().join("deploy/helm/imdsgate/ci/everything-values.yaml");
+    let other = ok(
+        release(&["install", "other", &chart, "--dry-run=server", "-f", &everything.to_string_lossy()]),
+        "helm install --dry-run=server -f everything-values.yaml",
+    );
+    let other = notes_of(&other);
+    for want in [
+        "kubectl -n iam-system rollout status deployment/iam-server",
+        "kubectl -n iam-system exec deploy/iam-server -- imdsgate-server explain",
+        "webhook.failurePolicy=Ignore: the apiserver admits every pod unchecked",
+    ] {
+        assert!(other.contains(want), "NOTES lack {want:?}:\n{other}");
+    }
+    assert!(!other.contains("failurePolicy=Fail"), "{other}");
 
     let get = |what: &str| cluster.kubectl(&["-n", "imdsgate", "get", what, "-o", "yaml"]).unwrap();
     let secret = |name: &str, key: &str| {
@@ -347,6 +383,11 @@ async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
     for object in ["kind: DaemonSet", "kind: Job", "helm.sh/hook: post-delete", "--after-agent-exit=5m"] {
         assert!(hooks.contains(object), "hooks lack {object}:\n{hooks}");
     }
+    // And the `helm test` pod; running it needs a kubelet (none here: its shape and its script are
+    // tested in the_helm_test_pod_asks_a_server_replica_for_readyz).
+    for object in ["name: imdsgate-test-readyz", "helm.sh/hook: test"] {
+        assert!(hooks.contains(object), "hooks lack {object}:\n{hooks}");
+    }
     // Uninstall removes every object, the cluster-scoped ones included.
     ok(release(&["uninstall", "imdsgate", "--wait", "--no-hooks"]), "helm uninstall");
     let left = cluster
@@ -359,6 +400,224 @@ async fn helm_install_upgrade_and_uninstall_on_a_real_apiserver() {
     let ours: Vec<&str> = left.lines().filter(|l| l.contains("imdsgate")).collect();
     // The namespace's own kube-root-ca.crt ConfigMap and default ServiceAccount stay with it.
     assert!(ours.is_empty(), "left behind: {ours:?}");
+}
+
+/// The NOTES part of `helm install`'s output.
+fn notes_of(output: &str) -> String {
+    output.split_once("NOTES:\n").map(|(_, notes)| notes.trim().to_string()).unwrap_or_default()
+}
+
+fn helm_fails(args: &[&str]) -> String {
+    let out = helm(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "helm {args:?} succeeded:\n{text}");
+    text
+}
+
+#[test]
+fn the_schema_refuses_misspelled_and_kiam_style_keys_naming_them() {
+    if !e2e_enabled("the_schema_refuses_misspelled_and_kiam_style_keys_naming_them") {
+        return;
+    }
+    let chart = chart();
+    for (set, message) in [
+        // Misspellings of this chart's keys.
+        ("agent.hostInterface=eni+", "at '/agent': additional properties 'hostInterface' not allowed"),
+        ("server.replica=3", "at '/server': additional properties 'replica' not allowed"),
+        ("server.pdb.minAvaliable=1", "at '/server/pdb': additional properties 'minAvaliable' not allowed"),
+        ("webhook.failurPolicy=Ignore", "at '/webhook': additional properties 'failurPolicy' not allowed"),
+        ("imagePullSecret[0].name=x", "additional properties 'imagePullSecret' not allowed"),
+        // Keys of kiam's and kube2iam's charts.
+        ("agent.host.interface=cali+", "at '/agent': additional properties 'host' not allowed"),
+        (
+            "server.assumeRoleArn=arn:aws:iam::1:role/x",
+            "at '/server': additional properties 'assumeRoleArn' not allowed",
+        ),
+        ("host.iptables=true", "additional properties 'host' not allowed"),
+        ("extraArgs.base-role-arn=x", "additional properties 'extraArgs' not allowed"),
+        // Wrong types and values the templates would pass through.
+        ("server.replicas=two", "at '/server/replicas'"),
+        ("server.ports.admin=70000", "at '/server/ports/admin'"),
+        ("logFormat=yaml", "at '/logFormat'"),
+        ("server.serverNodeTaint=imdsgate.io/server-node", "at '/server/serverNodeTaint'"),
+    ] {
+        let text = helm_fails(&["template", "x", &chart, "--kube-version", KUBE_VERSION, "--set", set]);
+        assert!(text.contains(message), "helm template --set {set}: {text}");
+        let text = helm_fails(&["lint", &chart, "--strict", "--kube-version", KUBE_VERSION, "--set", set]);
+        assert!(
+            text.contains(message) && text.contains("1 chart(s) failed"),
+            "helm lint --set {set}: {text}"
+        );
+    }
+    // The free-form maps stay open.
+    template(
+        &[
+            "--set",
+            "server.resources.limits.cpu=1",
+            "--set",
+            "server.nodeSelector.pool=iam",
+            "--set",
+            "agent.podAnnotations.example\\.com/a=b",
+            "--set",
+            "server.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+            "--set",
+            "server.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=a",
+            "--set",
+            "server.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists",
+            "--set",
+            "agent.tolerations[0].operator=Exists",
+            "--set",
+            "tls.certManager.issuerRef.name=ca",
+        ],
+        "imdsgate",
+    );
+}
+
+#[test]
+fn one_server_replica_renders_no_disruption_budget_that_blocks_every_drain() {
+    if !e2e_enabled("one_server_replica_renders_no_disruption_budget_that_blocks_every_drain") {
+        return;
+    }
+    let pdb = |values: &[&str]| {
+        objects(&template(values, "imdsgate")).remove("PodDisruptionBudget/imdsgate-server")
+    };
+    assert_eq!(pdb(&["--set", "server.replicas=1"]), None, "one replica: no PodDisruptionBudget");
+    assert_eq!(pdb(&["--set", "server.replicas=0"]), None);
+    let two = pdb(&[]).expect("two replicas (the default): a PodDisruptionBudget");
+    assert_eq!(at(&two, &["spec", "minAvailable"]), &Value::from(1));
+    let three = pdb(&["--set", "server.replicas=3", "--set", "server.pdb.minAvailable=2"]).unwrap();
+    assert_eq!(at(&three, &["spec", "minAvailable"]), &Value::from(2));
+    let percent = pdb(&["--set", "server.pdb.minAvailable=50%"]).unwrap();
+    assert_eq!(str_at(&percent, &["spec", "minAvailable"]), "50%");
+    assert_eq!(pdb(&["--set", "server.pdb.enabled=false"]), None);
+}
+
+#[test]
+fn helm_template_without_kube_version_says_what_to_pass() {
+    if !e2e_enabled("helm_template_without_kube_version_says_what_to_pass") {
+        return;
+    }
+    let chart = chart();
+    let says_what_to_pass = |text: &str| {
+        text.contains("imdsgate needs Kubernetes 1.30 or later")
+            && text.contains("not v1.20.0")
+            && text.contains("pass your cluster's version, e.g. --kube-version 1.34")
+    };
+    let text = helm_fails(&["template", "x", &chart]);
+    assert!(says_what_to_pass(&text), "{text}");
+    // helm lint reports a template's `fail` as [INFO] and passes: it still says it.
+    let out = helm(&["lint", &chart, "--strict"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(says_what_to_pass(&text), "{text}");
+    let text = helm_fails(&["template", "x", &chart, "--kube-version", "1.29.9"]);
+    assert!(
+        text.contains("imdsgate needs Kubernetes 1.30 or later") && text.contains("not v1.29.9"),
+        "{text}"
+    );
+    for version in ["1.30.0", "v1.30.14-eks-931bdca"] {
+        let out = helm(&["template", "x", &chart, "--kube-version", version]);
+        ok(out, &format!("helm template --kube-version {version}"));
+    }
+}
+
+/// The `helm test` pod: its shape (image, names, restricted security context), and its script
+/// run here against a stand-in for the admin port (the test bed has no kubelet to run the pod).
+#[test]
+fn the_helm_test_pod_asks_a_server_replica_for_readyz() {
+    if !e2e_enabled("the_helm_test_pod_asks_a_server_replica_for_readyz") {
+        return;
+    }
+    use std::io::{Read, Write};
+
+    let everything = workspace_root().join("deploy/helm/imdsgate/ci/everything-values.yaml");
+    for (values, name, host, port) in [
+        (vec![], "Pod/imdsgate-test-readyz", "imdsgate-server.imdsgate.svc", "9610"),
+        (
+            vec!["-f", &*everything.to_string_lossy()],
+            "Pod/iam-test-readyz",
+            "iam-server.iam-system.svc",
+            "19610",
+        ),
+    ] {
+        let objects = objects(&template(&values, "imdsgate"));
+        let pod = &objects[name];
+        let server = objects.iter().find(|(k, _)| k.starts_with("Deployment/")).unwrap().1;
+        assert_eq!(str_at(pod, &["metadata", "annotations", "helm.sh/hook"]), "test", "{name}");
+        assert_eq!(str_at(pod, &["spec", "restartPolicy"]), "Never");
+        let c = &at(pod, &["spec", "containers"])[0];
+        assert_eq!(c["image"], container(server)["image"], "{name}: the server's image");
+        assert_eq!(
+            at(pod, &["spec", "imagePullSecrets"]),
+            at(server, &["spec", "template", "spec", "imagePullSecrets"])
+        );
+        assert_eq!(c["command"][0].as_str(), Some("/bin/bash"));
+        let env = |key: &str| {
+            c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == key).map(|e| str_at(e, &["value"]))
+        };
+        assert_eq!(env("IMDSGATE_READYZ_HOST").as_deref(), Some(host), "{name}");
+        assert_eq!(env("IMDSGATE_READYZ_PORT").as_deref(), Some(port), "{name}");
+        // Pod Security "restricted", whatever the namespace enforces.
+        assert_eq!(at(pod, &["spec", "securityContext", "runAsNonRoot"]), &Value::Bool(true));
+        assert_eq!(str_at(pod, &["spec", "securityContext", "seccompProfile", "type"]), "RuntimeDefault");
+        assert_eq!(at(c, &["securityContext", "allowPrivilegeEscalation"]), &Value::Bool(false));
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    }
+    // No server replica's hostname or toleration: the webhook's matchConditions let the pod through.
+    let objects = objects(&template(&[], "imdsgate"));
+    let pod = &objects["Pod/imdsgate-test-readyz"];
+    assert!(at(pod, &["spec", "tolerations"]).is_null() && at(pod, &["spec", "affinity"]).is_null());
+    assert!(at(pod, &["metadata", "annotations", "iam.amazonaws.com/role"]).is_null());
+
+    // Its script, with bash as in the image, against a listener answering as /readyz does.
+    let script = at(pod, &["spec", "containers"])[0]["args"][0].as_str().unwrap().to_string();
+    let serve = |status: &'static str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answered = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            // The whole request (bash may write it in pieces), as an HTTP server reads it.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "request cut short: {request:?}");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let request = String::from_utf8_lossy(&request).into_owned();
+            let body = if status.starts_with("200") { "ok" } else { "not ready: pods not listed yet" };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(response.as_bytes()).unwrap();
+            request
+        });
+        (port, answered)
+    };
+    let run_script = |port: u16| {
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .env("IMDSGATE_READYZ_HOST", "127.0.0.1")
+            .env("IMDSGATE_READYZ_PORT", port.to_string())
+            .env("IMDSGATE_READYZ_ATTEMPTS", "1")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (port, answered) = serve("200 OK");
+    let (code, stdout) = run_script(port);
+    assert_eq!(code, Some(0), "{stdout}");
+    let request = answered.join().unwrap();
+    assert!(request.starts_with("GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n"), "{request}");
+    assert!(stdout.contains("/readyz: HTTP/1.1 200 OK"), "{stdout}");
+    let (code, stdout) = run_script(serve("503 Service Unavailable").0);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("not ready: pods not listed yet"), "says why: {stdout}");
+    assert!(stdout.contains("no imdsgate server replica answered 200 on http://127.0.0.1:"), "{stdout}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (code, stdout) = run_script(closed);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("cannot connect to 127.0.0.1:"), "{stdout}");
 }
 
 /// The chart's post-delete hook, piece by piece (the whole hook needs kubelets): on a node, the

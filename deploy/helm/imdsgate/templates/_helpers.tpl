@@ -43,6 +43,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* Checks that fail the rendering with a message saying what to change. */}}
 {{- define "imdsgate.validate" -}}
+{{- if semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version -}}
+{{- fail (printf "imdsgate needs Kubernetes 1.30 or later (its webhook's matchConditions), not %s. helm template and helm lint assume v1.20.0 unless told: pass your cluster's version, e.g. --kube-version 1.34 (helm install and upgrade read it from the cluster)" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- if not (has .Values.tls.source (list "generate" "certManager" "existingSecret")) -}}
 {{- fail (printf "tls.source must be generate, certManager or existingSecret, not %q" .Values.tls.source) -}}
 {{- end -}}
@@ -63,6 +66,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- if not (has .Values.webhook.mode (list "enforce" "warn")) -}}
 {{- fail (printf "webhook.mode must be enforce or warn, not %q" .Values.webhook.mode) -}}
+{{- end -}}
+{{- $pdb := .Values.server.pdb -}}
+{{- if and $pdb.enabled (ge (int .Values.server.replicas) 2) (not (kindIs "string" $pdb.minAvailable)) (ge (int $pdb.minAvailable) (int .Values.server.replicas)) -}}
+{{- fail (printf "server.pdb.minAvailable=%v with server.replicas=%v lets no server pod be evicted, so every drain of a server node blocks: set it below server.replicas" $pdb.minAvailable .Values.server.replicas) -}}
 {{- end -}}
 {{- if not (has .Values.server.podAntiAffinity (list "required" "preferred" "none")) -}}
 {{- fail (printf "server.podAntiAffinity must be required, preferred or none, not %q" .Values.server.podAntiAffinity) -}}
