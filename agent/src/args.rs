@@ -25,7 +25,8 @@ pub struct Args {
     pub node_name: Option<String>,
 
     /// This node's IP: the DNAT target, and requests from it are refused (downward API:
-    /// status.hostIP).
+    /// status.hostIP). An IPv6 address (IPv6-primary clusters) is the IPv6 DNAT target unless
+    /// --host-ipv6 is given; IPv4 is then REDIRECTed (no IPv4 DNAT target is known).
     #[arg(long, env = "HOST_IP", global = true)]
     pub host_ip: Option<IpAddr>,
 
@@ -36,12 +37,19 @@ pub struct Args {
 
     /// Address of the IMDS listener that the iptables rules redirect to. The default `[::]` takes
     /// IPv4 and IPv6 (IPv4 only where the kernel has no IPv6).
-    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "[::]:8183", global = true)]
+    #[arg(long, env = "IMDSGATE_LISTEN", default_value = "[::]:8183", global = true, value_parser = parse_socket_addr)]
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP listener (/healthz, /readyz, /metrics). The manifests bind it to
-    /// the node's IP ($(HOST_IP):8184), where the kubelet's probes and Prometheus reach it.
-    #[arg(long, env = "IMDSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:8184", global = true)]
+    /// the node's IP ($(HOST_IP):8184), where the kubelet's probes and Prometheus reach it; an
+    /// IPv6 address may come without brackets (`fd00::1:8184`, as $(HOST_IP):8184 writes it).
+    #[arg(
+        long,
+        env = "IMDSGATE_ADMIN_LISTEN",
+        default_value = "0.0.0.0:8184",
+        global = true,
+        value_parser = parse_socket_addr
+    )]
     pub admin_listen: SocketAddr,
 
     /// Install the iptables rule that redirects pod traffic for 169.254.169.254:80 to --listen.
@@ -260,26 +268,128 @@ impl Args {
     }
 
     /// The rules --host-ip, --listen, --host-interface, --ipv6 and --host-ipv6 describe.
+    ///
+    /// --host-ip (status.hostIP) is the node's primary address: IPv4, or IPv6 on IPv6-primary
+    /// clusters, where it is the IPv6 DNAT target unless --host-ipv6 names one. IPv4 is
+    /// intercepted either way: DNAT to an IPv4 --host-ip, else REDIRECT to --listen's port on the
+    /// receiving interface's address (dropped by the kernel where that interface has no IPv4
+    /// address), never left open to the node's metadata service; the log line says which.
     pub(crate) fn interceptions(&self) -> anyhow::Result<Vec<Interception>> {
-        let target =
+        let host_ip =
             self.host_ip.context("the interception rule needs --host-ip (HOST_IP), the DNAT target")?;
-        if !target.is_ipv4() {
-            bail!("--host-ip must be IPv4; use --host-ipv6 for the IPv6 endpoint");
+        if self.host_ipv6.is_some_and(|ip| !ip.is_ipv6()) {
+            bail!("--host-ipv6 must be an IPv6 address");
         }
         let port = self.listen.port();
+        let v4_target = host_ip.is_ipv4().then_some(host_ip);
+        if v4_target.is_none() {
+            tracing::warn!(
+                host_ip = %host_ip,
+                "--host-ip is IPv6 and no IPv4 DNAT target is known: IPv4 metadata traffic is REDIRECTed to port {port} of the interface it arrives on (dropped where that interface has no IPv4 address)"
+            );
+        }
         let mut rules = vec![Interception {
             ipv6: false,
-            target: Some(target),
+            target: v4_target,
             port,
             interfaces: self.host_interfaces.clone(),
         }];
         if self.ipv6 {
-            if self.host_ipv6.is_some_and(|ip| !ip.is_ipv6()) {
-                bail!("--host-ipv6 must be an IPv6 address");
-            }
-            let target = self.host_ipv6;
+            let target = self.host_ipv6.or(host_ip.is_ipv6().then_some(host_ip));
             rules.push(Interception { ipv6: true, target, port, interfaces: self.host_interfaces.clone() });
+        } else if host_ip.is_ipv6() {
+            tracing::warn!(
+                host_ip = %host_ip,
+                "--ipv6=false: the IPv6 metadata endpoint is not intercepted although --host-ip is IPv6"
+            );
         }
         Ok(rules)
+    }
+}
+
+/// A socket address, leniently: besides `1.2.3.4:80` and `[fd00::1]:80`, an unbracketed IPv6
+/// address followed by `:port` (`fd00::1:80`, as `$(HOST_IP):80` writes it on IPv6 nodes): the
+/// part after the last colon is the port.
+pub(crate) fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = || format!("{s:?} is not an address:port (e.g. 10.0.0.1:8184, [fd00::1]:8184 or fd00::1:8184)");
+    let (ip, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    match (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>()) {
+        (Ok(ip), Ok(port)) => Ok(SocketAddr::new(IpAddr::V6(ip), port)),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("imdsgate-agent").chain(flags.iter().copied()))
+    }
+
+    #[test]
+    fn admin_listen_takes_host_ip_and_port_as_the_manifests_write_it() {
+        for (given, want) in [
+            ("10.0.0.1:8184", SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 8184))),
+            ("[fd00::1]:8184", SocketAddr::from(("fd00::1".parse::<Ipv6Addr>().unwrap(), 8184))),
+            // $(HOST_IP):8184 with an IPv6 status.hostIP.
+            ("fd00::1:8184", SocketAddr::from(("fd00::1".parse::<Ipv6Addr>().unwrap(), 8184))),
+            (
+                "2001:db8:0:0:0:0:0:7:8184",
+                SocketAddr::from(("2001:db8::7".parse::<Ipv6Addr>().unwrap(), 8184)),
+            ),
+            ("::1:9", SocketAddr::from((Ipv6Addr::LOCALHOST, 9))),
+        ] {
+            assert_eq!(parse_socket_addr(given), Ok(want), "{given}");
+            let args = parse(&[&format!("--admin-listen={given}")]).unwrap();
+            assert_eq!(args.admin_listen, want, "{given}");
+        }
+        for bad in ["fd00::1", "10.0.0.1", "fd00::1:port", "10.0.0.1:99999", "host:80", ""] {
+            assert!(parse_socket_addr(bad).is_err(), "{bad}");
+            assert!(parse(&[&format!("--admin-listen={bad}")]).is_err(), "{bad}");
+        }
+        assert_eq!(parse(&[]).unwrap().admin_listen, SocketAddr::from(([0, 0, 0, 0], 8184)));
+        assert_eq!(parse(&["--listen=fd00::1:8183"]).unwrap().listen.port(), 8183);
+    }
+
+    fn targets(rules: &[Interception]) -> Vec<(bool, Option<IpAddr>)> {
+        rules.iter().map(|r| (r.ipv6, r.target)).collect()
+    }
+
+    #[test]
+    fn an_ipv6_host_ip_is_the_ipv6_target_and_ipv4_is_redirected() {
+        let v6: IpAddr = "fd00:1::5".parse().unwrap();
+        let rules =
+            parse(&["--iptables", "--host-ip=fd00:1::5", "--listen=[::]:8183"]).unwrap().interceptions();
+        let rules = rules.expect("an IPv6 --host-ip is accepted");
+        assert_eq!(targets(&rules), [(false, None), (true, Some(v6))]);
+        assert_eq!(
+            rules[0].dnat_rule(),
+            "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8183"
+        );
+        // --host-ipv6 names the IPv6 target when given.
+        let rules =
+            parse(&["--host-ip=fd00:1::5", "--host-ipv6=fd00:2::5"]).unwrap().interceptions().unwrap();
+        assert_eq!(targets(&rules), [(false, None), (true, Some("fd00:2::5".parse().unwrap()))]);
+        // IPv6 interception off: IPv4 only, still intercepted.
+        let rules = parse(&["--host-ip=fd00:1::5", "--ipv6=false"]).unwrap().interceptions().unwrap();
+        assert_eq!(targets(&rules), [(false, None)]);
+        // IPv4 primary as before.
+        let rules = parse(&["--host-ip=10.0.0.1"]).unwrap().interceptions().unwrap();
+        assert_eq!(targets(&rules), [(false, Some("10.0.0.1".parse().unwrap())), (true, None)]);
+        let rules = parse(&["--host-ip=10.0.0.1", "--host-ipv6=fd00::1"]).unwrap().interceptions().unwrap();
+        assert_eq!(
+            targets(&rules),
+            [(false, Some("10.0.0.1".parse().unwrap())), (true, Some("fd00::1".parse().unwrap()))]
+        );
+        // Still refused: no --host-ip, an IPv4 --host-ipv6.
+        assert!(parse(&[]).unwrap().interceptions().is_err());
+        let e = parse(&["--host-ip=10.0.0.1", "--host-ipv6=10.0.0.2"]).unwrap().interceptions().unwrap_err();
+        assert!(e.to_string().contains("--host-ipv6 must be an IPv6 address"), "{e}");
     }
 }

@@ -378,3 +378,136 @@ async fn a_pod_with_a_role_is_fetched_before_its_first_request() {
     assert_eq!(sample(misses), 2.0, "the first requests were cache hits:\n{}", metrics());
     assert!(sample(hits) >= hits_before + 2.0, "{}", metrics());
 }
+
+/// The bed with one pod with a role, its agent checking its rule every second.
+async fn start_checking_every_second() -> AgentBed {
+    AgentBed::start(BedPlan {
+        namespaces: vec![("team-a", "arn:aws:iam::123456789012:role/app-.*")],
+        roles: vec!["app-reader"],
+        pods: vec![BedPod::new("team-a", "web", "10.200.1.10").role("app-reader")],
+        agent_args: vec!["--rule-check-interval=1s".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("bed")
+}
+
+/// `iptables -w -t nat <args>` in the node's namespace; whether it succeeded.
+fn nat(bed: &AgentBed, args: &[&str]) -> bool {
+    bed.node.command("iptables").args(["-w", "-t", "nat"]).args(args).status().unwrap().success()
+}
+
+fn ipv4_repairs(bed: &AgentBed) -> f64 {
+    let text = run(bed.node.command("curl").args(["-s", "http://127.0.0.1:9611/metrics"])).unwrap();
+    imdsgate_e2e::components::metric_value(
+        &text,
+        "imdsgate_agent_interception_repairs_total{family=\"ipv4\"}",
+    )
+}
+
+#[tokio::test]
+async fn a_foreign_jump_kept_above_ours_that_cannot_catch_metadata_traffic_is_left_there() {
+    if !e2e_enabled("a_foreign_jump_kept_above_ours_that_cannot_catch_metadata_traffic_is_left_there") {
+        return;
+    }
+    let bed = start_checking_every_second().await;
+    // Calico-like chains: cali-PREROUTING jumps to cali-fip-dnat, which DNATs a floating IP only;
+    // and another controller's empty chain.
+    for rule in [
+        &["-N", "cali-PREROUTING"][..],
+        &["-N", "cali-fip-dnat"],
+        &["-N", "OTHER-CTRL"],
+        &[
+            "-A",
+            "cali-PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "cali:r6XmIziWUJsdOK6Z",
+            "-j",
+            "cali-fip-dnat",
+        ],
+        &["-A", "cali-fip-dnat", "-d", "10.99.0.5/32", "-j", "DNAT", "--to-destination", "10.200.1.10"],
+    ] {
+        assert!(nat(&bed, rule), "{rule:?}");
+    }
+    let calico = ["-m", "comment", "--comment", "cali:6gwbT8clXdHdC1b1", "-j", "cali-PREROUTING"];
+    let other = ["-j", "OTHER-CTRL"];
+    let before = ipv4_repairs(&bed);
+    let path = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-reader";
+    // For 20 s, the stand-ins re-assert their jumps at the top of PREROUTING every second, as
+    // Calico's insert mode does.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < end {
+        for jump in [&calico[..], &other[..]] {
+            let _ = nat(&bed, &[&["-D", "PREROUTING"][..], jump].concat());
+            assert!(nat(&bed, &[&["-I", "PREROUTING", "1"][..], jump].concat()));
+        }
+        let out = bed.curl(bed.pod(WEB), &["-w", "\n%{http_code}", path]);
+        let text = stdout(&out);
+        assert!(text.ends_with("200") && text.contains("ASIA"), "served by the agent: {text}");
+        assert!(!text.contains("NODEROLEKEY"), "the node's role leaked: {text}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let prerouting = rules_in(&bed.node.nat_rules().unwrap(), "PREROUTING");
+    assert_eq!(
+        prerouting,
+        [
+            "-A PREROUTING -j OTHER-CTRL",
+            "-A PREROUTING -m comment --comment \"cali:6gwbT8clXdHdC1b1\" -j cali-PREROUTING",
+            "-A PREROUTING -i veth+ -j IMDSGATE",
+        ],
+        "the foreign jumps stay above ours"
+    );
+    assert_eq!(ipv4_repairs(&bed), before, "no repair counted:\n{}", bed.agent_log());
+    assert!(!bed.agent_log().contains("put back"), "{}", bed.agent_log());
+    assert_eq!(stdout(&bed.aws_cli(bed.pod(WEB))), ASSUMED_WEB, "the pod gets its role from the agent");
+}
+
+#[tokio::test]
+async fn a_foreign_rule_above_ours_that_dnats_the_metadata_address_is_put_below_ours_and_counted() {
+    if !e2e_enabled("a_foreign_rule_above_ours_that_dnats_the_metadata_address_is_put_below_ours_and_counted")
+    {
+        return;
+    }
+    let bed = start_checking_every_second().await;
+    let before = ipv4_repairs(&bed);
+    // kube2iam-like: metadata traffic DNATed to another listener (here the node's own metadata).
+    let foreign = "-A PREROUTING -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.169.254:80";
+    assert!(nat(
+        &bed,
+        &[
+            "-I",
+            "PREROUTING",
+            "1",
+            "-d",
+            "169.254.169.254/32",
+            "-p",
+            "tcp",
+            "-m",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "169.254.169.254:80"
+        ]
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while rules_in(&bed.node.nat_rules().unwrap(), "PREROUTING").first().map(String::as_str)
+        != Some("-A PREROUTING -i veth+ -j IMDSGATE")
+    {
+        assert!(std::time::Instant::now() < deadline, "not repaired:\n{}", bed.agent_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Ours above it once more; then nothing further to repair.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rules_in(&bed.node.nat_rules().unwrap(), "PREROUTING"),
+        ["-A PREROUTING -i veth+ -j IMDSGATE", foreign]
+    );
+    assert_eq!(ipv4_repairs(&bed), before + 1.0, "one repair counted:\n{}", bed.agent_log());
+    assert!(bed.agent_log().contains("could catch metadata traffic"), "{}", bed.agent_log());
+    assert_eq!(stdout(&bed.aws_cli(bed.pod(WEB))), ASSUMED_WEB, "the pod gets its role from the agent");
+}
