@@ -473,6 +473,73 @@ fn the_schema_refuses_misspelled_and_kiam_style_keys_naming_them() {
     );
 }
 
+/// With several server-node labels, the webhook counts as a server node only a node that has them
+/// all; the agents must then run on every other node (and on none with them all), as the DaemonSet
+/// and the uninstall hook's nodeSelectorTerms (ORed) say: one term per label, each excluding it.
+#[test]
+fn agents_avoid_exactly_the_nodes_the_webhook_counts_as_server_nodes() {
+    if !e2e_enabled("agents_avoid_exactly_the_nodes_the_webhook_counts_as_server_nodes") {
+        return;
+    }
+    let rendered = objects(&template(
+        &["--set", "server.nodeSelector.pool=iam", "--set", "server.nodeSelector.tier=server"],
+        "imdsgate",
+    ));
+    let terms = |object: &Value| -> Vec<Vec<String>> {
+        let path = [
+            "spec",
+            "template",
+            "spec",
+            "affinity",
+            "nodeAffinity",
+            "requiredDuringSchedulingIgnoredDuringExecution",
+            "nodeSelectorTerms",
+        ];
+        at(object, &path)
+            .as_sequence()
+            .expect("nodeSelectorTerms")
+            .iter()
+            .map(|term| {
+                at(term, &["matchExpressions"])
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| {
+                        str_at(e, &["operator"]) == "NotIn"
+                            && ["pool", "tier"].contains(&str_at(e, &["key"]).as_str())
+                    })
+                    .map(|e| {
+                        format!("{} NotIn {}", str_at(e, &["key"]), at(e, &["values"])[0].as_str().unwrap())
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    // A node matches if it matches any term: it lacks `pool=iam`, or it lacks `tier=server`.
+    let expected = vec![vec!["pool NotIn iam".to_string()], vec!["tier NotIn server".to_string()]];
+    assert_eq!(terms(&rendered["DaemonSet/imdsgate-agent"]), expected);
+    assert_eq!(
+        terms(&rendered["DaemonSet/imdsgate-uninstall"]),
+        expected,
+        "the uninstall hook runs where the agents run"
+    );
+    let default = objects(&template(&[], "imdsgate"));
+    let path = [
+        "spec",
+        "template",
+        "spec",
+        "affinity",
+        "nodeAffinity",
+        "requiredDuringSchedulingIgnoredDuringExecution",
+        "nodeSelectorTerms",
+    ];
+    assert_eq!(
+        at(&default["DaemonSet/imdsgate-agent"], &path).as_sequence().unwrap().len(),
+        1,
+        "one label: one term"
+    );
+}
+
 #[test]
 fn one_server_replica_renders_no_disruption_budget_that_blocks_every_drain() {
     if !e2e_enabled("one_server_replica_renders_no_disruption_budget_that_blocks_every_drain") {

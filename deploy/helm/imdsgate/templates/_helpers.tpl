@@ -124,17 +124,25 @@ order as deploy/base/agent.yaml. Also the uninstall hook's, which runs where age
   (dict "key" "kubernetes.io/os" "operator" "In" "values" (list "linux"))
   (dict "key" "eks.amazonaws.com/compute-type" "operator" "NotIn" "values" (list "fargate" "hybrid" "auto"))
   (dict "key" "type" "operator" "NotIn" "values" (list "virtual-kubelet")) -}}
+{{- /* A server node has every server label (as the webhook judges it): a node lacking any one of
+them is a worker. Terms are ORed, so each term of the user's gets one copy per server label, each
+copy excluding nodes with that label. */ -}}
+{{- $serverLabels := list -}}
 {{- range $k, $v := (include "imdsgate.serverNodeLabels" . | fromJson) -}}
-{{- $keep = append $keep (dict "key" $k "operator" "NotIn" "values" (list $v)) -}}
+{{- $serverLabels = append $serverLabels (dict "key" $k "operator" "NotIn" "values" (list $v)) -}}
 {{- end -}}
 {{- $affinity := deepCopy (default dict .Values.agent.affinity) -}}
 {{- $nodeAffinity := default dict $affinity.nodeAffinity -}}
 {{- $required := default dict (get $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution") -}}
 {{- $terms := list -}}
-{{- range (default (list dict) $required.nodeSelectorTerms) -}}
-{{- $expressions := default list .matchExpressions -}}
+{{- range $term := (default (list dict) $required.nodeSelectorTerms) -}}
+{{- $expressions := default list $term.matchExpressions -}}
 {{- range $keep -}}{{- if not (has . $expressions) -}}{{- $expressions = append $expressions . -}}{{- end -}}{{- end -}}
-{{- $terms = append $terms (set (deepCopy .) "matchExpressions" $expressions) -}}
+{{- range $label := $serverLabels -}}
+{{- $withLabel := $expressions -}}
+{{- if not (has $label $withLabel) -}}{{- $withLabel = append $withLabel $label -}}{{- end -}}
+{{- $terms = append $terms (set (deepCopy $term) "matchExpressions" $withLabel) -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set $required "nodeSelectorTerms" $terms -}}
 {{- $_ := set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required -}}
