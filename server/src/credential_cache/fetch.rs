@@ -23,11 +23,15 @@ pub(super) enum Spent {
 
 impl CredentialCache {
     /// Takes one new session from the pod's allowance and from its namespace's, if both have one
-    /// (neither is taken otherwise).
+    /// (neither is taken otherwise). The namespace's allowance limits only background work
+    /// (`urgent` false: prefetches of pods that may never run, which is what create/delete loops
+    /// spend): a pod waiting on its own first credentials runs on a node, and is limited by its own
+    /// allowance and `--sts-max-rps`; it takes from the namespace's allowance when there is some.
     pub(super) fn take_session_budget(
         &self,
         pod_uid: &str,
         namespace: &str,
+        urgent: bool,
         now: SystemTime,
     ) -> Result<(), Spent> {
         let mut budgets = self.inner.budgets.lock().unwrap_or_else(|e| e.into_inner());
@@ -42,7 +46,7 @@ impl CredentialCache {
             let shared = namespaces
                 .entry(namespace.to_string())
                 .or_insert_with(|| Bucket::full(&NAMESPACE_SESSIONS, now));
-            if shared.take(&NAMESPACE_SESSIONS, now) {
+            if shared.take(&NAMESPACE_SESSIONS, now) || urgent {
                 pod.take(&POD_SESSIONS, now);
                 None
             } else {

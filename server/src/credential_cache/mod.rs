@@ -11,9 +11,10 @@
 //! first, and background calls (prefetches, refreshes) only use what is left (an urgency [`Latch`]). Each
 //! pod may start only a few new sessions in a row ([`SESSION_BURST`], then one per
 //! [`SESSION_REFILL`]), so changing a pod's annotations in a loop cannot spend the budget; and the
-//! pods of a namespace share an allowance of new sessions ([`NAMESPACE_SESSION_BURST`], then one
-//! per [`NAMESPACE_SESSION_REFILL`]), so pods created and deleted in a loop, each a new UID, cannot
-//! either. A background refresh first asks whether the session is still what its pod is entitled
+//! pods of a namespace share an allowance of new sessions fetched ahead
+//! ([`NAMESPACE_SESSION_BURST`], then one per [`NAMESPACE_SESSION_REFILL`]), so pods created and
+//! deleted in a loop, each a new UID, cannot either; a pod waiting on its own first credentials
+//! (it runs on a node) is not held to it. A background refresh first asks whether the session is still what its pod is entitled
 //! to (the refresher's `entitled`); one that is not is dropped, not refreshed.
 
 mod assume_role;
@@ -169,22 +170,18 @@ impl CredentialCache {
                 }
                 None => {
                     let new_session = entry.current.is_none();
-                    if new_session && let Err(spent) = self.take_session_budget(&key.pod_uid, namespace, now)
+                    if new_session
+                        && let Err(spent) = self.take_session_budget(&key.pod_uid, namespace, urgent, now)
                     {
                         entries.remove(key);
                         drop(entries);
-                        return Err(if !urgent {
-                            StsError::Deferred
-                        } else if spent == Spent::Pod {
-                            StsError::Unavailable(format!(
+                        return Err(match (urgent, spent) {
+                            (true, Spent::Pod) => StsError::Unavailable(format!(
                                 "this pod started {SESSION_BURST} new sessions recently (annotation changes); the next is possible within {} s",
                                 SESSION_REFILL.as_secs()
-                            ))
-                        } else {
-                            StsError::Unavailable(format!(
-                                "the pods of namespace {namespace} started {NAMESPACE_SESSION_BURST} new sessions recently; the next is possible within {} ms",
-                                NAMESPACE_SESSION_REFILL.as_millis()
-                            ))
+                            )),
+                            // Background work (the only work a namespace's allowance holds back).
+                            _ => StsError::Deferred,
                         });
                     }
                     self.start_fetch(entry, key.clone(), urgent, new_session.then(|| namespace.to_string()))
