@@ -149,7 +149,8 @@ impl RealCluster {
         for what in ["daemonset/imdsgate-agent", "deployment/imdsgate-server"] {
             if let Err(e) = self.kubectl(&["-n", "imdsgate", "rollout", "status", what, &timeout]) {
                 bail!(
-                    "{what} did not roll out: {e:#}\n{}\n{}",
+                    "{what} did not roll out: {e:#}\n{}\n{}\n{}",
+                    self.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default(),
                     self.kubectl(&["-n", "imdsgate", "describe", "pods"]).unwrap_or_default(),
                     self.logs_tail()
                 );

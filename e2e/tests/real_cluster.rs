@@ -105,42 +105,8 @@ async fn imdsgate_on_a_real_cluster() {
 
     // Install as the README says.
     let installed = Instant::now();
-    k(&["apply", "-f", &path("deploy/base/namespace.yaml")]);
-    let certs = cluster.dir().join("imdsgate-certs");
-    let mut gen_certs = std::process::Command::new("bash");
-    gen_certs
-        .arg(path("scripts/gen-certs.sh"))
-        .args(["--apply", "--out"])
-        .arg(&certs)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                imdsgate_e2e::tools::k8s_bin_dir().unwrap().display(),
-                std::env::var("PATH").unwrap()
-            ),
-        );
-    run(&mut gen_certs).expect("scripts/gen-certs.sh --apply");
-    k(&["apply", "-k", &path("deploy/overlays/local")]);
-    k(&[
-        "patch",
-        "validatingwebhookconfiguration",
-        "imdsgate",
-        "--type=json",
-        &format!("--patch-file={}", certs.join("webhook-cabundle-patch.json").display()),
-    ]);
+    cluster.install_local_overlay(ROLLOUT).unwrap_or_else(|e| panic!("{e:#}"));
     let timeout = format!("--timeout={}s", ROLLOUT.as_secs());
-    for what in ["daemonset/imdsgate-agent", "deployment/imdsgate-server"] {
-        if let Err(e) = cluster.kubectl(&["-n", "imdsgate", "rollout", "status", what, &timeout]) {
-            panic!(
-                "{what} did not roll out: {e:#}\n{}\n{}\n{}",
-                cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default(),
-                cluster.kubectl(&["-n", "imdsgate", "describe", "pods"]).unwrap_or_default(),
-                cluster.logs_tail()
-            );
-        }
-    }
     eprintln!("figure: installed and rolled out in {:.1}s", installed.elapsed().as_secs_f64());
 
     // 1. Placement: agents on every worker and no server node; servers on the server nodes.
