@@ -40,7 +40,10 @@ async fn every_kustomization_passes_a_server_side_dry_run() {
         assert!(out.contains("deployment.apps/imdsgate-server created (server dry run)"), "{dir}:\n{out}");
     }
     let eks = cluster.kubectl(&["kustomize", &path("deploy/overlays/eks")]).unwrap();
-    assert!(eks.contains("--host-interface=eni+"));
+    assert!(
+        eks.contains("--host-interface=eni+,vlan+"),
+        "VPC CNI pods, and pods with their own security groups"
+    );
     let both = cluster.kubectl(&["kustomize", &path("deploy/overlays/eks-cert-manager")]).unwrap();
     assert!(
         both.contains("--host-interface=eni+") && both.contains("cert-manager.io/inject-ca-from"),
@@ -460,7 +463,7 @@ patches:
     }
     let agent = &objects(&rendered)["DaemonSet/imdsgate-agent"];
     let args = strings(&container(agent)["args"]);
-    for want in ["--listen=[::]:18183", "--admin-listen=$(HOST_IP):18184", "--host-interface=eni+"] {
+    for want in ["--listen=[::]:18183", "--admin-listen=$(HOST_IP):18184", "--host-interface=eni+,vlan+"] {
         assert!(args.iter().any(|a| a == want), "args lack {want}: {args:?}");
     }
     for probe in ["livenessProbe", "readinessProbe"] {
