@@ -18,7 +18,7 @@ use imdsgate_core::pod_index::annotation;
 use k8s_openapi::api::core::v1::{Binding, Namespace, Node, Pod};
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use placement::{Taint, check_placement, is_server_node, pinned_node, show_labels};
+use placement::{Taint, is_server_node, pinned_node, placement_refusals, show_labels};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -268,22 +268,29 @@ impl Admission {
         let spec = pod.spec.clone().unwrap_or_default();
         let bound = spec.node_name.as_deref().is_some_and(|n| !n.is_empty());
         let pinned = pinned_node(spec.affinity.as_ref()).filter(|_| !bound);
-        let refused_before = |reason: DenyReason| {
-            old.is_some_and(
-                |old| matches!(check_placement(&self.config, old), Some(Verdict::Deny(r, _)) if r == reason),
-            )
-        };
-        match check_placement(&self.config, pod) {
-            None => {}
-            // A toleration of the server taint matters where the scheduler may choose the node. A
-            // pod bound to a node (spec.nodeName, judged below) or pinned to one by name (as the
-            // DaemonSet controller pins each of its pods) can run nowhere else: that node decides.
-            Some(Verdict::Deny(DenyReason::ServerTaintToleration, _)) if bound || pinned.is_some() => {}
-            // An UPDATE is never refused for what it did not change: the old pod earned the same
-            // refusal (it predates imdsgate, or came through an exemption), and refusing a label
-            // or a finalizer's removal would only leave it stuck.
-            Some(Verdict::Deny(reason, _)) if refused_before(reason) => {}
-            Some(verdict) => return verdict,
+        let refused_before: Vec<DenyReason> = old
+            .map(|old| placement_refusals(&self.config, old))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| match v {
+                Verdict::Deny(reason, _) => Some(reason),
+                _ => None,
+            })
+            .collect();
+        for verdict in placement_refusals(&self.config, pod) {
+            match verdict {
+                // A toleration of the server taint matters where the scheduler may choose the
+                // node. A pod bound to a node (spec.nodeName, judged below) or pinned to one by
+                // name (as the DaemonSet controller pins each of its pods) can run nowhere else:
+                // that node decides.
+                Verdict::Deny(DenyReason::ServerTaintToleration, _) if bound || pinned.is_some() => {}
+                // An UPDATE is never refused for what it did not change: the old pod earned the
+                // same refusal (it predates imdsgate, or came through an exemption), and refusing
+                // a label or a finalizer's removal would only leave it stuck. Each refusal is
+                // weighed, so one the old pod had cannot hide one the update brings.
+                Verdict::Deny(reason, _) if refused_before.contains(&reason) => {}
+                verdict => return verdict,
+            }
         }
         // The pin decides however the pod was made (anyone can write a DaemonSet owner reference).
         // On UPDATE, a pin and tolerations that did not change were judged at creation.

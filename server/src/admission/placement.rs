@@ -96,15 +96,22 @@ pub fn pinned_node(affinity: Option<&Affinity>) -> Option<String> {
     pinned.map(str::to_string)
 }
 
-/// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations.
-/// A toleration of the server taint is refused here whatever the pod's node; the webhook lifts
-/// that refusal for a pod bound or pinned to one node once it has judged that node.
+/// The first of [`placement_refusals`]: what the webhook tells a new pod.
 pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
+    placement_refusals(config, pod).into_iter().next()
+}
+
+/// The checks that need nothing but the pod: hostNetwork, nodeSelector, affinity, tolerations;
+/// every refusal they make, in the order a new pod is told them (an UPDATE is judged on each one
+/// it changes). A toleration of the server taint is refused here whatever the pod's node; the
+/// webhook lifts that refusal for a pod bound or pinned to one node once it has judged that node.
+pub fn placement_refusals(config: &AdmissionConfig, pod: &Pod) -> Vec<Verdict> {
+    let mut refusals = Vec::new();
     let spec = pod.spec.clone().unwrap_or_default();
     let has_role = annotation(pod, imdsgate_core::pod_index::ROLE_ANNOTATION).is_some();
     if spec.host_network == Some(true) {
         if has_role {
-            return Some(Verdict::Deny(
+            refusals.push(Verdict::Deny(
                 DenyReason::HostNetworkWithRole,
                 "a hostNetwork pod's traffic never passes the imdsgate agent, so it cannot have an iam.amazonaws.com/role. Remove hostNetwork: true or the annotation.".into(),
             ));
@@ -120,7 +127,7 @@ pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
                 ),
                 None => String::new(),
             };
-            return Some(Verdict::Deny(
+            refusals.push(Verdict::Deny(
                 DenyReason::HostNetwork,
                 format!(
                     "a hostNetwork pod shares the node's network: its requests to 169.254.169.254 never pass the imdsgate agent and reach the node's own IAM role. Remove hostNetwork: true, or run the pod in an exempt namespace{label_hint}."
@@ -132,13 +139,13 @@ pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
     if let Some(selector) = &spec.node_selector
         && labels.iter().all(|(k, v)| selector.get(k) == Some(v))
     {
-        return Some(Verdict::Deny(
+        refusals.push(Verdict::Deny(
             DenyReason::ServerNodeSelector,
             format!("spec.nodeSelector {} selects imdsgate server nodes. Remove it.", show_labels(labels)),
         ));
     }
     if affinity_requires_server_nodes(spec.affinity.as_ref(), labels) {
-        return Some(Verdict::Deny(
+        refusals.push(Verdict::Deny(
             DenyReason::ServerNodeAffinity,
             format!(
                 "the pod's required node affinity can only match imdsgate server nodes ({}). Change spec.affinity.nodeAffinity.",
@@ -151,7 +158,7 @@ pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
         && !affinity_excludes_server_nodes(spec.affinity.as_ref(), labels)
     {
         let (k, v) = labels.iter().next().map(|(k, v)| (k.as_str(), v.as_str())).unwrap_or_default();
-        return Some(Verdict::Deny(
+        refusals.push(Verdict::Deny(
             DenyReason::ServerTaintToleration,
             format!(
                 "spec.tolerations[{index}] tolerates {}, the taint of imdsgate server nodes, so the pod could be scheduled there. Remove that toleration, or add a required node affinity `{k} NotIn [{v}]` that keeps the pod off server nodes.",
@@ -159,7 +166,7 @@ pub fn check_placement(config: &AdmissionConfig, pod: &Pod) -> Option<Verdict> {
             ),
         ));
     }
-    None
+    refusals
 }
 
 /// Whether `toleration` tolerates `taint` (as the scheduler decides it; a taint named without a

@@ -231,6 +231,21 @@ async fn an_update_of_a_host_network_pod_is_refused_only_for_what_it_changes() {
     ));
     let old_with_role = with_role.clone();
     assert_eq!(a.decide_change("team", &with_role, Some(&old_with_role)).await, Verdict::Allow);
+    // A refusal the old pod already had cannot hide one the update brings: an unscheduled
+    // hostNetwork pod that gains a toleration of the server taint could be scheduled there.
+    let unscheduled = |tolerant: bool| {
+        let pod = imdsgate_core::fixtures::pod("u", "exporter").host_network().node(None);
+        let tolerations = if tolerant {
+            serde_json::json!([{ "key": "imdsgate.io/server-node", "operator": "Exists", "effect": "NoSchedule" }])
+        } else {
+            serde_json::json!([])
+        };
+        pod.spec_field("tolerations", tolerations).build()
+    };
+    assert!(matches!(
+        a.decide_change("team", &unscheduled(true), Some(&unscheduled(false))).await,
+        Verdict::Deny(DenyReason::ServerTaintToleration, _)
+    ));
 }
 
 /// A mirror pod (what a kubelet writes for a static pod, in any namespace, with any annotation)
