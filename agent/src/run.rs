@@ -250,8 +250,7 @@ impl Validated {
             ("admin server", admin_task),
             ("interception rule keeper", rule_task),
         ];
-        if let Err(why) = imdsgate_core::process::supervise(&mut imds_task, critical).await {
-            tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the agent");
+        if imdsgate_core::process::supervise(&mut imds_task, critical).await.is_err() {
             return Ok(ExitCode::FAILURE);
         }
         shutdown.trigger();

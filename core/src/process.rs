@@ -174,17 +174,19 @@ impl Shutdown {
 }
 
 /// Waits for SIGTERM or SIGINT (`Ok`), or for the listener or any critical task to end, which
-/// they never should (`Err` says which, and the caller exits so Kubernetes restarts it).
+/// they never should: `Err` says which, and is logged; the caller exits so Kubernetes restarts it.
 pub async fn supervise<L: std::fmt::Debug>(
     listener: &mut tokio::task::JoinHandle<L>,
     critical: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 ) -> Result<(), String> {
     let (names, tasks): (Vec<_>, Vec<_>) = critical.into_iter().unzip();
-    tokio::select! {
-        _ = shutdown_signal() => Ok(()),
-        (result, index, _) = futures::future::select_all(tasks) => Err(format!("{} ended: {result:?}", names[index])),
-        result = listener => Err(format!("the listener ended: {result:?}")),
-    }
+    let died = tokio::select! {
+        _ = shutdown_signal() => return Ok(()),
+        (result, index, _) = futures::future::select_all(tasks) => format!("{} ended: {result:?}", names[index]),
+        result = listener => format!("the listener ended: {result:?}"),
+    };
+    tracing::error!(why = died, "a critical task died; exiting so Kubernetes restarts this process");
+    Err(died)
 }
 
 /// Resolves on SIGTERM or SIGINT.

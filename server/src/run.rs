@@ -222,8 +222,7 @@ impl Validated {
             ("admin server", admin_task),
             ("webhook server", webhook_task),
         ];
-        if let Err(why) = imdsgate_core::process::supervise(&mut grpc_task, critical).await {
-            tracing::error!(why, "a critical task died; exiting so Kubernetes restarts the server");
+        if imdsgate_core::process::supervise(&mut grpc_task, critical).await.is_err() {
             return Ok(ExitCode::FAILURE);
         }
         health.set_not_serving::<CredentialsServer<CredentialsService>>().await;
